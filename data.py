@@ -1,0 +1,348 @@
+"""
+Datasets shared by train_mqvae.py and train_stackformer.py.
+
+    --data shapes      built-in: procedurally drawn coloured shapes (no download; the demo)
+    --data ffhq        DATA_DIR/**/*.png; split from ffhqtrain.txt / ffhqvalidation.txt when present
+    --data imagenet    DATA_DIR/train/<class>/*, DATA_DIR/val/<class>/*; label = index in sorted class names
+    --data coco        DATA_DIR/{train2014,val2014}/ + DATA_DIR/annotations/captions_{train,val}2014.json
+                       (2017 names work too)
+    --data PATH        any folder of images, recursive (png/jpg/jpeg/webp/bmp); PATH/train and PATH/val
+                       are used as splits when both exist, else every 100th file is held out
+
+Every item is a dict: image (3,S,S) float in [-1,1], label (int, -1 when the dataset has none),
+index, and bad (-1, or the index of a file that could not be read and was replaced by the next
+readable one, so that batches keep their size; the training loop counts and names those files).
+Random augmentations draw from a generator seeded by (seed, epoch, index), so a resumed run sees
+exactly the crops an uninterrupted run would have seen.
+"""
+
+import json
+import math
+import os
+import random
+import warnings
+from typing import List, Optional
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch.utils.data import Dataset, DistributedSampler
+
+from mqvae import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DATASET_NAMES = ("shapes", "ffhq", "imagenet", "coco")
+
+
+# -----------------------------------------------------------------------------
+# Reading images robustly
+
+def load_rgb(path: str) -> Image.Image:
+    """Open any image as 8-bit RGB: grayscale, palette, CMYK and 16-bit files are converted,
+    transparency is composited onto white. Raises on unreadable, truncated or oversized files
+    (PIL's decompression-bomb limit stays in force)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale, don't clip
+                arr = np.asarray(img, dtype=np.float64)
+                scale = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+                img = Image.fromarray(np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8))
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                img = img.convert("RGBA")
+                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, img)
+            return img.convert("RGB")
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3,H,W) float in [-1,1]."""
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())
+    return arr.permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def resize_short_side(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    if min(w, h) == size:
+        return img
+    scale = size / min(w, h)
+    return img.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def transform_image(img: Image.Image, size: int, mode: str, gen: Optional[torch.Generator]) -> torch.Tensor:
+    """mode: "eval" (resize + center crop), "crop" (ImageNet: resize short side, random crop, flip),
+    "rrc" (FFHQ: RandomResizedCrop(scale 0.75-1, ratio 1) + flip, the RQ-VAE recipe)."""
+    if mode == "rrc":
+        w, h = img.size
+        frac = 0.75 + 0.25 * torch.rand((), generator=gen).item()
+        side = min(int(round(math.sqrt(frac * w * h))), w, h)
+        left = int(torch.randint(0, w - side + 1, (), generator=gen))
+        top = int(torch.randint(0, h - side + 1, (), generator=gen))
+        img = img.resize((size, size), Image.BILINEAR, box=(left, top, left + side, top + side))
+    else:
+        img = resize_short_side(img, size)
+        if mode == "crop":
+            w, h = img.size
+            left = int(torch.randint(0, w - size + 1, (), generator=gen))
+            top = int(torch.randint(0, h - size + 1, (), generator=gen))
+            img = img.crop((left, top, left + size, top + size))
+        else:
+            img = center_crop(img, size)
+    if mode != "eval" and torch.rand((), generator=gen).item() < 0.5:
+        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return to_tensor(img)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return (seed * 1_000_003 + epoch * 9_176_867 + index * 2_654_435_761) % (2 ** 63)
+
+
+# -----------------------------------------------------------------------------
+# Datasets
+
+class ImageFiles(Dataset):
+    """A list of image files with optional labels and captions."""
+
+    def __init__(self, files: List[str], size: int, mode: str, labels: Optional[List[int]] = None,
+                 captions: Optional[List[List[str]]] = None, classes: Optional[List[str]] = None):
+        if len(files) == 0:
+            raise UserError("no images found")
+        self.files, self.size, self.mode = files, size, mode
+        self.labels, self.captions, self.classes = labels, captions, classes
+
+    def __len__(self):
+        return len(self.files)
+
+    def path(self, index: int) -> str:
+        return self.files[index]
+
+    def load(self, index: int, gen) -> torch.Tensor:
+        return transform_image(load_rgb(self.files[index]), self.size, self.mode, gen)
+
+    def __getitem__(self, key):
+        index, seed = key if isinstance(key, tuple) else (key, index_seed(key))
+        gen = torch.Generator().manual_seed(seed)
+        bad = -1
+        for attempt in range(16):  # a broken file is replaced by the next readable one
+            i = (index + attempt) % len(self)
+            try:
+                image = self.load(i, gen)
+                break
+            except Exception:
+                if bad < 0:
+                    bad = i
+        else:
+            raise UserError(f"16 consecutive unreadable images starting at {self.path(index)}")
+        label = self.labels[i] if self.labels is not None else -1
+        return dict(image=image, label=label, index=i, bad=bad)
+
+
+def index_seed(index: int) -> int:
+    return sample_seed(0, 0, index)
+
+
+SHAPE_NAMES = ("circle", "square", "triangle")
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (240, 210, 40),
+          "purple": (140, 50, 180), "orange": (245, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20)}
+
+
+class ShapesDataset(Dataset):
+    """A few coloured shapes on a flat or smoothly shaded background, drawn from the index alone
+    (any resolution, no files). The shapes are where the detail is; the background is nearly free
+    to encode, so a good importance map lights up the shapes. Labels: the kind of the first shape
+    (0 circle, 1 square, 2 triangle), for class-conditional runs; captions such as "a red circle
+    and a blue square on a gray background", for text-conditional runs."""
+
+    classes = list(SHAPE_NAMES)
+
+    def __init__(self, size: int, length: int, split: str = "train"):
+        self.size, self.length = size, length
+        self.offset = 0 if split == "train" else 10_000_000  # disjoint draws for validation
+
+    def __len__(self):
+        return self.length
+
+    def path(self, index: int) -> str:
+        return f"shapes:{index}"
+
+    def describe(self, index: int):
+        rng = random.Random(self.offset + index)
+        color_names = list(COLORS)
+        background = rng.choice(["flat", "shaded"])
+        bg_a = tuple(rng.randint(60, 200) for _ in range(3))
+        bg_b = tuple(min(255, max(0, c + rng.randint(-60, 60))) for c in bg_a)
+        shapes = []
+        for _ in range(rng.randint(1, 3)):
+            kind = rng.randrange(3)
+            color = rng.choice(color_names)
+            radius = rng.uniform(0.12, 0.25)
+            cx, cy = rng.uniform(radius, 1 - radius), rng.uniform(radius, 1 - radius)
+            angle = rng.uniform(0, 2 * math.pi)
+            shapes.append((kind, color, cx, cy, radius, angle))
+        return background, bg_a, bg_b, shapes
+
+    def render(self, index: int) -> Image.Image:
+        background, bg_a, bg_b, shapes = self.describe(index)
+        S = self.size * 2  # draw at 2x and downsample: anti-aliased edges
+        if background == "flat":
+            img = Image.new("RGB", (S, S), bg_a)
+        else:
+            t = np.linspace(0.0, 1.0, S)[None, :, None]
+            arr = np.array(bg_a)[None, None] * (1 - t) + np.array(bg_b)[None, None] * t
+            img = Image.fromarray(np.repeat(arr, S, axis=0).astype(np.uint8))
+        draw = ImageDraw.Draw(img)
+        for kind, color, cx, cy, r, angle in shapes:
+            cx, cy, r = cx * S, cy * S, r * S
+            if kind == 0:
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLORS[color])
+            else:
+                corners = 4 if kind == 1 else 3
+                pts = [(cx + r * math.cos(angle + 2 * math.pi * i / corners),
+                        cy + r * math.sin(angle + 2 * math.pi * i / corners)) for i in range(corners)]
+                draw.polygon(pts, fill=COLORS[color])
+        return img.resize((self.size, self.size), Image.BILINEAR)
+
+    def label(self, index: int) -> int:
+        return self.describe(index)[3][0][0]
+
+    def caption(self, index: int) -> str:
+        _, bg_a, _, shapes = self.describe(index)
+        parts = [f"{'an' if color[0] in 'aeiou' else 'a'} {color} {SHAPE_NAMES[kind]}" for kind, color, *_ in shapes]
+        shade = "dark" if sum(bg_a) < 390 else "light"
+        return " and ".join(parts) + f" on a {shade} background"
+
+    def __getitem__(self, key):
+        index = key[0] if isinstance(key, tuple) else key
+        return dict(image=to_tensor(self.render(index)), label=self.label(index), index=index, bad=-1)
+
+    @property
+    def labels(self):
+        return [self.label(i) for i in range(len(self))]
+
+    @property
+    def captions(self):
+        return [[self.caption(i)] for i in range(len(self))]
+
+
+def list_images(root: str) -> List[str]:
+    files = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        files += [os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return files
+
+
+def _require_dir(path: str, what: str):
+    if not os.path.isdir(path):
+        raise UserError(f"{what} not found: {path}")
+
+
+def _ffhq(root, size, split):
+    _require_dir(root, "FFHQ folder (--data-dir)")
+    list_file = os.path.join(root, "ffhqtrain.txt" if split == "train" else "ffhqvalidation.txt")
+    if os.path.isfile(list_file):
+        with open(list_file) as fh:
+            files = [os.path.join(root, line.strip()) for line in fh if line.strip()]
+    else:
+        # Documented fallback: files sorted by path, the last 1/7 held out (for the 70,000 FFHQ
+        # images named 00000..69999 this is 60000..69999 as validation).
+        files = list_images(root)
+        if not files:
+            raise UserError(f"no images (png/jpg/jpeg/webp/bmp) under {root}")
+        cut = len(files) - max(1, len(files) // 7)
+        files = files[:cut] if split == "train" else files[cut:]
+    return ImageFiles(files, size, "rrc" if split == "train" else "eval")
+
+
+def _imagenet(root, size, split):
+    _require_dir(os.path.join(root, "train"), "ImageNet train folder (--data-dir DIR with DIR/train/<class>/...)")
+    classes = sorted(d for d in os.listdir(os.path.join(root, "train")) if os.path.isdir(os.path.join(root, "train", d)))
+    if not classes:
+        raise UserError(f"{root}/train has no class subfolders; class-conditional data needs DIR/train/<class>/*.JPEG")
+    split_dir = os.path.join(root, "train" if split == "train" else "val")
+    _require_dir(split_dir, "ImageNet split folder")
+    files, labels = [], []
+    for label, name in enumerate(classes):
+        class_files = list_images(os.path.join(split_dir, name)) if os.path.isdir(os.path.join(split_dir, name)) else []
+        files += class_files
+        labels += [label] * len(class_files)
+    if not files:
+        raise UserError(f"no images in {split_dir}/<class>/ (val images must be sorted into class folders too)")
+    return ImageFiles(files, size, "crop" if split == "train" else "eval", labels=labels, classes=classes)
+
+
+def _coco(root, size, split):
+    _require_dir(root, "COCO folder (--data-dir)")
+    for year in ("2014", "2017"):
+        name = ("train" if split == "train" else "val") + year
+        ann = os.path.join(root, "annotations", f"captions_{name}.json")
+        if os.path.isfile(ann) and os.path.isdir(os.path.join(root, name)):
+            break
+    else:
+        raise UserError(f"COCO needs {root}/train2014/ and {root}/annotations/captions_train2014.json "
+                        f"(or the 2017 names, and the val split likewise)")
+    with open(ann) as fh:
+        meta = json.load(fh)
+    captions = {}
+    for a in meta["annotations"]:
+        captions.setdefault(a["image_id"], []).append(a["caption"].strip())
+    images = sorted((im for im in meta["images"] if im["id"] in captions), key=lambda im: im["id"])
+    files = [os.path.join(root, name, im["file_name"]) for im in images]
+    return ImageFiles(files, size, "crop" if split == "train" else "eval",
+                      captions=[captions[im["id"]] for im in images])
+
+
+def _folder(root, size, split):
+    _require_dir(root, "image folder")
+    if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val")):
+        files = list_images(os.path.join(root, split if split == "train" else "val"))
+    else:
+        files = list_images(root)
+        if len(files) >= 2:  # hold out every 100th file (at least one) for validation
+            held = set(range(len(files) - 1, -1, -100))
+            files = [f for i, f in enumerate(files) if (i in held) == (split != "train")]
+    if not files:
+        raise UserError(f"no images (png/jpg/jpeg/webp/bmp) under {root}")
+    return ImageFiles(files, size, "crop" if split == "train" else "eval")
+
+
+def build_dataset(name: str, data_dir: Optional[str], size: int, split: str, shapes_length: int = 20000):
+    """name: shapes | ffhq | imagenet | coco | a folder path. split: train | val."""
+    if name == "shapes":
+        return ShapesDataset(size, shapes_length if split == "train" else max(64, shapes_length // 40), split)
+    if name in ("ffhq", "imagenet", "coco"):
+        root = data_dir or os.path.join("data", name)
+        return {"ffhq": _ffhq, "imagenet": _imagenet, "coco": _coco}[name](root, size, split)
+    if os.path.isdir(name):
+        return _folder(name, size, split)
+    raise UserError(f"unknown dataset {name!r}: use shapes, ffhq, imagenet, coco, or the path of an image folder")
+
+
+# -----------------------------------------------------------------------------
+# Sampling: DDP shards, exact resume, deterministic augmentation
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler (shuffled by seed + epoch, sharded by rank, drop_last) that can skip the
+    first `skip` samples of an epoch, for resuming mid-epoch, and yields (index, augmentation seed)."""
+
+    def __init__(self, dataset, num_replicas=1, rank=0, seed=0, shuffle=True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0):
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.skip:]
+        return iter([(i, sample_seed(self.seed, self.epoch, i)) for i in indices])
+
+    def __len__(self):
+        return super().__len__() - self.skip

@@ -1,0 +1,629 @@
+"""
+Train the MQ-VAE (stage 1): VQGAN's losses and nothing special for the mask (supplementary §1).
+
+    L_AE = L_rec + λ·L_G + L_commit
+    L_rec    = |x - x̃|₁ (official code; --rec-loss l2 is the supplementary's ||x - x̃||²) + 1.0·LPIPS(x, x̃)
+    L_commit = β·||Ẑ - sg(Ẑ^q)||²            (plus the codebook loss with --codebook grad)
+    L_G      = -mean D(x̃)                    hinge GAN, PatchGAN discriminator D
+    λ        = min(0.75 · ||∇_W L_rec|| / (||∇_W L_G|| + 1e-4), 1.0), W = the decoder's last layer
+    L_D      = ½·[mean ReLU(1 - D(x)) + mean ReLU(1 + D(x̃))]
+
+Adam(0.5, 0.9) for both networks, lr = 4.5e-6 × global batch, linear warmup (FFHQ 5 epochs,
+ImageNet 0.5) then cosine. bf16 autocast + TF32 on CUDA, DDP through torchrun.
+
+    python train_mqvae.py                                     # demo: built-in shapes, CPU is fine (~10 min)
+    python train_mqvae.py --data ffhq --data-dir data/ffhq    # one GPU
+    torchrun --standalone --nproc_per_node=8 train_mqvae.py --data ffhq
+    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --master_addr=HOST --master_port=29500 \
+        train_mqvae.py --data imagenet                        # multi-node: run on each node with its rank
+    python train_mqvae.py --data ffhq --resume                # continue out/mqvae-ffhq/ckpt.pt exactly
+
+Outputs in --out-dir: config.json, log.jsonl (one JSON line per log step and per evaluation),
+recon_<step>.png (input | importance map | kept regions | reconstruction), ckpt.pt.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import socket
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+import data
+from mqvae import (MQVAE, PRESETS, MQVAEConfig, PatchDiscriminator, UserError, check, cleanup_distributed,
+                   config_to_parser, explicit_flags, load_checkpoint, run_main, save_checkpoint,
+                   setup_distributed, strip_compile_prefix, write_json)
+
+
+# -----------------------------------------------------------------------------
+# Configuration: every default in one place. None means "chosen from --data" (see DATA_DEFAULTS).
+
+@dataclass
+class TrainConfig:
+    # data
+    data: str = "shapes"                  # shapes | ffhq | imagenet | coco | PATH to a folder of images
+    data_dir: Optional[str] = None        # root of ffhq/imagenet/coco (default data/<name>)
+    image_size: Optional[int] = None      # 256 for real data, 64 for shapes
+    num_workers: Optional[int] = None     # data loader processes per GPU (8; 0 for shapes, drawn in-process)
+    # model
+    preset: Optional[str] = None          # f8 | f16 | f32 | demo | tiny (f8 for real data, demo for shapes)
+    keep_ratio: float = 0.25              # k; the mask ratio is 1 - k (N = int(k·H·W) codes per image)
+    masker: str = "adaptive"              # adaptive | random (ablation)
+    codebook: str = "ema"                 # ema (official) | grad (VQ-VAE codebook loss)
+    codebook_size: Optional[int] = None   # V (preset default: 1024)
+    codebook_dim: Optional[int] = None    # D (preset default: 256)
+    demask_attn: str = "soft"             # soft (official) | hard (Fig. 2c)
+    # losses
+    rec_loss: str = "l1"                  # l1 (official) | l2 (supplementary)
+    perceptual_weight: Optional[float] = None  # LPIPS weight (1.0; 0 for the shapes demo)
+    codebook_weight: float = 1.0          # weight of L_commit
+    disc_weight: float = 0.75             # 0.75 × adaptive λ
+    disc_weight_max: float = 1.0          # cap on λ (official code)
+    disc_start: Optional[int] = None      # step at which the GAN terms switch on (0; later for the demo)
+    disc_layers: int = 3                  # PatchGAN depth (3: 70x70 patches)
+    lpips_vgg: Optional[str] = None       # path of torchvision's vgg16-397923af.pth (default: torch hub cache)
+    # optimisation
+    batch_size: Optional[int] = None      # per GPU (8; 16 for the demo)
+    grad_accum: int = 1
+    base_lr: float = 4.5e-6               # lr = base_lr × global batch (batch × GPUs × accumulation)
+    lr: Optional[float] = None            # set to override the scaled lr
+    min_lr: float = 0.0                   # end of the cosine
+    warmup_epochs: Optional[float] = None # ffhq 5, imagenet 0.5
+    epochs: Optional[float] = None        # ffhq 150, imagenet 50
+    max_steps: Optional[int] = None       # overrides epochs
+    stop_after: Optional[int] = None      # leave (with a checkpoint) after this many steps in this run; for time-limited jobs
+    # run
+    out_dir: Optional[str] = None         # default out/mqvae-<data>
+    seed: int = 2021
+    dtype: str = "bf16"                   # bf16 | fp32 (autocast dtype on CUDA; CPU runs fp32)
+    compile: bool = False                 # torch.compile encoder, de-mask, decoder and discriminator
+    log_every: int = 50
+    eval_every: Optional[int] = None      # steps between evaluations (default 2000; demo 250)
+    eval_images: int = 1000               # validation images per evaluation
+    ckpt_every: int = 1000
+    usage_window: int = 100               # codebook usage = distinct codes over the last this many steps
+    resume: bool = False                  # continue from out_dir/ckpt.pt
+
+
+DATA_DEFAULTS = {
+    "shapes":   dict(image_size=64, preset="demo", batch_size=16, perceptual_weight=0.0, disc_start=1500,
+                     warmup_epochs=0.05, epochs=2.0, eval_every=250, lr=1e-3, num_workers=0),
+    "ffhq":     dict(warmup_epochs=5.0, epochs=150.0),
+    "imagenet": dict(warmup_epochs=0.5, epochs=50.0),
+    "coco":     dict(warmup_epochs=0.5, epochs=50.0),
+    "folder":   dict(warmup_epochs=1.0, epochs=100.0),
+}
+COMMON_DEFAULTS = dict(image_size=256, preset="f8", batch_size=8, perceptual_weight=1.0, disc_start=0,
+                       eval_every=2000, num_workers=8)
+
+# Flags that may change when resuming; the others (model, data, optimiser) come from the checkpoint.
+RUN_CONTROL = {"max_steps", "stop_after", "epochs", "num_workers", "log_every", "eval_every", "eval_images", "ckpt_every",
+               "compile", "usage_window", "resume", "data_dir", "lpips_vgg", "out_dir"}
+
+HELP = {f.name: "" for f in dataclasses.fields(TrainConfig)}
+
+
+def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
+    kind = cfg.data if cfg.data in DATA_DEFAULTS else "folder"
+    for key, value in {**COMMON_DEFAULTS, **DATA_DEFAULTS[kind]}.items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if cfg.out_dir is None:
+        cfg.out_dir = os.path.join("out", "mqvae-" + os.path.basename(os.path.normpath(cfg.data)))
+    return cfg
+
+
+def validate(cfg: TrainConfig):
+    check(cfg.preset in PRESETS, f"unknown preset {cfg.preset!r}: choose one of {', '.join(PRESETS)}")
+    check(cfg.image_size > 0, f"--image-size must be positive, got {cfg.image_size}")
+    check(cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}")
+    check(cfg.grad_accum > 0, f"--grad-accum must be positive, got {cfg.grad_accum}")
+    check(cfg.rec_loss in ("l1", "l2"), f"--rec-loss must be l1 or l2, got {cfg.rec_loss!r}")
+    check(cfg.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
+    check(cfg.perceptual_weight >= 0 and cfg.disc_weight >= 0, "loss weights must be non-negative")
+    check(cfg.max_steps is None or cfg.max_steps > 0, f"--max-steps must be positive, got {cfg.max_steps}")
+    check(cfg.epochs > 0, f"--epochs must be positive, got {cfg.epochs}")
+    for name in ("log_every", "eval_every", "ckpt_every", "eval_images", "usage_window"):
+        check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    check(cfg.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.num_workers}")
+    check(cfg.disc_layers >= 1, f"--disc-layers must be >= 1, got {cfg.disc_layers}")
+    min_size = 2 ** cfg.disc_layers * 3  # the last two 4x4 convs need a map of at least 3x3 after the strided ones
+    check(cfg.disc_weight == 0 or cfg.image_size >= min_size,
+          f"a {cfg.disc_layers}-layer discriminator needs images of at least {min_size}px; "
+          f"lower --disc-layers or use --disc-weight 0")
+
+
+def model_config(cfg: TrainConfig) -> MQVAEConfig:
+    overrides = {k: v for k, v in dict(codebook_size=cfg.codebook_size, codebook_dim=cfg.codebook_dim).items()
+                 if v is not None}
+    return MQVAEConfig(**{**PRESETS[cfg.preset], **overrides}, resolution=cfg.image_size,
+                       keep_ratio=cfg.keep_ratio, masker=cfg.masker, codebook=cfg.codebook,
+                       demask_attn=cfg.demask_attn)
+
+
+# -----------------------------------------------------------------------------
+# LPIPS with the VGG16 trunk loaded from torchvision's file and the linear head loaded strictly
+
+VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
+
+
+def default_vgg_path() -> str:
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(VGG16_URL))
+
+
+def fetch_vgg16(path: str):
+    """Download torchvision's VGG16 weights to `path` when the network allows; else a clear error."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(20)
+        try:
+            torch.hub.download_url_to_file(VGG16_URL, path + ".part", progress=False)
+        finally:
+            socket.setdefaulttimeout(previous)
+        os.replace(path + ".part", path)
+    except Exception as e:
+        raise UserError(f"LPIPS needs torchvision's VGG16 weights and they could not be downloaded "
+                        f"({type(e).__name__}). Put {os.path.basename(VGG16_URL)} (from {VGG16_URL}) in "
+                        f"{os.path.dirname(path)}/, or pass --lpips-vgg PATH, or train with --perceptual-weight 0") from None
+
+
+def build_lpips(vgg_path: Optional[str] = None):
+    """lpips.LPIPS (VGG) in eval mode, frozen. Both parts are loaded strictly: the lpips package's
+    own loader uses strict=False, and a silently random head is how several VQGAN clones trained."""
+    import lpips
+    if vgg_path is None:
+        vgg_path = default_vgg_path()
+        if not os.path.isfile(vgg_path):
+            fetch_vgg16(vgg_path)
+    elif not os.path.isfile(vgg_path):
+        raise UserError(f"--lpips-vgg file not found: {vgg_path}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False)
+    try:
+        vgg = torch.load(vgg_path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read VGG16 weights {vgg_path}: {type(e).__name__}") from None
+    head_path = os.path.join(os.path.dirname(lpips.__file__), "weights", "v0.1", "vgg.pth")
+    head = torch.load(head_path, map_location="cpu", weights_only=True)
+    state = {k: v for k, v in model.state_dict().items() if k.startswith("scaling_layer.")}  # constants
+    for key in model.state_dict():
+        if key.startswith("net."):  # lpips keeps torchvision's layer indices: net.slice2.5.weight = features.5.weight
+            source = "features." + key.split(".", 2)[2]
+            if source not in vgg:
+                raise UserError(f"{vgg_path} is not torchvision's VGG16 state dict (missing {source})")
+            state[key] = vgg[source]
+    state.update(head)
+    for key in model.state_dict():  # `lins` is a ModuleList aliasing lin0..lin4: same tensors, second name
+        if key.startswith("lins."):
+            _, index, rest = key.split(".", 2)
+            if f"lin{index}.{rest}" in head:
+                state[key] = head[f"lin{index}.{rest}"]
+    missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
+    if missing or unexpected:
+        raise UserError(f"LPIPS weights do not match: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    model.load_state_dict(state, strict=True)
+    return model.eval().requires_grad_(False)
+
+
+# -----------------------------------------------------------------------------
+# Losses
+
+def hinge_d_loss(logits_real, logits_fake):
+    return 0.5 * (F.relu(1.0 - logits_real).mean() + F.relu(1.0 + logits_fake).mean())
+
+
+def adaptive_gan_weight(grad_rec, grad_gan, disc_weight: float, max_weight: float):
+    """VQGAN's λ = ||∇_W L_rec|| / (||∇_W L_G|| + 1e-4), clamped to [0, 1e4], × disc_weight, then capped
+    (official code) — balancing the two terms at the decoder's last layer W, where both act directly."""
+    weight = torch.linalg.vector_norm(grad_rec) / (torch.linalg.vector_norm(grad_gan) + 1e-4)
+    return (weight.clamp(0.0, 1e4) * disc_weight).clamp(max=max_weight).detach()
+
+
+# -----------------------------------------------------------------------------
+# Pictures: input | importance map | kept regions | reconstruction
+
+def heat_colormap(t):
+    """t (B,1,H,W) in [0,1] -> (B,3,H,W) in [0,1], blue (low) to red (high), like 'jet'."""
+    return torch.cat([(1.5 - (4 * t - c).abs()).clamp(0, 1) for c in (3.0, 2.0, 1.0)], dim=1)
+
+
+def visualisation_grid(x, x_rec, scores, positions):
+    """One row per image, as the supplementary's Figures 6-7. All tensors on CPU, images in [-1,1]."""
+    B, _, S, _ = x.shape
+    Hs, Ws = scores.shape[1:]
+    flat = scores.flatten(1)
+    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    norm = ((flat - lo) / (hi - lo + 1e-8)).view(B, 1, Hs, Ws)
+    heat = F.interpolate(heat_colormap(norm), size=(S, S), mode="nearest")
+    kept = torch.zeros(B, Hs * Ws).scatter(1, positions, 1.0).view(B, 1, Hs, Ws)
+    kept = F.interpolate(kept, size=(S, S), mode="nearest")
+    image = (x.clamp(-1, 1) + 1) / 2
+    kept_view = image * kept + (0.25 + 0.25 * image) * (1 - kept) * 0.6  # masked regions dimmed
+    recon = (x_rec.clamp(-1, 1) + 1) / 2
+    return torch.stack([image, heat, kept_view, recon], dim=1).flatten(0, 1)  # (B·4,3,S,S)
+
+
+def save_grid(tensor, path, nrow):
+    import torchvision.utils
+    tmp = path + ".tmp.png"
+    torchvision.utils.save_image(tensor, tmp, nrow=nrow, padding=2, pad_value=1.0)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# Evaluation
+
+@torch.no_grad()
+def evaluate(model, val_set, cfg, device, autocast, lpips_fn, rank, world):
+    """Mean L1, PSNR (on [0,1] images) and LPIPS over the first --eval-images validation images, and
+    the number of distinct codes they use. Each rank takes a shard; sums are all-reduced."""
+    model.eval()
+    n = min(cfg.eval_images, len(val_set))
+    indices = list(range(rank, n, world))
+    loader = DataLoader(torch.utils.data.Subset(val_set, indices), batch_size=cfg.batch_size,
+                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", generator=torch.Generator())
+    V = model.config.codebook_size
+    sums = torch.zeros(4, device=device)  # l1, psnr, lpips, count
+    used = torch.zeros(V, device=device)
+    shown = []
+    for batch in loader:
+        x = batch["image"].to(device, non_blocking=True)
+        with autocast:
+            x_rec, aux = model(x)
+        x_rec = x_rec.float()
+        l1 = (x - x_rec).abs().flatten(1).mean(1)
+        mse = ((x.clamp(-1, 1) - x_rec.clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)
+        psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+        lp = lpips_fn(x, x_rec).flatten() if lpips_fn is not None else torch.zeros_like(l1)
+        sums += torch.stack([l1.sum(), psnr.sum(), lp.float().sum(), torch.tensor(float(len(x)), device=device)])
+        used.index_fill_(0, aux["codes"].flatten(), 1.0)
+        if len(shown) < 8:  # the first 8 images go into the picture
+            shown.append((x.cpu(), x_rec.cpu(), aux["scores"].float().cpu(), aux["positions"].cpu()))
+    if world > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(used, op=dist.ReduceOp.MAX)
+    model.train()
+    count = max(sums[3].item(), 1.0)
+    metrics = dict(val_l1=sums[0].item() / count, val_psnr=sums[1].item() / count,
+                   val_codes_used=int(used.sum().item()), val_images=int(sums[3].item()))
+    if lpips_fn is not None:
+        metrics["val_lpips"] = sums[2].item() / count
+    picture = [torch.cat(parts)[:8] for parts in zip(*shown)] if shown else None
+    return metrics, picture
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+def parse_config(argv):
+    parser = config_to_parser(TrainConfig(), __doc__.split("\n\n")[0].strip(), HELP)
+    args = parser.parse_args(argv)
+    return TrainConfig(**vars(args)), explicit_flags(parser, argv if argv is not None else sys.argv[1:])
+
+
+def main(argv=None):
+    cfg, explicit = parse_config(argv)
+    rank, world, local_rank, device = setup_distributed()
+    try:
+        train(cfg, explicit, rank, world, device)
+    finally:
+        cleanup_distributed()
+
+
+def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.device):
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    cfg = resolve_defaults(cfg)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = None
+    if cfg.resume and os.path.isfile(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path, "mqvae")
+        saved = TrainConfig(**ckpt["train_config"])
+        for key in explicit & (set(vars(cfg)) - RUN_CONTROL):
+            check(getattr(cfg, key) == getattr(saved, key),
+                  f"--{key.replace('_', '-')} {getattr(cfg, key)} differs from the checkpoint's "
+                  f"{getattr(saved, key)}; start a new --out-dir to change it")
+        for key in RUN_CONTROL & explicit:
+            setattr(saved, key, getattr(cfg, key))
+        cfg = saved
+        cfg.resume = True
+    elif cfg.resume:
+        log(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
+    validate(cfg)
+    mcfg = model_config(cfg)
+
+    # ---- data
+    train_set = data.build_dataset(cfg.data, cfg.data_dir, cfg.image_size, "train")
+    val_set = data.build_dataset(cfg.data, cfg.data_dir, cfg.image_size, "val")
+    global_batch = cfg.batch_size * world * cfg.grad_accum
+    steps_per_epoch = len(train_set) // global_batch
+    check(steps_per_epoch > 0, f"the training set has {len(train_set)} images, fewer than one global batch "
+                               f"({global_batch}); lower --batch-size")
+    total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
+    peak_lr = cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch
+    sampler = data.ResumableSampler(train_set, num_replicas=world, rank=rank, seed=cfg.seed)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
+                        pin_memory=device.type == "cuda", drop_last=True,
+                        persistent_workers=False, prefetch_factor=4 if cfg.num_workers > 0 else None,
+                        generator=torch.Generator())  # own RNG: starting an epoch must not draw from the global one
+
+    # ---- models
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    model = MQVAE(mcfg).to(device)
+    disc = PatchDiscriminator(n_layers=cfg.disc_layers).to(device)
+    lpips_fn = build_lpips(cfg.lpips_vgg).to(device) if cfg.perceptual_weight > 0 else None
+    cuda = device.type == "cuda"
+    opt_ae = torch.optim.Adam(model.parameters(), lr=peak_lr, betas=(0.5, 0.9), **({"fused": True} if cuda else {}))
+    opt_d = torch.optim.Adam(disc.parameters(), lr=peak_lr, betas=(0.5, 0.9), **({"fused": True} if cuda else {}))
+    start_step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["mqvae"], strict=True)
+        disc.load_state_dict(ckpt["disc"], strict=True)
+        opt_ae.load_state_dict(ckpt["opt_ae"])
+        opt_d.load_state_dict(ckpt["opt_disc"])
+        start_step = ckpt["step"]
+        rng = ckpt["rng"][rank] if len(ckpt["rng"]) == world else None
+        if rng is not None:
+            torch.set_rng_state(rng["cpu"])
+            if cuda and rng.get("cuda") is not None:
+                torch.cuda.set_rng_state(rng["cuda"], device)
+        log(f"resumed from {ckpt_path} at step {start_step}")
+    else:
+        torch.manual_seed(cfg.seed + rank)  # per-rank randomness (random masker) from here on
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if cfg.compile:
+        for name in ("encoder", "demask", "decoder"):
+            setattr(model, name, torch.compile(getattr(model, name)))
+        disc = torch.compile(disc)
+    raw_model, raw_disc = model, disc
+    if world > 1:
+        ddp_args = dict(device_ids=[device.index] if cuda else None,
+                        find_unused_parameters=mcfg.keep_ratio >= 1.0)  # keep 100%: the mask token is unused
+        model, disc = DDP(model, **ddp_args), DDP(disc, device_ids=ddp_args["device_ids"])
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.dtype == "bf16" else nullcontext())
+
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        write_json(os.path.join(cfg.out_dir, "config.json"), dict(train=vars(cfg), model=dataclasses.asdict(mcfg)))
+        n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
+        log(json.dumps(vars(cfg)))
+        log(f"MQ-VAE {cfg.preset}: {n_params(raw_model):.2f}M parameters (encoder {n_params(raw_model.encoder):.2f}M, "
+            f"mask {n_params(raw_model.mask):.2f}M, de-mask {n_params(raw_model.demask):.2f}M, "
+            f"decoder {n_params(raw_model.decoder):.2f}M); discriminator {n_params(raw_disc):.2f}M")
+        log(f"f={mcfg.downsample_factor}: {mcfg.grid_size}x{mcfg.grid_size} grid, keep {mcfg.keep_ratio:.0%} -> "
+            f"N={mcfg.seq_len} codes per image; codebook {mcfg.codebook_size}x{mcfg.codebook_dim} ({mcfg.codebook})")
+        log(f"data {cfg.data}: {len(train_set)} train / {len(val_set)} val images; global batch {global_batch} "
+            f"({cfg.batch_size} x {world} GPU x {cfg.grad_accum} accum); {steps_per_epoch} steps/epoch, "
+            f"{total_steps} steps, peak lr {peak_lr:.3g}, warmup {warmup_steps} steps")
+        if lpips_fn is None:
+            log("perceptual loss off (--perceptual-weight 0): LPIPS is neither trained on nor reported")
+
+    def lr_at(step):
+        if step < warmup_steps:
+            return peak_lr * (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return cfg.min_lr + 0.5 * (peak_lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    def micro_batches(step):
+        """Endless stream of micro-batches, resuming at `step` inside its epoch."""
+        epoch, skip = divmod(step, steps_per_epoch)
+        while True:
+            sampler.set_epoch(epoch, skip=skip * cfg.batch_size * cfg.grad_accum)
+            it = iter(loader)
+            for _ in range((steps_per_epoch - skip) * cfg.grad_accum):
+                yield next(it)
+            del it
+            epoch, skip = epoch + 1, 0
+
+    # ---- the loop
+    V = mcfg.codebook_size
+    last_used = torch.full((V,), -10 ** 9, dtype=torch.long, device=device)  # step each code was last chosen
+    code_counts = torch.zeros(V, device=device)
+    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)      # first (1-based) step with a non-finite loss
+    metric_names = ["loss", "rec", "lpips", "commit", "g_loss", "d_loss", "gan_weight", "logits_real", "logits_fake"]
+    metric_sums = torch.zeros(len(metric_names), device=device)
+    metric_count, bad_files, seen_files = 0, 0, 0
+    last_saved = start_step if ckpt is not None else None
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    stream = micro_batches(start_step)
+    t_log, step_times = time.time(), []
+    zero = torch.zeros((), device=device)
+
+    def check_finite(step):
+        bad = first_bad_step.clone()
+        if world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() >= 0:
+            where = (f"the checkpoint {ckpt_path} (step {last_saved}) was left untouched" if last_saved is not None
+                     else "no checkpoint was written")
+            raise UserError(f"non-finite loss at step {bad.item()}; stopped at step {step}; {where}. "
+                            f"Lower the learning rate or use --dtype fp32, then --resume")
+
+    def checkpoint(step):
+        nonlocal last_saved
+        check_finite(step)
+        rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if cuda else None)
+        rngs = [None] * world
+        if world > 1:
+            dist.all_gather_object(rngs, rng)
+        else:
+            rngs = [rng]
+        if master:
+            save_checkpoint(dict(kind="mqvae", version=1, mqvae_config=dataclasses.asdict(mcfg),
+                                 train_config=vars(cfg), mqvae=strip_compile_prefix(raw_model.state_dict()),
+                                 disc=strip_compile_prefix(raw_disc.state_dict()), opt_ae=opt_ae.state_dict(),
+                                 opt_disc=opt_d.state_dict(), step=step, epoch=step / steps_per_epoch, rng=rngs),
+                            ckpt_path)
+        last_saved = step
+
+    def run_eval(step):
+        check_finite(step)
+        metrics, picture = evaluate(raw_model, val_set, cfg, device, autocast, lpips_fn, rank, world)
+        if master:
+            if picture is not None:
+                save_grid(visualisation_grid(*picture), os.path.join(cfg.out_dir, f"recon_{step:07d}.png"), nrow=4)
+            log(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                 for k, v in metrics.items()))
+            with open(log_path, "a") as fh:
+                fh.write(json.dumps(dict(step=step, **metrics)) + "\n")
+
+    model.train()
+    disc.train()
+    step = start_step
+    for step in range(start_step, total_steps):
+        t0 = time.time()
+        lr = lr_at(step)
+        for group in opt_ae.param_groups + opt_d.param_groups:
+            group["lr"] = lr
+        gan_on = cfg.disc_weight > 0 and step >= cfg.disc_start
+        for micro in range(cfg.grad_accum):
+            batch = next(stream)
+            bad = batch["bad"][batch["bad"] >= 0].tolist()
+            seen_files += len(batch["bad"])
+            for index in bad:
+                bad_files += 1
+                print(f"warning: rank {rank}: skipped unreadable image {train_set.path(index)} "
+                      f"({bad_files} so far)", file=sys.stderr)
+            if bad and bad_files > 0.01 * max(seen_files, 100):
+                raise UserError(f"{bad_files} of {seen_files} images could not be read (more than 1%); "
+                                f"check the dataset (the files are named above)")
+            x = batch["image"].to(device, non_blocking=True)
+            last_micro = micro == cfg.grad_accum - 1
+            sync = nullcontext() if (world == 1 or last_micro) else model.no_sync()
+            with sync:
+                # -- autoencoder
+                with autocast:
+                    x_rec, aux = model(x)
+                x_rec = x_rec.float()
+                rec = (x - x_rec).abs().mean() if cfg.rec_loss == "l1" else (x - x_rec).pow(2).mean()
+                with autocast:
+                    perceptual = lpips_fn(x, x_rec).mean().float() if lpips_fn is not None else zero
+                    logits_fake_g = raw_disc(x_rec).float() if gan_on else None
+                loss_rec = rec + cfg.perceptual_weight * perceptual
+                commit = aux["commit_loss"] * cfg.codebook_weight
+                if gan_on:
+                    g_loss = -logits_fake_g.mean()
+                    # λ needs ∇_W L_rec and ∇_W L_G at the decoder's last layer W. Take both gradients
+                    # with respect to x̃ first (the backward through LPIPS and D that the update needs
+                    # anyway), push each through the last conv alone for λ, then run ONE backward of
+                    # the whole autoencoder with ∂L_AE/∂x̃ = ∂L_rec/∂x̃ + λ·∂L_G/∂x̃. Same gradients as
+                    # backpropagating L_rec + λ·L_G + L_commit, without a second pass through LPIPS/D.
+                    grad_rec, = torch.autograd.grad(loss_rec, x_rec, retain_graph=True)
+                    grad_g, = torch.autograd.grad(g_loss, x_rec, retain_graph=True)
+                    last = raw_model.last_layer()
+                    w_rec, = torch.autograd.grad(x_rec, last, grad_outputs=grad_rec, retain_graph=True)
+                    w_g, = torch.autograd.grad(x_rec, last, grad_outputs=grad_g, retain_graph=True)
+                    gan_weight = adaptive_gan_weight(w_rec, w_g, cfg.disc_weight, cfg.disc_weight_max)
+                    torch.autograd.backward([x_rec, commit], [(grad_rec + gan_weight * grad_g) / cfg.grad_accum,
+                                                              torch.full_like(commit, 1.0 / cfg.grad_accum)])
+                else:
+                    g_loss, gan_weight = zero, zero
+                    ((loss_rec + commit) / cfg.grad_accum).backward()
+                loss = loss_rec + gan_weight * g_loss + commit
+                # -- discriminator, on the same reconstruction (the official code re-runs the autoencoder)
+                if gan_on:
+                    d_sync = nullcontext() if (world == 1 or last_micro) else disc.no_sync()
+                    with d_sync, autocast:
+                        logits_real = disc(x).float()
+                        logits_fake = disc(x_rec.detach()).float()
+                    d_loss = hinge_d_loss(logits_real, logits_fake)
+                    (d_loss / cfg.grad_accum).backward()
+                    real_mean, fake_mean = logits_real.detach().mean(), logits_fake.detach().mean()
+                else:
+                    d_loss, real_mean, fake_mean = zero, zero, zero
+            nonfinite = ~torch.isfinite(loss.detach() + d_loss.detach())
+            first_bad_step.copy_(torch.where(nonfinite & (first_bad_step < 0), step + 1, first_bad_step))
+            codes = aux["codes"].flatten()
+            last_used.index_fill_(0, codes, step)
+            code_counts.index_add_(0, codes, torch.ones_like(codes, dtype=torch.float))
+            metric_sums += torch.stack([loss.detach(), rec.detach(), perceptual.detach(), commit.detach(),
+                                        g_loss.detach(), d_loss.detach(), gan_weight, real_mean, fake_mean]).float()
+            metric_count += 1
+        opt_ae.step()
+        opt_ae.zero_grad(set_to_none=True)
+        if gan_on:
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+        step_times.append(time.time() - t0)
+        done = step + 1
+
+        if done % cfg.log_every == 0 or done == total_steps:
+            check_finite(done)
+            stats = torch.cat([metric_sums / max(metric_count, 1), code_counts])
+            used = last_used.clone()
+            if world > 1:
+                dist.all_reduce(stats)
+                stats[: len(metric_names)] /= world
+                dist.all_reduce(used, op=dist.ReduceOp.MAX)
+            p = stats[len(metric_names):] / stats[len(metric_names):].sum().clamp_min(1)
+            perplexity = torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item()
+            usage = int((used > step - cfg.usage_window).sum().item())
+            values = dict(zip(metric_names, stats[: len(metric_names)].tolist()))
+            elapsed = time.time() - t_log
+            images_per_s = global_batch * metric_count / cfg.grad_accum / max(elapsed, 1e-9)
+            sec_per_step = sum(step_times[-cfg.log_every:]) / len(step_times[-cfg.log_every:])
+            eta = (total_steps - done) * sec_per_step
+            record = dict(step=done, epoch=round(done / steps_per_epoch, 4), lr=lr, **values, codes_used=usage,
+                          perplexity=perplexity, images_per_s=images_per_s, eta_s=eta)
+            if master:
+                log(f"step {done}/{total_steps} ep {record['epoch']:.2f} | loss {values['loss']:.4f} rec {values['rec']:.4f} "
+                    f"lpips {values['lpips']:.4f} commit {values['commit']:.4f} g {values['g_loss']:.3f} "
+                    f"d {values['d_loss']:.3f} λ {values['gan_weight']:.3f} D(x) {values['logits_real']:.2f} "
+                    f"D(x̃) {values['logits_fake']:.2f} | codes {usage}/{V} ppl {perplexity:.1f} | lr {lr:.2e} | "
+                    f"{images_per_s:.1f} img/s | ETA {eta / 60:.1f} min")
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            metric_sums.zero_()
+            code_counts.zero_()
+            metric_count, t_log = 0, time.time()
+        stopping = cfg.stop_after is not None and done - start_step >= cfg.stop_after
+        if done % cfg.eval_every == 0 or done == total_steps:
+            run_eval(done)
+        if done % cfg.ckpt_every == 0 or done == total_steps or stopping:
+            checkpoint(done)
+        if stopping:
+            log(f"stopping after {cfg.stop_after} steps (--stop-after) at step {done}; continue with --resume")
+            break
+    if world > 1:
+        log(rank_consistency(raw_model, raw_disc, world))
+    if start_step >= total_steps:
+        log(f"nothing to do: the checkpoint is at step {start_step} of {total_steps}")
+    elif step + 1 == total_steps:
+        log(f"done: {total_steps} steps; checkpoint {ckpt_path}")
+
+
+def rank_consistency(model, disc, world: int) -> str:
+    """Checksums of every parameter and of the codebook buffers (codebook, EMA counts and sums), gathered
+    from all ranks: DDP and the all-reduced codebook update must keep them identical. BatchNorm running
+    statistics are rank-local between forwards (DDP re-broadcasts rank 0's at each one) and left out."""
+    tensors = list(model.parameters()) + list(model.quantizer.buffers()) + list(disc.parameters())
+    local = torch.stack([t.detach().double().sum() for t in tensors] + [t.detach().double().abs().sum() for t in tensors])
+    gathered = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    identical = all(torch.equal(gathered[0], g) for g in gathered[1:])
+    codebook = model.quantizer.codebook.detach().double().sum().item()
+    if not identical:
+        raise UserError(f"ranks diverged: parameter/buffer checksums differ across {world} ranks")
+    return (f"rank consistency: all {len(tensors)} parameters and codebook buffers (codebook checksum {codebook:.6f}) "
+            f"identical across {world} ranks")
+
+
+if __name__ == "__main__":
+    run_main(main)
