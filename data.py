@@ -222,14 +222,6 @@ class ShapesDataset(Dataset):
         index = key[0] if isinstance(key, tuple) else key
         return dict(image=to_tensor(self.render(index)), label=self.label(index), index=index, bad=-1)
 
-    @property
-    def labels(self):
-        return [self.label(i) for i in range(len(self))]
-
-    @property
-    def captions(self):
-        return [[self.caption(i)] for i in range(len(self))]
-
 
 def list_images(root: str) -> List[str]:
     files = []

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -633,6 +633,42 @@ def run_main(main_fn, argv=None):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def warmup_cosine_lr(step: int, peak: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
+    """Linear warmup to `peak` over warmup_steps, then cosine decay to min_lr at total_steps."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def gather_rng_states(device: torch.device, world: int) -> list:
+    """Every rank's CPU (and CUDA) RNG state, for the checkpoint: resuming restores each rank's own."""
+    state = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def restore_rng_state(states: list, rank: int, world: int, device: torch.device) -> bool:
+    """Restore this rank's RNG state saved by gather_rng_states; False when the world size changed."""
+    if len(states) != world:
+        return False
+    torch.set_rng_state(states[rank]["cpu"])
+    if device.type == "cuda" and states[rank].get("cuda") is not None:
+        torch.cuda.set_rng_state(states[rank]["cuda"], device)
+    return True
+
+
+def save_grid(images, path: str, nrow: int):
+    """images (B,3,H,W) in [0,1] -> one PNG, written atomically."""
+    import torchvision.utils
+    tmp = path + ".tmp.png"
+    torchvision.utils.save_image(images, tmp, nrow=nrow, padding=2, pad_value=1.0)
+    os.replace(tmp, path)
 
 
 def write_json(path: str, obj):

@@ -3,6 +3,7 @@ The test suite: CPU only, no downloads, tiny shapes. Run with `python -m pytest 
 Each test name states the property it checks.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -12,13 +13,19 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from PIL import Image
 
 import data
+import fid
 import mqvae
+import stackformer
 import train_mqvae
+import train_stackformer
 from mqvae import MQVAE, PRESETS, MQVAEConfig, UserError
+from stackformer import Stackformer, StackformerConfig, WordTokenizer
 
 torch.set_num_threads(2)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -530,3 +537,831 @@ def test_two_process_gloo_ddp_keeps_parameters_and_codebooks_identical(tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "identical across 2 ranks" in r.stdout
     assert "global batch 8 (4 x 2 GPU" in r.stdout
+
+
+# -----------------------------------------------------------------------------
+# Stage 2: Stackformer model
+
+V, T, N = 32, 16, 6          # codebook size, latent positions (4×4 grid), kept tokens
+NUM_CLASSES, TEXT_VOCAB = 10, 20
+
+
+def sf_config(**overrides) -> StackformerConfig:
+    fields = dict(stackformer.PRESETS["tiny"], codebook_size=V, num_positions=T, seq_len=N,
+                  num_classes=NUM_CLASSES, text_vocab_size=TEXT_VOCAB)
+    fields.update(overrides)
+    return StackformerConfig(**fields)
+
+
+def sf_model(seed=0, **overrides) -> Stackformer:
+    torch.manual_seed(seed)
+    model = Stackformer(sf_config(**overrides))
+    # a_t starts at zero; give it values so tests also see it at work.
+    if model.abs_pos_emb is not None:
+        nn.init.normal_(model.abs_pos_emb, std=0.02)
+    return model.eval()
+
+
+def sf_batch(config: StackformerConfig, batch_size=3, seed=1):
+    """Codes, raster-ordered distinct positions and a matching condition."""
+    gen = torch.Generator().manual_seed(seed)
+    N, T = config.seq_len, config.num_positions
+    codes = torch.randint(0, config.codebook_size, (batch_size, N), generator=gen)
+    positions = torch.rand(batch_size, T, generator=gen).argsort(dim=1)[:, :N].sort(dim=1).values
+    cond = None
+    if config.cond == "class":
+        cond = torch.randint(0, config.num_classes, (batch_size,), generator=gen)
+    elif config.cond == "text":
+        cond = torch.randint(0, config.text_vocab_size, (batch_size, config.text_len), generator=gen)
+    return codes, positions, cond
+
+
+def sf_max_diff(a, b):
+    return (a - b).abs().max().item() if a.numel() else 0.0
+
+
+# ---------------------------------------------------------------------------- alignment and causality
+
+SF_CASES = [("code-first", "none"), ("position-first", "none"), ("code-first", "text")]
+
+
+@pytest.mark.parametrize("variant,cond", SF_CASES)
+def test_changing_a_future_token_changes_no_earlier_logits(variant, cond):
+    model = sf_model(variant=variant, cond=cond)
+    codes, positions, c = sf_batch(model.config)
+    with torch.no_grad():
+        code_logits, pos_logits = model(codes, positions, c)
+    # The lower transformer predicts codes (Stackformer) or positions (Stackformer_r); the upper
+    # one legitimately sees the lower target of its own step.
+    code_first = variant == "code-first"
+    base = {"lower": code_logits if code_first else pos_logits,
+            "upper": pos_logits if code_first else code_logits}
+    for j in range(N):
+        for changed in ("lower", "upper"):
+            new_codes, new_positions = codes.clone(), positions.clone()
+            if (changed == "lower") == code_first:
+                new_codes[:, j] = (new_codes[:, j] + 1) % V
+            else:
+                new_positions[:, j] = (new_positions[:, j] + 1) % T
+            with torch.no_grad():
+                out = model(new_codes, new_positions, c)
+            new = {"lower": out[0] if code_first else out[1], "upper": out[1] if code_first else out[0]}
+            # Lower logits at step t use inputs up to step t, i.e. tokens j < t: unchanged through j.
+            assert sf_max_diff(new["lower"][:, :j + 1], base["lower"][:, :j + 1]) == 0.0
+            if j + 1 < N:
+                assert sf_max_diff(new["lower"][:, j + 1:], base["lower"][:, j + 1:]) > 1e-5
+            # Upper logits at step t also see the lower target of step t.
+            first_seen = j if changed == "lower" else j + 1
+            assert sf_max_diff(new["upper"][:, :first_seen], base["upper"][:, :first_seen]) == 0.0
+            if first_seen < N:
+                assert sf_max_diff(new["upper"][:, first_seen:], base["upper"][:, first_seen:]) > 1e-5
+
+
+@pytest.mark.parametrize("variant", ["code-first", "position-first"])
+def test_second_prediction_sees_first_prediction_of_its_step_but_not_vice_versa(variant):
+    model = sf_model(variant=variant)
+    codes, positions, _ = sf_batch(model.config)
+    t = 2
+    with torch.no_grad():
+        code_logits, pos_logits = model(codes, positions)
+        other_code = codes.clone()
+        other_code[:, t] = (codes[:, t] + 5) % V
+        code_logits_c, pos_logits_c = model(other_code, positions)
+        other_pos = positions.clone()
+        other_pos[:, t] = (positions[:, t] + 5) % T
+        code_logits_p, pos_logits_p = model(codes, other_pos)
+    if variant == "code-first":
+        # Step t predicts v_{t+1} without v_{t+1} or p_{t+1}; p_{t+1} from H_t + E_v(v_{t+1}).
+        assert sf_max_diff(code_logits_c[:, t], code_logits[:, t]) == 0.0
+        assert sf_max_diff(code_logits_p[:, t], code_logits[:, t]) == 0.0
+        assert sf_max_diff(pos_logits_c[:, t], pos_logits[:, t]) > 1e-4
+        assert sf_max_diff(pos_logits_p[:, t], pos_logits[:, t]) == 0.0
+    else:
+        # Stackformer_r: p_{t+1} first, then v_{t+1} from H_t + E_p(p_{t+1}).
+        assert sf_max_diff(pos_logits_c[:, t], pos_logits[:, t]) == 0.0
+        assert sf_max_diff(pos_logits_p[:, t], pos_logits[:, t]) == 0.0
+        assert sf_max_diff(code_logits_p[:, t], code_logits[:, t]) > 1e-4
+        assert sf_max_diff(code_logits_c[:, t], code_logits[:, t]) == 0.0
+
+
+# ---------------------------------------------------------------------------- KV cache
+
+@pytest.mark.parametrize("variant,cond", [("code-first", "none"), ("code-first", "class"),
+                                          ("code-first", "text"), ("position-first", "none"),
+                                          ("position-first", "text")])
+def test_kv_cache_logits_match_full_forward(variant, cond):
+    model = sf_model(variant=variant, cond=cond)
+    codes, positions, c = sf_batch(model.config)
+    with torch.no_grad():
+        code_logits, pos_logits = model(codes, positions, c)
+    lower_logits_full, upper_logits_full = ((code_logits, pos_logits) if variant == "code-first"
+                                            else (pos_logits, code_logits))
+    lower_targets = codes if variant == "code-first" else positions
+    lower_cache, upper_cache = model.new_kv_caches(codes.size(0))
+    for t in range(N):
+        prev_code = codes[:, t - 1] if t > 0 else None
+        prev_position = positions[:, t - 1] if t > 0 else None
+        h = model.lower_step(lower_cache, t, prev_code, prev_position, c)
+        g = model.upper_step(upper_cache, t, h, lower_targets[:, t])
+        with torch.no_grad():
+            assert torch.allclose(model.lower_head(h), lower_logits_full[:, t], atol=1e-5)
+            assert torch.allclose(model.upper_head(g), upper_logits_full[:, t], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- text conditioning
+
+def test_first_code_depends_on_caption_and_its_last_token():
+    model = sf_model(cond="text")
+    codes, positions, text = sf_batch(model.config)
+    with torch.no_grad():
+        code_logits, _ = model(codes, positions, text)
+        last_changed = text.clone()
+        last_changed[:, -1] = (text[:, -1] + 1) % TEXT_VOCAB
+        first_changed = text.clone()
+        first_changed[:, 0] = (text[:, 0] + 1) % TEXT_VOCAB
+        assert sf_max_diff(model(codes, positions, last_changed)[0][:, 0], code_logits[:, 0]) > 1e-4
+        assert sf_max_diff(model(codes, positions, first_changed)[0][:, 0], code_logits[:, 0]) > 1e-4
+
+
+def test_text_loss_counts_only_image_tokens():
+    model = sf_model(cond="text")
+    codes, positions, text = sf_batch(model.config, batch_size=4)
+    with torch.no_grad():
+        code_logits, pos_logits = model(codes, positions, text)
+        total, code_ce, pos_ce = model.loss(codes, positions, text)
+    assert code_logits.shape == (4, N, V) and pos_logits.shape == (4, N, T)
+    per_token = F.cross_entropy(code_logits.reshape(-1, V), codes.reshape(-1), reduction="none")
+    assert per_token.numel() == 4 * N
+    assert torch.allclose(code_ce, per_token.mean())
+    assert torch.allclose(pos_ce, F.cross_entropy(pos_logits.reshape(-1, T), positions.reshape(-1)))
+    assert torch.allclose(total, code_ce + pos_ce)
+
+
+def test_pos_weight_scales_the_position_loss():
+    model = sf_model(pos_weight=0.5)
+    codes, positions, _ = sf_batch(model.config)
+    with torch.no_grad():
+        total, code_ce, pos_ce = model.loss(codes, positions)
+    assert torch.allclose(total, code_ce + 0.5 * pos_ce)
+
+
+# ---------------------------------------------------------------------------- tokenizer
+
+CAPTIONS = ["A dog runs on the grass.", "Two dogs on a beach", "a dog, a cat and THE sea!"]
+
+
+def test_tokenizer_vocabulary_is_sorted_by_count_then_word():
+    tok = WordTokenizer.build(CAPTIONS)
+    # counts: a 4, dog 2, on 2, the 2, then single words alphabetically
+    assert tok.words[:4] == ["a", "dog", "on", "the"]
+    assert tok.words[4:] == sorted(tok.words[4:])
+    assert tok.vocab_size == len(tok.words) + 2
+    assert WordTokenizer.build(CAPTIONS, min_count=2).words == ["a", "dog", "on", "the"]
+    assert WordTokenizer.build(CAPTIONS, max_size=2).words == ["a", "dog"]
+
+
+def test_tokenizer_round_trips_known_words_and_maps_unknown_to_unk():
+    tok = WordTokenizer.build(CAPTIONS)
+    ids = tok.encode("The dog, on THE beach")
+    assert len(ids) == 32 and ids[5:] == [0] * 27
+    assert tok.decode(ids) == "the dog on the beach"
+    ids = tok.encode("a zebra on the moon")
+    assert ids[1] == WordTokenizer.unk_id and ids[4] == WordTokenizer.unk_id
+    assert tok.decode(ids) == "a <unk> on the <unk>"
+
+
+def test_tokenizer_truncates_and_pads_to_32():
+    tok = WordTokenizer.build(CAPTIONS)
+    batch = tok.encode_batch(["dog " * 40, "", "cat"])
+    assert batch.shape == (3, 32) and batch.dtype == torch.long
+    assert (batch[0] == tok.word_to_id["dog"]).all()
+    assert (batch[1] == 0).all()
+    assert batch[2, 0] == tok.word_to_id["cat"] and (batch[2, 1:] == 0).all()
+
+
+def test_tokenizer_dict_round_trip_is_plain_python_and_equal():
+    tok = WordTokenizer.build(CAPTIONS, text_len=32)
+    d = tok.to_dict()
+    assert all(isinstance(w, str) for w in d["words"]) and isinstance(d["text_len"], int)
+    restored = WordTokenizer.from_dict(d)
+    assert restored.to_dict() == d
+    assert restored.encode(CAPTIONS[2]) == tok.encode(CAPTIONS[2])
+
+
+# ---------------------------------------------------------------------------- generation
+
+def test_sample_token_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log().expand(4000, -1)
+    gen = torch.Generator().manual_seed(0)
+    draws = stackformer.sample_token(logits, top_k=None, top_p=0.7, generator=gen)
+    counts = torch.bincount(draws, minlength=4).float() / 4000
+    assert counts[2] == 0 and counts[3] == 0               # 0.5 + 0.3 ≥ 0.7 already
+    assert abs(counts[0].item() - 0.625) < 0.03            # renormalised 0.5 / 0.8
+    top_one = stackformer.sample_token(logits, top_k=None, top_p=0.4, generator=gen)
+    assert (top_one == 0).all()                            # the top token alone reaches 0.4
+    top_two = stackformer.sample_token(logits, top_k=2, top_p=None, generator=gen)
+    assert set(top_two.tolist()) == {0, 1}
+
+
+def peaked_model(**overrides):
+    # Untrained heads are nearly uniform; large head weights make them opinionated, so the
+    # position rules have to do real work.
+    model = sf_model(**overrides)
+    with torch.no_grad():
+        model.pos_head[1].weight.mul_(50)
+        model.code_head[1].weight.mul_(50)
+    return model
+
+
+@pytest.mark.parametrize("seq_len", [N, T - 1, T])
+def test_increasing_rule_gives_strictly_increasing_positions_in_range(seq_len):
+    model = peaked_model(seq_len=seq_len)
+    gen = torch.Generator().manual_seed(0)
+    codes, positions = model.generate(batch_size=64, temperature=2.0, top_k=None, top_p=None,
+                                      pos_top_k=None, pos_top_p=None, generator=gen)
+    assert positions.shape == (64, seq_len) and codes.shape == (64, seq_len)
+    assert (positions >= 0).all() and (positions < T).all()
+    assert (positions[:, 1:] > positions[:, :-1]).all()
+    assert (codes >= 0).all() and (codes < V).all()
+
+
+def test_unique_rule_never_repeats_a_position():
+    model = peaked_model(seq_len=T - 2)
+    gen = torch.Generator().manual_seed(0)
+    _, positions = model.generate(batch_size=64, position_rule="unique", temperature=2.0,
+                                  pos_top_k=None, pos_top_p=None, generator=gen)
+    assert (positions.sort(dim=1).values.diff(dim=1) > 0).all()
+    assert (positions[:, 1:] < positions[:, :-1]).any()    # the rule does not force an order
+
+
+def test_importance_order_defaults_to_the_unique_rule():
+    model = peaked_model(seq_len=T - 2, order="importance")
+    gen = torch.Generator().manual_seed(0)
+    _, positions = model.generate(batch_size=64, temperature=2.0, pos_top_k=None, pos_top_p=None,
+                                  generator=gen)
+    assert (positions.sort(dim=1).values.diff(dim=1) > 0).all()
+    assert (positions[:, 1:] < positions[:, :-1]).any()
+
+
+@pytest.mark.parametrize("variant,cond", [("code-first", "none"), ("code-first", "class"),
+                                          ("code-first", "text"), ("position-first", "none")])
+@pytest.mark.parametrize("rule", ["increasing", "unique"])
+def test_greedy_samples_are_identical_with_and_without_kv_cache(variant, cond, rule):
+    model = sf_model(variant=variant, cond=cond, seq_len=10)
+    _, _, c = sf_batch(model.config, batch_size=4)
+    kwargs = dict(batch_size=4, cond=c, greedy=True, position_rule=rule)
+    cached = model.generate(use_kv_cache=True, **kwargs)
+    uncached = model.generate(use_kv_cache=False, **kwargs)
+    assert torch.equal(cached[0], uncached[0]) and torch.equal(cached[1], uncached[1])
+
+
+def test_top_k_1_equals_greedy():
+    model = sf_model(cond="class")
+    labels = torch.arange(8) % NUM_CLASSES
+    greedy = model.generate(cond=labels, greedy=True)
+    top1 = model.generate(cond=labels, top_k=1, pos_top_k=1, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(greedy[0], top1[0]) and torch.equal(greedy[1], top1[1])
+
+
+def test_same_seed_gives_same_samples_and_another_seed_differs():
+    model = sf_model()
+    def sample(seed):
+        return model.generate(batch_size=8, generator=torch.Generator().manual_seed(seed))
+    a, b, c = sample(0), sample(0), sample(1)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], c[0]) and not torch.equal(a[1], c[1])
+
+
+def test_class_and_text_conditions_change_greedy_samples():
+    # Greedy decoding is deterministic, so within one batch rows differ only through their condition.
+    def distinct_rows(codes, positions):
+        return len(set(map(tuple, torch.cat([codes, positions], dim=1).tolist())))
+    model = sf_model(cond="class")
+    labels = torch.arange(NUM_CLASSES).repeat(2)
+    codes, positions = model.generate(cond=labels, greedy=True)
+    assert torch.equal(codes[:NUM_CLASSES], codes[NUM_CLASSES:])
+    assert distinct_rows(codes, positions) >= NUM_CLASSES // 2
+    model = sf_model(cond="text")
+    _, _, text = sf_batch(model.config, batch_size=8)
+    codes, positions = model.generate(cond=text.repeat(2, 1), greedy=True)
+    assert torch.equal(codes[:8], codes[8:])
+    assert distinct_rows(codes, positions) >= 4
+
+
+def test_generate_restores_training_mode():
+    model = sf_model().train()
+    model.generate(batch_size=2)
+    assert model.training
+
+
+# ---------------------------------------------------------------------------- parameters and state
+
+def test_no_abs_pos_removes_the_absolute_sequence_embedding():
+    with_a = sf_model(abs_pos=True)
+    without_a = sf_model(abs_pos=False)
+    assert not any("abs_pos" in name for name, _ in without_a.named_parameters())
+    assert with_a.num_params() - without_a.num_params() == N * with_a.config.n_embd
+
+
+def test_no_buffers_in_state_dict():
+    model = sf_model(cond="text")
+    assert list(model.buffers()) == []       # no causal-mask buffers
+    assert set(model.state_dict()) == {name for name, _ in model.named_parameters()}
+
+
+@pytest.mark.parametrize("preset,expected", [("base", 307e6), ("large", 607e6)])
+def test_preset_parameter_count_matches_paper(preset, expected):
+    config = StackformerConfig(**stackformer.PRESETS[preset], codebook_size=1024, num_positions=1024, seq_len=256)
+    with torch.device("meta"):
+        model = Stackformer(config)
+    assert abs(model.num_params() - expected) / expected < 0.02
+
+
+def test_flops_per_token_follows_the_documented_formula():
+    model = sf_model()
+    cfg = model.config
+    expected = (6 * model.num_params(exclude_embeddings=True)
+                + 12 * (cfg.n_code_layers + cfg.n_pos_layers) * cfg.n_embd * cfg.seq_len)
+    assert model.flops_per_token() == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("cond", ["none", "class", "text"])
+def test_state_dict_round_trip_gives_identical_logits(cond):
+    model = sf_model(cond=cond)
+    codes, positions, c = sf_batch(model.config)
+    fresh = Stackformer(dataclasses.replace(model.config)).eval()
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    with torch.no_grad():
+        a, b = model(codes, positions, c), fresh(codes, positions, c)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize("cond", ["none", "class", "text"])
+def test_optimizer_decays_exactly_the_linear_weights(cond):
+    model = sf_model(cond=cond)
+    opt = stackformer.configure_optimizer(model, lr=5e-4, weight_decay=0.01, betas=(0.9, 0.95),
+                                          device_type="cpu")
+    decay_group, no_decay_group = opt.param_groups
+    assert decay_group["weight_decay"] == 0.01 and no_decay_group["weight_decay"] == 0.0
+    decayed = {id(p) for p in decay_group["params"]}
+    not_decayed = {id(p) for p in no_decay_group["params"]}
+    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    assert decayed == linear_weights
+    assert not decayed & not_decayed
+    assert decayed | not_decayed == {id(p) for p in model.parameters()}
+    assert len(decay_group["params"]) + len(no_decay_group["params"]) == len(list(model.parameters()))
+    names = {id(p): n for n, p in model.named_parameters()}
+    for pid in not_decayed:
+        assert names[pid].endswith(("bias", "emb.weight", "abs_pos_emb", "start_token")) \
+            or ".ln_" in names[pid] or "head.0." in names[pid]
+
+
+def test_config_rejects_unknown_choices():
+    with pytest.raises(ValueError):
+        sf_config(cond="image")
+    with pytest.raises(ValueError):
+        sf_config(variant="both")
+    with pytest.raises(ValueError):
+        sf_config(seq_len=T + 1)
+
+
+# -----------------------------------------------------------------------------
+# FID
+
+# ---------------------------------------------------------------------------
+# helpers and fixtures
+
+@pytest.fixture(scope="module")
+def fid_model():
+    torch.manual_seed(0)
+    m = fid.FIDInception()
+    # default init shrinks activations layer by layer; He init keeps features O(1)
+    # so the tolerances below actually test something
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+    return m
+
+
+@pytest.fixture(scope="module")
+def fid_model64(fid_model):
+    """Same weights, features after the first max pool: the whole input pipeline at a tenth of the cost."""
+    m = fid.FIDInception(dims=64)
+    m.load_state_dict(fid_model.state_dict())
+    return m
+
+
+def fid_random_images(n, h=32, w=32, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+
+
+def fid_to_unit(images):
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+
+
+def fid_write_pngs(folder, images):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"img_{i:03d}.png")
+    return folder
+
+
+def fid_random_cov(d, n, rng):
+    x = rng.standard_normal((n, d))
+    return x.mean(0), np.cov(x, rowvar=False)
+
+
+def fid_expected_key_names():
+    """pytorch-fid's state-dict keys, spelled out from the Inception v3 block structure."""
+    stem = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3"]
+    a = ["branch1x1", "branch5x5_1", "branch5x5_2", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3",
+         "branch_pool"]
+    b = ["branch3x3", "branch3x3dbl_1", "branch3x3dbl_2", "branch3x3dbl_3"]
+    c = ["branch1x1", "branch7x7_1", "branch7x7_2", "branch7x7_3"] + [f"branch7x7dbl_{i}" for i in range(1, 6)] \
+        + ["branch_pool"]
+    d = ["branch3x3_1", "branch3x3_2"] + [f"branch7x7x3_{i}" for i in range(1, 5)]
+    e = ["branch1x1", "branch3x3_1", "branch3x3_2a", "branch3x3_2b", "branch3x3dbl_1", "branch3x3dbl_2",
+         "branch3x3dbl_3a", "branch3x3dbl_3b", "branch_pool"]
+    blocks = {"Mixed_5b": a, "Mixed_5c": a, "Mixed_5d": a, "Mixed_6a": b, "Mixed_6b": c, "Mixed_6c": c,
+              "Mixed_6d": c, "Mixed_6e": c, "Mixed_7a": d, "Mixed_7b": e, "Mixed_7c": e}
+    convs = stem + [f"{blk}.{br}" for blk, branches in blocks.items() for br in branches]
+    assert len(convs) == 94
+    keys = []
+    for name in convs:
+        keys += [f"{name}.conv.weight"] + [f"{name}.bn.{p}" for p in ("weight", "bias", "running_mean", "running_var")]
+    return keys + ["fc.weight", "fc.bias"]
+
+
+def fid_random_state_dict(fid_model, keys, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    shapes = fid_model.state_dict()
+    state = {}
+    for k in keys:
+        if k.endswith("num_batches_tracked"):
+            state[k] = torch.tensor(0)
+        else:
+            state[k] = torch.rand(shapes[k].shape, generator=g) + 0.5  # positive, so running_var is valid
+    return state
+
+
+# ---------------------------------------------------------------------------
+# Frechet distance
+
+def test_identical_statistics_give_zero():
+    mu, sigma = fid_random_cov(8, 50, np.random.default_rng(0))
+    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+
+
+def test_equal_covariances_give_squared_mean_distance():
+    rng = np.random.default_rng(1)
+    mu1, sigma = fid_random_cov(8, 50, rng)
+    mu2 = mu1 + rng.standard_normal(8)
+    expected = float(np.sum((mu1 - mu2) ** 2))
+    assert fid.frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(expected, rel=1e-8, abs=1e-8)
+
+
+def test_diagonal_covariances_match_closed_form():
+    rng = np.random.default_rng(2)
+    a, b = rng.uniform(0.1, 3, 6), rng.uniform(0.1, 3, 6)
+    mu1, mu2 = rng.standard_normal(6), rng.standard_normal(6)
+    expected = np.sum((np.sqrt(a) - np.sqrt(b)) ** 2) + np.sum((mu1 - mu2) ** 2)
+    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-9)
+
+
+def test_distance_is_symmetric():
+    rng = np.random.default_rng(3)
+    mu1, s1 = fid_random_cov(8, 40, rng)
+    mu2, s2 = fid_random_cov(8, 40, rng)
+    d12, d21 = fid.frechet_distance(mu1, s1, mu2, s2), fid.frechet_distance(mu2, s2, mu1, s1)
+    assert d12 > 0
+    assert d12 == pytest.approx(d21, rel=1e-8)
+
+
+def test_singular_covariance_from_few_samples_is_finite_and_non_negative():
+    rng = np.random.default_rng(4)
+    mu1, s1 = fid_random_cov(16, 5, rng)  # rank 4 in 16 dims
+    mu2, s2 = fid_random_cov(16, 5, rng)
+    assert np.linalg.matrix_rank(s1) == 4
+    d = fid.frechet_distance(mu1, s1, mu2 + 0.5, s2)
+    assert np.isfinite(d) and d >= 0
+
+
+def test_non_finite_sqrtm_is_retried_with_eps_on_both_diagonals(monkeypatch, capsys):
+    real_sqrtm, calls = fid.linalg.sqrtm, []
+
+    def flaky_sqrtm(m, *args, **kwargs):
+        calls.append(m)
+        if len(calls) == 1:  # pretend the product was singular
+            nan = np.full_like(m, np.nan)
+            return (nan, 0.0) if "disp" in kwargs else nan
+        return real_sqrtm(m, *args, **kwargs)
+
+    monkeypatch.setattr(fid.linalg, "sqrtm", flaky_sqrtm)
+    a, b, eps = np.array([1.0, 2.0, 3.0]), np.array([0.5, 4.0, 1.0]), 1e-6
+    mu = np.zeros(3)
+    d = fid.frechet_distance(mu, np.diag(a), mu, np.diag(b), eps=eps)
+    # SciPy versions without `disp` see one more call with the same matrix
+    np.testing.assert_allclose(calls[0], np.diag(a * b))
+    np.testing.assert_allclose(calls[-1], np.diag((a + eps) * (b + eps)))
+    assert d == pytest.approx(a.sum() + b.sum() - 2 * np.sqrt((a + eps) * (b + eps)).sum(), rel=1e-12)
+    assert "singular" in capsys.readouterr().err
+
+
+def test_large_imaginary_component_is_an_error():
+    # a "covariance" with a negative eigenvalue makes sqrtm genuinely complex
+    with pytest.raises(fid.FIDError, match="imaginary component up to 1"):
+        fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([-1.0, 1.0]))
+
+
+def test_mismatched_dims_are_an_error_naming_both():
+    with pytest.raises(fid.FIDError, match="dims 4 .* vs 6"):
+        fid.frechet_distance(np.zeros(4), np.eye(4), np.zeros(6), np.eye(6))
+
+
+# ---------------------------------------------------------------------------
+# the network
+
+def test_state_dict_keys_are_pytorch_fids(fid_model):
+    keys = fid_expected_key_names()
+    assert len(keys) == 472
+    sd = fid_model.state_dict()
+    assert {k for k in sd if not k.endswith("num_batches_tracked")} == set(keys)
+    assert len(sd) == 472 + 94  # plus one num_batches_tracked per BatchNorm
+    assert tuple(sd["fc.weight"].shape) == (1008, 2048)
+    assert tuple(sd["fc.bias"].shape) == (1008,)
+    assert tuple(sd["Conv2d_1a_3x3.conv.weight"].shape) == (32, 3, 3, 3)
+    assert tuple(sd["Mixed_7c.branch_pool.conv.weight"].shape) == (192, 2048, 1, 1)
+    assert tuple(sd["Mixed_7c.branch_pool.bn.running_var"].shape) == (192,)
+    assert tuple(sd["Mixed_5b.branch_pool.conv.weight"].shape) == (32, 192, 1, 1)
+    assert tuple(sd["Mixed_6e.branch7x7dbl_5.conv.weight"].shape) == (192, 192, 1, 7)
+
+
+@pytest.mark.parametrize("with_counters", [False, True])
+def test_random_state_dict_with_those_keys_loads_strictly(fid_model, with_counters):
+    keys = fid_expected_key_names()
+    if with_counters:
+        keys += [k.replace("running_var", "num_batches_tracked") for k in keys if k.endswith("running_var")]
+    state = fid_random_state_dict(fid_model, keys)
+    original = {k: v.clone() for k, v in fid_model.state_dict().items()}
+    try:
+        fid.load_weights(fid_model, state)
+        loaded = fid_model.state_dict()
+        for k in ("fc.weight", "Mixed_7c.branch_pool.conv.weight", "Conv2d_1a_3x3.bn.running_var"):
+            assert torch.equal(loaded[k], state[k])
+    finally:
+        fid_model.load_state_dict(original)
+
+
+def test_weights_file_with_missing_key_names_it(fid_model):
+    state = fid_random_state_dict(fid_model, fid_expected_key_names())
+    del state["Mixed_7c.branch_pool.bn.running_var"]
+    before = fid_model.fc.weight.clone()
+    with pytest.raises(fid.FIDError, match=r"missing 1 key\(s\): Mixed_7c\.branch_pool\.bn\.running_var"):
+        fid.load_weights(fid_model, state)
+    assert torch.equal(fid_model.fc.weight, before)  # nothing was loaded
+
+
+def test_weights_file_with_extra_or_misshaped_key_names_it(fid_model, tmp_path):
+    state = fid_random_state_dict(fid_model, fid_expected_key_names())
+    state["AuxLogits.fc.weight"] = torch.zeros(1008, 768)
+    path = tmp_path / "w.pth"
+    torch.save(state, path)
+    with pytest.raises(fid.FIDError, match=r"unexpected 1 key\(s\): AuxLogits\.fc\.weight") as err:
+        fid.load_weights(fid_model, path)
+    assert "w.pth" in str(err.value)
+
+    del state["AuxLogits.fc.weight"]
+    state["fc.weight"] = torch.zeros(1000, 2048)
+    with pytest.raises(fid.FIDError, match=r"fc\.weight \(1000, 2048\) \(expected \(1008, 2048\)\)"):
+        fid.load_weights(fid_model, state)
+
+
+def test_feature_sizes_for_each_dims(fid_model):
+    x = fid_to_unit(fid_random_images(2))
+    with torch.inference_mode():
+        for dims in (64, 192, 768, 2048):
+            f = fid_model(x, dims=dims)
+            assert tuple(f.shape) == (2, dims)
+            assert torch.isfinite(f).all() and f.abs().mean() > 1e-2
+
+
+def test_features_do_not_depend_on_batch_size(fid_model):
+    x = fid_to_unit(fid_random_images(4, seed=5))
+    with torch.inference_mode():
+        together = fid_model(x)
+        alone = torch.cat([fid_model(x[i:i + 1]) for i in range(4)])
+    assert together.abs().mean() > 0.1
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+
+
+def test_last_block_max_pools_where_torchvision_averages(fid_model):
+    stock = torchvision.models.inception.InceptionE(2048).eval()
+    stock.load_state_dict(fid_model.Mixed_7c.state_dict())
+    x = torch.randn(1, 2048, 5, 5)  # signed input: max and mean of a window differ
+    with torch.inference_mode():
+        ours, theirs = fid_model.Mixed_7c(x), stock(x)
+        pool_branch = fid_model.Mixed_7c.branch_pool(F.max_pool2d(x, 3, stride=1, padding=1))
+    # channels: 320 (1x1) + 768 (3x3) + 768 (double 3x3) + 192 (pool)
+    torch.testing.assert_close(ours[:, :1856], theirs[:, :1856], atol=0, rtol=0)
+    torch.testing.assert_close(ours[:, 1856:], pool_branch, atol=0, rtol=0)
+    assert (ours[:, 1856:] - theirs[:, 1856:]).abs().max() > 0.1
+
+
+def test_inception_a_average_pool_ignores_padding(fid_model):
+    stock = torchvision.models.inception.InceptionA(192, pool_features=32).eval()
+    stock.load_state_dict(fid_model.Mixed_5b.state_dict())
+    x = torch.rand(1, 192, 6, 6) + 1  # all positive, so zero padding lowers border averages
+    with torch.inference_mode():
+        ours, theirs = fid_model.Mixed_5b(x), stock(x)
+        pool_branch = fid_model.Mixed_5b.branch_pool(F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False))
+    torch.testing.assert_close(ours[:, -32:], pool_branch, atol=0, rtol=0)
+    # interior windows see no padding, so only the border differs from torchvision
+    torch.testing.assert_close(ours[..., 1:-1, 1:-1], theirs[..., 1:-1, 1:-1], atol=1e-6, rtol=0)
+    assert (ours[:, -32:, 0, 0] - theirs[:, -32:, 0, 0]).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------
+# preprocessing
+
+def fid_bilinear_reference(img, out_h, out_w):
+    """Half-pixel-centre bilinear resize with edge clamping, in float64 numpy."""
+    def taps(n_in, n_out):
+        src = np.maximum((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0)
+        lo = np.minimum(np.floor(src).astype(int), n_in - 1)
+        hi = np.minimum(lo + 1, n_in - 1)
+        return lo, hi, src - lo
+
+    y0, y1, wy = taps(img.shape[0], out_h)
+    x0, x1, wx = taps(img.shape[1], out_w)
+    rows = img[y0] * (1 - wy)[:, None, None] + img[y1] * wy[:, None, None]
+    return rows[:, x0] * (1 - wx)[None, :, None] + rows[:, x1] * wx[None, :, None]
+
+
+def test_resize_matches_explicit_bilinear_reference():
+    img = fid_random_images(1, h=5, w=7, seed=6)[0]
+    ours = fid.preprocess(fid_to_unit(img[None]))[0].permute(1, 2, 0).numpy()
+    expected = 2 * fid_bilinear_reference(img.astype(np.float64) / 255, 299, 299) - 1
+    assert ours.shape == (299, 299, 3)
+    np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
+
+
+def test_resizing_a_299_input_is_an_exact_identity():
+    x = torch.rand(2, 3, 299, 299)
+    assert torch.equal(fid.preprocess(x), 2 * x - 1)
+
+
+def test_array_channels_are_converted_like_pil():
+    rgba = fid_random_images(2, h=6, w=5, seed=7).repeat(2, axis=-1)[..., :4]
+    gray = rgba[..., 0]
+    for arr, mode in ((rgba, "RGBA"), (gray, "L")):
+        ours = fid._as_rgb_nhwc(arr, "test")
+        for i in range(2):
+            pil = np.array(Image.fromarray(arr[i], mode=mode).convert("RGB"))
+            np.testing.assert_array_equal(ours[i], pil)
+
+
+# ---------------------------------------------------------------------------
+# statistics, inputs, weights files
+
+def test_stats_save_load_round_trip(tmp_path):
+    rng = np.random.default_rng(8)
+    mu, sigma = fid_random_cov(8, 30, rng)
+    meta = dict(num_images=30, num_failed=1, resolutions=[(32, 32), (24, 40)], dims=8,
+                weights_name="w.pth", weights_sha256="ab" * 32)
+    path = tmp_path / "ref.npz"
+    fid.save_stats(path, mu, sigma, meta)
+    mu2, sigma2, meta2 = fid.load_stats(path)
+    np.testing.assert_array_equal(mu2, mu)
+    np.testing.assert_array_equal(sigma2, sigma)
+    assert meta2 == meta
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref.npz"]  # no temp file left behind
+    with np.load(path) as f:  # plain keys that pytorch-fid reads
+        np.testing.assert_array_equal(f["mu"], mu)
+
+
+def test_npz_images_and_folder_of_same_pixels_give_same_statistics(fid_model64, tmp_path):
+    images = fid_random_images(8, seed=9)
+    folder = fid_write_pngs(tmp_path / "imgs", images)
+    np.savez(tmp_path / "imgs.npz", images=images)
+    mu_f, sig_f, meta_f = fid.compute_statistics(folder, fid_model64, batch_size=4, device="cpu", num_workers=2,
+                                                 progress=False)
+    mu_n, sig_n, meta_n = fid.compute_statistics(tmp_path / "imgs.npz", fid_model64, batch_size=4, device="cpu",
+                                                 num_workers=0, progress=False)
+    np.testing.assert_allclose(mu_f, mu_n, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(sig_f, sig_n, rtol=0, atol=1e-12)
+    assert mu_f.dtype == sig_f.dtype == np.float64 and sig_f.shape == (64, 64)
+    assert mu_f.std() > 1e-3
+    assert meta_f["num_images"] == meta_n["num_images"] == 8
+    assert meta_f["resolutions"] == [(32, 32)] and meta_f["num_failed"] == 0
+
+
+def test_mixed_sizes_are_resized_per_image_and_bad_files_skipped(fid_model64, tmp_path, monkeypatch, capsys):
+    images = [fid_random_images(1, 32, 32, seed=10)[0], fid_random_images(1, 24, 40, seed=11)[0],
+              fid_random_images(1, 32, 32, seed=12)[0]]
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, img in enumerate(images):
+        Image.fromarray(img).save(folder / f"{i}.png")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "broken.png").write_bytes(b"not a png")  # found recursively, then skipped
+
+    monkeypatch.setattr(fid, "MAX_FAILED_FRACTION", 0.5)
+    mu, _, meta = fid.compute_statistics(folder, fid_model64, batch_size=4, device="cpu", progress=False)
+    assert "broken.png" in capsys.readouterr().err
+    assert meta["num_images"] == 3 and meta["num_failed"] == 1
+    assert meta["resolutions"] == [(24, 40), (32, 32)]
+    with torch.inference_mode():
+        one_by_one = torch.cat([fid_model64(fid_to_unit(img[None])) for img in images]).double().numpy()
+    np.testing.assert_allclose(mu, one_by_one.mean(0), atol=1e-5, rtol=0)
+
+    monkeypatch.setattr(fid, "MAX_FAILED_FRACTION", 0.01)
+    with pytest.raises(fid.FIDError, match="1 of 4 images are unreadable"):
+        fid.compute_statistics(folder, fid_model64, batch_size=4, device="cpu", progress=False)
+
+
+def test_missing_weights_message_names_file_url_and_folder(tmp_path, monkeypatch):
+    hub = tmp_path / "no_hub"
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(fid.FIDError) as err:
+        fid.build_inception()
+    msg = str(err.value)
+    assert "pt_inception-2015-12-05-6726825d.pth" in msg
+    assert "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" \
+           "pt_inception-2015-12-05-6726825d.pth" in msg
+    assert str(hub / "checkpoints") in msg
+    assert not any((hub / "checkpoints").iterdir())  # no partial file left
+
+
+def test_download_lands_under_final_name_only_when_complete(fid_model, tmp_path, monkeypatch):
+    hub = tmp_path / "hub"
+    seen = []
+
+    def fake_download(url, dst, *args, **kwargs):
+        seen.append((url, dst))
+        torch.save(fid_model.state_dict(), dst)
+
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
+    monkeypatch.setattr(torch.hub, "download_url_to_file", fake_download)
+    loaded = fid.build_inception(dims=64)
+    final = hub / "checkpoints" / fid.WEIGHTS_NAME
+    assert seen[0][0] == fid.WEIGHTS_URL and seen[0][1] != str(final)
+    assert [p.name for p in final.parent.iterdir()] == [fid.WEIGHTS_NAME]
+    assert loaded.dims == 64 and loaded.weights_sha256 == fid.sha256_file(final)
+    assert torch.equal(loaded.fc.weight, fid_model.fc.weight)
+
+
+# ---------------------------------------------------------------------------
+# command line
+
+def test_cli_nonexistent_path_fails_with_one_line(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    rc = fid.main([str(missing), str(tmp_path)])
+    err = capsys.readouterr().err
+    assert rc != 0
+    assert err.count("\n") == 1 and str(missing) in err and "Traceback" not in err
+
+
+def test_cli_fewer_than_two_images_fails(tmp_path, capsys):
+    one = fid_write_pngs(tmp_path / "one", fid_random_images(1))
+    two = fid_write_pngs(tmp_path / "two", fid_random_images(2))
+    rc = fid.main([str(one), str(two), "--weights", str(tmp_path / "unused.pth")])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1 and "at least 2" in err
+
+
+def test_cli_stats_files_with_different_dims_fail_naming_both(tmp_path, capsys):
+    rng = np.random.default_rng(13)
+    fid.save_stats(tmp_path / "a.npz", *fid_random_cov(4, 10, rng))
+    fid.save_stats(tmp_path / "b.npz", *fid_random_cov(6, 10, rng))
+    rc = fid.main([str(tmp_path / "a.npz"), str(tmp_path / "b.npz")])
+    err = capsys.readouterr().err
+    assert rc != 0 and err.count("\n") == 1
+    assert "a.npz has 4" in err and "b.npz has 6" in err
+
+
+def test_cli_save_stats_then_compare_matches_library(fid_model, fid_model64, tmp_path, capsys):
+    weights = tmp_path / "w.pth"
+    torch.save(fid_model.state_dict(), weights)
+    a = fid_write_pngs(tmp_path / "a", fid_random_images(3, seed=14))
+    b = fid_write_pngs(tmp_path / "b", fid_random_images(3, seed=15))
+    # dims 64 keeps the forward passes and the matrix square root cheap
+    common = ["--weights", str(weights), "--dims", "64", "--device", "cpu", "--num-workers", "0", "--no-progress"]
+
+    assert fid.main([str(a), "--save-stats", str(tmp_path / "a.npz")] + common) == 0
+    mu_a, s_a, meta = fid.load_stats(tmp_path / "a.npz")
+    assert meta["num_images"] == 3 and meta["dims"] == 64 and meta["resolutions"] == [(32, 32)]
+    assert meta["weights_sha256"] == fid.sha256_file(weights)
+    capsys.readouterr()
+
+    assert fid.main([str(b), str(tmp_path / "a.npz")] + common) == 0
+    out = capsys.readouterr().out.splitlines()
+    mu_b, s_b, _ = fid.compute_statistics(b, fid_model64, batch_size=50, device="cpu", progress=False)
+    assert out[0] == f"FID: {fid.frechet_distance(mu_b, s_b, mu_a, s_a):.4f}"
+    assert out[1].startswith("protocol: A=3 images (folder, 32x32); B=3 images (stats file, 32x32); dims=64")
+    assert f"sha256 {meta['weights_sha256'][:12]}" in out[1] and "299x299" in out[1]

@@ -24,7 +24,6 @@ recon_<step>.png (input | importance map | kept regions | reconstruction), ckpt.
 
 import dataclasses
 import json
-import math
 import os
 import socket
 import sys
@@ -42,8 +41,8 @@ from torch.utils.data import DataLoader
 
 import data
 from mqvae import (MQVAE, PRESETS, MQVAEConfig, PatchDiscriminator, UserError, check, cleanup_distributed,
-                   config_to_parser, explicit_flags, load_checkpoint, run_main, save_checkpoint,
-                   setup_distributed, strip_compile_prefix, write_json)
+                   config_to_parser, explicit_flags, gather_rng_states, load_checkpoint, restore_rng_state,
+                   run_main, save_checkpoint, save_grid, setup_distributed, strip_compile_prefix, warmup_cosine_lr, write_json)
 
 
 # -----------------------------------------------------------------------------
@@ -256,13 +255,6 @@ def visualisation_grid(x, x_rec, scores, positions):
     return torch.stack([image, heat, kept_view, recon], dim=1).flatten(0, 1)  # (B·4,3,S,S)
 
 
-def save_grid(tensor, path, nrow):
-    import torchvision.utils
-    tmp = path + ".tmp.png"
-    torchvision.utils.save_image(tensor, tmp, nrow=nrow, padding=2, pad_value=1.0)
-    os.replace(tmp, path)
-
-
 # -----------------------------------------------------------------------------
 # Evaluation
 
@@ -376,11 +368,10 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         opt_ae.load_state_dict(ckpt["opt_ae"])
         opt_d.load_state_dict(ckpt["opt_disc"])
         start_step = ckpt["step"]
-        rng = ckpt["rng"][rank] if len(ckpt["rng"]) == world else None
-        if rng is not None:
-            torch.set_rng_state(rng["cpu"])
-            if cuda and rng.get("cuda") is not None:
-                torch.cuda.set_rng_state(rng["cuda"], device)
+        if not restore_rng_state(ckpt["rng"], rank, world, device):
+            torch.manual_seed(cfg.seed + rank + start_step)
+            log(f"the checkpoint was written by {len(ckpt['rng'])} processes, this run has {world}: "
+                f"data order is kept, random restarts will differ")
         log(f"resumed from {ckpt_path} at step {start_step}")
     else:
         torch.manual_seed(cfg.seed + rank)  # per-rank randomness (random masker) from here on
@@ -414,12 +405,6 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
             f"{total_steps} steps, peak lr {peak_lr:.3g}, warmup {warmup_steps} steps")
         if lpips_fn is None:
             log("perceptual loss off (--perceptual-weight 0): LPIPS is neither trained on nor reported")
-
-    def lr_at(step):
-        if step < warmup_steps:
-            return peak_lr * (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return cfg.min_lr + 0.5 * (peak_lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
 
     def micro_batches(step):
         """Endless stream of micro-batches, resuming at `step` inside its epoch."""
@@ -459,12 +444,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     def checkpoint(step):
         nonlocal last_saved
         check_finite(step)
-        rng = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if cuda else None)
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng)
-        else:
-            rngs = [rng]
+        rngs = gather_rng_states(device, world)
         if master:
             save_checkpoint(dict(kind="mqvae", version=1, mqvae_config=dataclasses.asdict(mcfg),
                                  train_config=vars(cfg), mqvae=strip_compile_prefix(raw_model.state_dict()),
@@ -489,7 +469,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     step = start_step
     for step in range(start_step, total_steps):
         t0 = time.time()
-        lr = lr_at(step)
+        lr = warmup_cosine_lr(step, peak_lr, warmup_steps, total_steps, cfg.min_lr)
         for group in opt_ae.param_groups + opt_d.param_groups:
             group["lr"] = lr
         gan_on = cfg.disc_weight > 0 and step >= cfg.disc_start

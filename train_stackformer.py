@@ -1,0 +1,560 @@
+"""
+Train the Stackformer (stage 2) on the (code, position) sequences of a frozen MQ-VAE.
+
+    loss = CE_code + 1.0 · CE_pos      (both logged: the supplementary's Figure 1 curves)
+
+1. Token pre-extraction. The frozen MQ-VAE (eval mode) encodes every training image once, plus a
+   horizontally flipped copy, and every validation image, into uint16 arrays of codes and
+   positions (out_dir/tokens/<split>/*.npy, with labels or caption tokens). They are reused while
+   the stage-1 checkpoint is the same file (keyed by its SHA-256) and rebuilt when it changes.
+   Under torchrun every rank encodes its own shard. The official code re-encodes augmented images
+   every step instead; pre-extraction makes stage 2 ~2x cheaper and its data exactly repeatable.
+2. Sequences are put in raster order (positions ascending; `--order importance` keeps the
+   descending-score order of the mask, supp. Table 3) and modelled with AdamW(0.9, 0.95),
+   weight decay 0.01 on matrix weights, peak lr 5e-4 with warmup then cosine, bf16 autocast.
+
+    python train_stackformer.py --stage1 out/mqvae-shapes/ckpt.pt               # demo (after train_mqvae.py)
+    python train_stackformer.py --stage1 out/mqvae-ffhq/ckpt.pt --preset base   # FFHQ, unconditional
+    torchrun --standalone --nproc_per_node=8 train_stackformer.py --stage1 out/mqvae-imagenet/ckpt.pt   # class-cond.
+    torchrun --standalone --nproc_per_node=8 train_stackformer.py --stage1 out/mqvae-imagenet/ckpt.pt \
+        --data coco --data-dir data/coco                                        # text-conditional (COCO)
+    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --master_addr=HOST --master_port=29500 \
+        train_stackformer.py --stage1 ...                                       # multi-node
+    python train_stackformer.py --stage1 out/mqvae-shapes/ckpt.pt --resume      # continue exactly
+
+Outputs in --out-dir: config.json, log.jsonl, samples_<step>.png, tokens/, ckpt.pt (which embeds the
+MQ-VAE, so `python sample.py --ckpt out_dir/ckpt.pt` needs nothing else).
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+import data
+from mqvae import (UserError, check, cleanup_distributed, config_to_parser, explicit_flags, gather_rng_states,
+                   load_checkpoint, mqvae_from_checkpoint, restore_rng_state, run_main, save_checkpoint, save_grid,
+                   setup_distributed, strip_compile_prefix, warmup_cosine_lr, write_json)
+from stackformer import PRESETS, Stackformer, StackformerConfig, WordTokenizer, configure_optimizer
+
+
+@dataclass
+class TrainConfig:
+    stage1: str = "out/mqvae-shapes/ckpt.pt"  # the frozen MQ-VAE checkpoint (train_mqvae.py)
+    # data (default: the dataset stage 1 was trained on)
+    data: Optional[str] = None            # shapes | ffhq | imagenet | coco | PATH
+    data_dir: Optional[str] = None
+    cond: Optional[str] = None            # none | class | text (default: class for imagenet, text for coco, else none)
+    flip: bool = True                     # also encode a horizontally flipped copy of the training set
+    text_min_count: int = 1               # tokenizer: keep words seen at least this often in the training captions
+    # model
+    preset: Optional[str] = None          # tiny | demo | small | base | large (base; demo for shapes)
+    order: str = "raster"                 # raster | importance (supp. Table 3)
+    abs_pos: bool = True                  # the absolute sequence embedding a_t (--no-abs-pos: supp. Table 3)
+    variant: str = "code-first"           # code-first | position-first (Stackformer_r)
+    dropout: float = 0.1
+    # optimisation
+    batch_size: Optional[int] = None      # per GPU (10; 32 for the demo)
+    grad_accum: int = 1
+    lr: Optional[float] = None            # peak (5e-4; 1e-3 for the demo)
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0                # 0 disables
+    warmup_steps: Optional[int] = None    # default: 2% of training, at most 5000 steps
+    epochs: Optional[float] = None        # 100 (120 for coco; 30 for the demo)
+    max_steps: Optional[int] = None
+    stop_after: Optional[int] = None      # leave (with a checkpoint) after this many steps in this run
+    # run
+    out_dir: Optional[str] = None         # default out/stackformer-<data>
+    seed: int = 0
+    dtype: str = "bf16"                   # bf16 | fp32 on CUDA; CPU runs fp32
+    compile: bool = False
+    peak_tflops: float = 989.0            # for MFU: dense bf16 TFLOP/s of one GPU (H100/H200 datasheet)
+    log_every: int = 50
+    eval_every: Optional[int] = None      # default 2000 (demo 500)
+    eval_batches: int = 20                # validation batches per evaluation
+    num_samples: int = 16                 # images in samples_<step>.png
+    ckpt_every: int = 1000
+    encode_batch_size: int = 64           # batch size of the token pre-extraction
+    num_workers: int = 8
+    resume: bool = False
+
+
+RUN_CONTROL = {"max_steps", "stop_after", "epochs", "log_every", "eval_every", "eval_batches", "num_samples",
+               "ckpt_every", "compile", "resume", "data_dir", "out_dir", "encode_batch_size", "num_workers",
+               "peak_tflops", "stage1"}
+HELP = {}
+
+
+def resolve_defaults(cfg: TrainConfig, stage1_train: dict) -> TrainConfig:
+    if cfg.data is None:
+        cfg.data, cfg.data_dir = stage1_train["data"], cfg.data_dir or stage1_train.get("data_dir")
+    demo = cfg.data == "shapes"
+    defaults = dict(cond={"imagenet": "class", "coco": "text"}.get(cfg.data, "none"),
+                    preset="demo" if demo else "base", batch_size=32 if demo else 10,
+                    lr=1e-3 if demo else 5e-4, epochs=30.0 if demo else (120.0 if cfg.data == "coco" else 100.0),
+                    eval_every=500 if demo else 2000)
+    for key, value in defaults.items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if cfg.out_dir is None:
+        cfg.out_dir = os.path.join("out", "stackformer-" + os.path.basename(os.path.normpath(cfg.data)))
+    return cfg
+
+
+def validate(cfg: TrainConfig):
+    check(cfg.preset in PRESETS, f"unknown preset {cfg.preset!r}: choose one of {', '.join(PRESETS)}")
+    check(cfg.cond in ("none", "class", "text"), f"--cond must be none, class or text, got {cfg.cond!r}")
+    check(cfg.order in ("raster", "importance"), f"--order must be raster or importance, got {cfg.order!r}")
+    check(cfg.variant in ("code-first", "position-first"), f"--variant must be code-first or position-first, got {cfg.variant!r}")
+    check(cfg.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
+    for name in ("batch_size", "grad_accum", "log_every", "eval_every", "eval_batches", "ckpt_every", "encode_batch_size"):
+        check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    check(cfg.lr > 0 and cfg.epochs > 0, "--lr and --epochs must be positive")
+    check(0.0 <= cfg.dropout < 1.0, f"--dropout must be in [0, 1), got {cfg.dropout}")
+    check(cfg.max_steps is None or cfg.max_steps > 0, f"--max-steps must be positive, got {cfg.max_steps}")
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# Token pre-extraction
+
+def barrier(world: int):
+    if world > 1:
+        dist.barrier()
+
+
+def captions_of(dataset, index: int):
+    if isinstance(dataset, data.ShapesDataset):
+        return [dataset.caption(index)]
+    return dataset.captions[index] if dataset.captions is not None else None
+
+
+@torch.no_grad()
+def encode_split(mqvae, dataset, flip: bool, batch_size: int, num_workers: int, device, rank: int, world: int):
+    """This rank's shard (indices rank, rank+world, ...) -> dict of numpy arrays, in importance order
+    as the mask emits them. Flipped copies follow the originals: row k of the copy is image k mirrored."""
+    indices = list(range(rank, len(dataset), world))
+    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
+                        pin_memory=device.type == "cuda")
+    out = {k: [] for k in ("index", "codes", "positions", "label", "bad")}
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    t0, done = time.time(), 0
+    for batch in loader:
+        x = batch["image"].to(device, non_blocking=True)
+        for mirrored in ((False, True) if flip else (False,)):
+            with autocast:
+                codes, positions, _ = mqvae.encode(x.flip(3) if mirrored else x)
+            out["codes"].append((codes.cpu().numpy(), mirrored))
+            out["positions"].append((positions.cpu().numpy(), mirrored))
+        out["index"].append(batch["index"].numpy())
+        out["label"].append(batch["label"].numpy())
+        out["bad"].append(batch["bad"].numpy())
+        done += len(x)
+        if rank == 0 and time.time() - t0 > 0 and done % (batch_size * 20) == 0:
+            rate = done * world / (time.time() - t0)
+            print(f"  encoded {done * world}/{len(dataset)} images, {rate:.0f} img/s, "
+                  f"ETA {(len(dataset) - done * world) / rate / 60:.1f} min", flush=True)
+    result = dict(index=np.concatenate(out["index"]), label=np.concatenate(out["label"]), bad=np.concatenate(out["bad"]))
+    for key in ("codes", "positions"):
+        plain = [a for a, m in out[key] if not m]
+        mirrored = [a for a, m in out[key] if m]
+        result[key] = np.concatenate(plain + mirrored).astype(np.uint16)
+    return result
+
+
+def build_token_cache(cfg, mqvae, stage1_sha: str, split: str, device, rank: int, world: int, tokenizer=None):
+    """Encode `split` once and store it in out_dir/tokens/<split>/; reuse it while the key matches."""
+    folder = os.path.join(cfg.out_dir, "tokens", split)
+    flip = cfg.flip and split == "train"
+    image_size = mqvae.config.resolution
+    key = dict(stage1_sha256=stage1_sha, data=cfg.data, data_dir=cfg.data_dir, image_size=image_size, flip=flip,
+               split=split, captions=tokenizer.to_dict() if tokenizer is not None else None)
+    meta_path = os.path.join(folder, "meta.json")
+    if os.path.isfile(meta_path) and json.load(open(meta_path)).get("key") == key:
+        return folder
+    dataset = data.build_dataset(cfg.data, cfg.data_dir, image_size, split)
+    if isinstance(dataset, data.ImageFiles):
+        dataset.mode = "eval"  # tokens come from the resized, centre-cropped image (and its mirror)
+    if rank == 0:
+        print(f"encoding {split} split: {len(dataset)} images{' + flipped copies' if flip else ''} "
+              f"-> {folder} (key: stage-1 sha256 {stage1_sha[:12]})", flush=True)
+    shard = encode_split(mqvae, dataset, flip, cfg.encode_batch_size, cfg.num_workers, device, rank, world)
+    os.makedirs(folder, exist_ok=True)
+    np.savez(os.path.join(folder, f"shard{rank}.npz"), **shard)
+    barrier(world)
+    if rank == 0:
+        shards = [dict(np.load(os.path.join(folder, f"shard{r}.npz"))) for r in range(world)]
+        index = np.concatenate([s["index"] for s in shards])
+        order = np.argsort(index, kind="stable")                       # back to dataset order
+        arrays = {}
+        for name in ("codes", "positions"):
+            copies = []
+            for mirrored in ((0, 1) if flip else (0,)):
+                part = np.concatenate([np.split(s[name], 2)[mirrored] if flip else s[name] for s in shards])
+                copies.append(part[order])
+            arrays[name] = np.concatenate(copies)                      # (M·(1+flip), N) uint16
+        labels = np.concatenate([s["label"] for s in shards])[order].astype(np.int64)
+        bad = np.concatenate([s["bad"] for s in shards])
+        arrays["labels"] = np.concatenate([labels] * (2 if flip else 1))
+        if cfg.cond == "text":
+            caps = [captions_of(dataset, int(i)) for i in index[order]]
+            check(all(caps), f"--cond text needs captions; {cfg.data} has none (use --data coco or shapes)")
+            longest = max(len(c) for c in caps)
+            tokens = np.zeros((len(caps), longest, tokenizer.text_len), dtype=np.int32)
+            counts = np.array([len(c) for c in caps], dtype=np.int64)
+            for row, texts in enumerate(caps):
+                tokens[row, :len(texts)] = tokenizer.encode_batch(texts).numpy()
+            arrays["caption_tokens"] = np.concatenate([tokens] * (2 if flip else 1))
+            arrays["caption_counts"] = np.concatenate([counts] * (2 if flip else 1))
+        for name, array in arrays.items():
+            np.save(os.path.join(folder, name + ".tmp.npy"), array)
+            os.replace(os.path.join(folder, name + ".tmp.npy"), os.path.join(folder, name + ".npy"))
+        for r in range(world):
+            os.remove(os.path.join(folder, f"shard{r}.npz"))
+        unreadable = sorted({int(b) for b in bad if b >= 0})
+        write_json(meta_path, dict(key=key, images=len(dataset), rows=int(arrays["codes"].shape[0]),
+                                   seq_len=int(arrays["codes"].shape[1]), unreadable=len(unreadable),
+                                   unreadable_files=[dataset.path(i) for i in unreadable[:100]]))
+        if unreadable:
+            print(f"warning: {len(unreadable)} unreadable images were replaced by their neighbours "
+                  f"(listed in {meta_path})", file=sys.stderr)
+    barrier(world)
+    return folder
+
+
+class TokenSet:
+    """The cached sequences of one split, memory-mapped, put in the requested order."""
+
+    def __init__(self, folder: str, order: str):
+        self.codes = np.load(os.path.join(folder, "codes.npy"), mmap_mode="r")
+        self.positions = np.load(os.path.join(folder, "positions.npy"), mmap_mode="r")
+        self.labels = np.load(os.path.join(folder, "labels.npy"))
+        self.caption_tokens = (np.load(os.path.join(folder, "caption_tokens.npy"), mmap_mode="r")
+                               if os.path.isfile(os.path.join(folder, "caption_tokens.npy")) else None)
+        self.caption_counts = (np.load(os.path.join(folder, "caption_counts.npy"))
+                               if self.caption_tokens is not None else None)
+        self.order = order
+
+    def __len__(self):
+        return self.codes.shape[0]
+
+    def batch(self, rows: np.ndarray, gen: torch.Generator):
+        """-> codes (B,N), positions (B,N) int64 in self.order, labels (B,), caption tokens (B,L) or None."""
+        codes = torch.from_numpy(self.codes[rows].astype(np.int64))
+        positions = torch.from_numpy(self.positions[rows].astype(np.int64))
+        if self.order == "raster":  # the stored order is descending importance; sort by position
+            positions, perm = positions.sort(dim=1)
+            codes = codes.gather(1, perm)
+        captions = None
+        if self.caption_tokens is not None:  # one of the image's captions, drawn per sample
+            counts = torch.from_numpy(self.caption_counts[rows])
+            pick = (torch.rand(len(rows), generator=gen) * counts).long().numpy()
+            captions = torch.from_numpy(self.caption_tokens[rows, pick].astype(np.int64))
+        return codes, positions, torch.from_numpy(self.labels[rows]), captions
+
+
+def condition(cfg_cond: str, labels, captions):
+    return {"none": None, "class": labels, "text": captions}[cfg_cond]
+
+
+# -----------------------------------------------------------------------------
+# Training
+
+def parse_config(argv):
+    parser = config_to_parser(TrainConfig(), __doc__.split("\n\n")[0].strip(), HELP)
+    args = parser.parse_args(argv)
+    return TrainConfig(**vars(args)), explicit_flags(parser, argv if argv is not None else sys.argv[1:])
+
+
+def main(argv=None):
+    cfg, explicit = parse_config(argv)
+    rank, world, local_rank, device = setup_distributed()
+    try:
+        train(cfg, explicit, rank, world, device)
+    finally:
+        cleanup_distributed()
+
+
+def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.device):
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    stage1 = load_checkpoint(cfg.stage1, "mqvae")
+    cfg = resolve_defaults(cfg, stage1["train_config"])
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    ckpt = None
+    if cfg.resume and os.path.isfile(ckpt_path):
+        ckpt = load_checkpoint(ckpt_path, "stackformer")
+        saved = TrainConfig(**ckpt["train_config"])
+        for key in explicit & (set(vars(cfg)) - RUN_CONTROL):
+            check(getattr(cfg, key) == getattr(saved, key),
+                  f"--{key.replace('_', '-')} {getattr(cfg, key)} differs from the checkpoint's "
+                  f"{getattr(saved, key)}; start a new --out-dir to change it")
+        for key in RUN_CONTROL & explicit:
+            setattr(saved, key, getattr(cfg, key))
+        cfg, cfg.resume = saved, True
+    elif cfg.resume:
+        log(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
+    validate(cfg)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    # ---- stage 1 and its tokens
+    stage1_sha = file_sha256(cfg.stage1)
+    if ckpt is not None and ckpt["stage1_sha256"] != stage1_sha:
+        raise UserError(f"{cfg.stage1} is not the MQ-VAE this run was trained on (its SHA-256 changed); "
+                        f"start a new --out-dir")
+    mqvae = mqvae_from_checkpoint(stage1, device)
+    mcfg = mqvae.config
+    tokenizer, classes = None, None
+    if cfg.cond == "text":
+        if ckpt is not None:
+            tokenizer = WordTokenizer.from_dict(ckpt["tokenizer"])
+        else:
+            train_images = data.build_dataset(cfg.data, cfg.data_dir, mcfg.resolution, "train")
+            if isinstance(train_images, data.ShapesDataset):
+                texts = [train_images.caption(i) for i in range(len(train_images))]
+            else:
+                check(train_images.captions is not None,
+                      f"--cond text needs captions; {cfg.data} has none (use --data coco with its captions JSON)")
+                texts = [c for caps in train_images.captions for c in caps]
+            tokenizer = WordTokenizer.build(texts, min_count=cfg.text_min_count)
+    if cfg.cond == "class":
+        probe = data.build_dataset(cfg.data, cfg.data_dir, mcfg.resolution, "val")
+        classes = getattr(probe, "classes", None)
+        check(classes is not None, f"--cond class needs labelled data: {cfg.data} has no classes "
+                                   f"(ImageNet layout DIR/train/<class>/, or the shapes demo)")
+    train_tokens = TokenSet(build_token_cache(cfg, mqvae, stage1_sha, "train", device, rank, world, tokenizer), cfg.order)
+    val_tokens = TokenSet(build_token_cache(cfg, mqvae, stage1_sha, "val", device, rank, world, tokenizer), cfg.order)
+
+    # ---- model
+    scfg = StackformerConfig(**PRESETS[cfg.preset], codebook_size=mcfg.codebook_size,
+                             num_positions=mcfg.num_tokens, seq_len=mcfg.seq_len, dropout=cfg.dropout,
+                             cond=cfg.cond, num_classes=len(classes) if classes else 1000,
+                             text_vocab_size=tokenizer.vocab_size if tokenizer else 0, abs_pos=cfg.abs_pos,
+                             variant=cfg.variant, order=cfg.order)
+    torch.manual_seed(cfg.seed)
+    model = Stackformer(scfg).to(device)
+    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, 0.95), device.type)
+    global_batch = cfg.batch_size * world * cfg.grad_accum
+    steps_per_epoch = len(train_tokens) // global_batch
+    check(steps_per_epoch > 0, f"{len(train_tokens)} training sequences are fewer than one global batch ({global_batch})")
+    total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    warmup_steps = cfg.warmup_steps if cfg.warmup_steps is not None else min(5000, total_steps // 50)
+    start_step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_step = ckpt["step"]
+        if not restore_rng_state(ckpt["rng"], rank, world, device):
+            torch.manual_seed(cfg.seed + rank + start_step)
+        log(f"resumed from {ckpt_path} at step {start_step}")
+    else:
+        torch.manual_seed(cfg.seed + rank)  # per-rank dropout from here on
+    raw_model = model
+    if cfg.compile:
+        model = torch.compile(model)
+    if world > 1:
+        model = DDP(model, device_ids=[device.index] if cuda else None)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.dtype == "bf16" else nullcontext()
+    tokens_per_step = global_batch * scfg.seq_len
+    flops_per_step = raw_model.flops_per_token() * tokens_per_step
+
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        write_json(os.path.join(cfg.out_dir, "config.json"), dict(train=vars(cfg), model=dataclasses.asdict(scfg)))
+        log(json.dumps(vars(cfg)))
+        log(f"Stackformer {cfg.preset}: {raw_model.num_params() / 1e6:.2f}M parameters "
+            f"({scfg.n_code_layers} code + {scfg.n_pos_layers} position layers, width {scfg.n_embd}, "
+            f"{scfg.n_head} heads; {cfg.variant}, {cfg.order} order, abs pos {'on' if cfg.abs_pos else 'off'}, "
+            f"cond {cfg.cond})")
+        log(f"stage 1 {cfg.stage1}: V={scfg.codebook_size} codes, T={scfg.num_positions} positions, "
+            f"N={scfg.seq_len} pairs per image")
+        log(f"tokens: {len(train_tokens)} train / {len(val_tokens)} val sequences; global batch {global_batch} "
+            f"({tokens_per_step} tokens); {steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {cfg.lr:g}, "
+            f"warmup {warmup_steps}")
+
+    def checkpoint(step):
+        check_finite(step)
+        rngs = gather_rng_states(device, world)
+        if master:
+            save_checkpoint(dict(kind="stackformer", version=1, stackformer_config=dataclasses.asdict(scfg),
+                                 model=strip_compile_prefix(raw_model.state_dict()),
+                                 mqvae_config=stage1["mqvae_config"], mqvae=stage1["mqvae"],
+                                 tokenizer=tokenizer.to_dict() if tokenizer else None, classes=classes,
+                                 image_size=mcfg.resolution, train_config=vars(cfg),
+                                 optimizer=optimizer.state_dict(), step=step, rng=rngs, stage1_sha256=stage1_sha),
+                            ckpt_path)
+        state["last_saved"] = step
+
+    def check_finite(step):
+        bad = first_bad_step.clone()
+        if world > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() >= 0:
+            where = (f"the checkpoint {ckpt_path} (step {state['last_saved']}) was left untouched"
+                     if state["last_saved"] is not None else "no checkpoint was written")
+            raise UserError(f"non-finite loss at step {bad.item()}; stopped at step {step}; {where}. "
+                            f"Lower the learning rate, then --resume")
+
+    @torch.no_grad()
+    def evaluate(step):
+        check_finite(step)
+        raw_model.eval()
+        gen = torch.Generator().manual_seed(1234)
+        sums = torch.zeros(3, device=device)
+        rows_all = np.arange(len(val_tokens))
+        for b in range(cfg.eval_batches):
+            rows = rows_all[(b * world + rank) * cfg.batch_size:(b * world + rank + 1) * cfg.batch_size]
+            if len(rows) == 0:
+                break
+            codes, positions, labels, captions = (t.to(device) if t is not None else None
+                                                  for t in val_tokens.batch(rows, gen))
+            with autocast:
+                _, code_ce, pos_ce = raw_model.loss(codes, positions, condition(cfg.cond, labels, captions))
+            sums += torch.stack([code_ce.float() * len(rows), pos_ce.float() * len(rows),
+                                 torch.tensor(float(len(rows)), device=device)])
+        if world > 1:
+            dist.all_reduce(sums)
+        metrics = dict(val_code_loss=(sums[0] / sums[2]).item(), val_pos_loss=(sums[1] / sums[2]).item())
+        if master:
+            write_samples(step, gen)
+            log(f"eval step {step}: val code loss {metrics['val_code_loss']:.4f}, pos loss {metrics['val_pos_loss']:.4f}")
+            with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as fh:
+                fh.write(json.dumps(dict(step=step, **metrics)) + "\n")
+        raw_model.train()
+        return metrics
+
+    def write_samples(step, gen):
+        n = cfg.num_samples
+        cond = None
+        if cfg.cond == "class":
+            cond = torch.arange(n, device=device) % scfg.num_classes
+        elif cfg.cond == "text":
+            cond = val_tokens.batch(np.arange(n) % len(val_tokens), gen)[3].to(device)
+        sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        with autocast:
+            codes, positions = raw_model.generate(batch_size=n, cond=cond, generator=sample_gen)
+            images = mqvae.decode(codes, positions)
+        save_grid((images.float().clamp(-1, 1) + 1) / 2, os.path.join(cfg.out_dir, f"samples_{step:07d}.png"),
+                  nrow=int(n ** 0.5 + 0.999))
+        raw_model.train()
+
+    # ---- the loop
+    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    state = dict(last_saved=start_step if ckpt is not None else None)
+    sums = torch.zeros(3, device=device)
+    count, t_log = 0, time.time()
+    step_times = []
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    model.train()
+    step, perm_epoch = start_step, None
+    for step in range(start_step, total_steps):
+        t0 = time.time()
+        lr = warmup_cosine_lr(step, cfg.lr, warmup_steps, total_steps, cfg.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        epoch, within = divmod(step, steps_per_epoch)
+        # This step's rows: a permutation per epoch (seed + epoch), sharded by rank, so that a resumed
+        # run reads exactly the rows an uninterrupted one would.
+        if epoch != perm_epoch:
+            perm = torch.randperm(len(train_tokens), generator=torch.Generator().manual_seed(cfg.seed + epoch)).numpy()
+            perm_epoch = epoch
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step * world + rank)
+        for micro in range(cfg.grad_accum):
+            start = ((within * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
+            rows = np.sort(perm[start:start + cfg.batch_size])
+            codes, positions, labels, captions = (t.to(device, non_blocking=True) if t is not None else None
+                                                  for t in train_tokens.batch(rows, gen))
+            sync = nullcontext() if (world == 1 or micro == cfg.grad_accum - 1) else model.no_sync()
+            with sync:
+                with autocast:
+                    code_logits, pos_logits = model(codes, positions, condition(cfg.cond, labels, captions))
+                code_ce = F.cross_entropy(code_logits.flatten(0, 1).float(), codes.flatten())
+                pos_ce = F.cross_entropy(pos_logits.flatten(0, 1).float(), positions.flatten())
+                loss = code_ce + scfg.pos_weight * pos_ce
+                (loss / cfg.grad_accum).backward()
+            sums += torch.stack([loss.detach(), code_ce.detach(), pos_ce.detach()])
+            count += 1
+            first_bad_step.copy_(torch.where(~torch.isfinite(loss.detach()) & (first_bad_step < 0), step + 1,
+                                             first_bad_step))
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_times.append(time.time() - t0)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total_steps:
+            check_finite(done)
+            means = sums / max(count, 1)
+            if world > 1:
+                dist.all_reduce(means)
+                means /= world
+            if cuda:
+                torch.cuda.synchronize()
+            elapsed = time.time() - t_log
+            steps_done = count / cfg.grad_accum
+            tokens_per_s = tokens_per_step * steps_done / max(elapsed, 1e-9)
+            mfu = flops_per_step * steps_done / max(elapsed, 1e-9) / (cfg.peak_tflops * 1e12 * world)
+            recent = step_times[-cfg.log_every:]
+            eta = (total_steps - done) * sum(recent) / len(recent)
+            loss_v, code_v, pos_v = means.tolist()
+            record = dict(step=done, epoch=round(done / steps_per_epoch, 4), lr=lr, loss=loss_v, code_loss=code_v,
+                          pos_loss=pos_v, tokens_per_s=tokens_per_s, mfu=mfu, eta_s=eta)
+            if master:
+                log(f"step {done}/{total_steps} ep {record['epoch']:.2f} | loss {loss_v:.4f} code {code_v:.4f} "
+                    f"pos {pos_v:.4f} | lr {lr:.2e} | {tokens_per_s / 1e3:.1f}k tok/s, MFU {mfu:.1%} | "
+                    f"ETA {eta / 60:.1f} min")
+                with open(log_path, "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+            sums.zero_()
+            count, t_log = 0, time.time()
+        stopping = cfg.stop_after is not None and done - start_step >= cfg.stop_after
+        if done % cfg.eval_every == 0 or done == total_steps:
+            evaluate(done)
+            t_log = time.time()
+        if done % cfg.ckpt_every == 0 or done == total_steps or stopping:
+            checkpoint(done)
+        if stopping:
+            log(f"stopping after {cfg.stop_after} steps (--stop-after) at step {done}; continue with --resume")
+            break
+    if world > 1:
+        log(rank_consistency(raw_model, world))
+    if start_step >= total_steps:
+        log(f"nothing to do: the checkpoint is at step {start_step} of {total_steps}")
+    elif step + 1 == total_steps:
+        log(f"done: {total_steps} steps; checkpoint {ckpt_path}; sample with: python sample.py --ckpt {ckpt_path}")
+
+
+def rank_consistency(model, world: int) -> str:
+    local = torch.stack([p.detach().double().sum() for p in model.parameters()])
+    gathered = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
+        raise UserError(f"ranks diverged: parameter checksums differ across {world} ranks")
+    return f"rank consistency: all {len(local)} parameters identical across {world} ranks"
+
+
+if __name__ == "__main__":
+    run_main(main)
