@@ -1365,3 +1365,154 @@ def test_cli_save_stats_then_compare_matches_library(fid_model, fid_model64, tmp
     assert out[0] == f"FID: {fid.frechet_distance(mu_b, s_b, mu_a, s_a):.4f}"
     assert out[1].startswith("protocol: A=3 images (folder, 32x32); B=3 images (stats file, 32x32); dims=64")
     assert f"sha256 {meta['weights_sha256'][:12]}" in out[1] and "299x299" in out[1]
+
+
+# -----------------------------------------------------------------------------
+# Stage 2: training script (token cache, checkpoints, conditioning, errors)
+
+@pytest.fixture(scope="module")
+def stage1_ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage1")
+    train_mqvae.main(TINY_TRAIN[1:] + ["--max-steps", "2", "--out-dir", str(out)])
+    return str(out / "ckpt.pt")
+
+
+@pytest.fixture(scope="module")
+def labelled_folder(tmp_path_factory):
+    """ImageNet layout (train/<class>/, val/<class>/) and COCO layout (captions JSON) of tiny images."""
+    root = tmp_path_factory.mktemp("datasets")
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 12), ("val", 4)):
+        for c, name in enumerate(("n01", "n02", "n03")):
+            _write_images(root / "imagenet" / split / name, count, size=16, seed=c + 10 * (split == "val"))
+        folder = root / "coco" / f"{split}2014"
+        _write_images(folder, count, size=16, seed=99 + (split == "val"))
+        files = sorted(os.listdir(folder))
+        meta = dict(images=[dict(id=i, file_name=f) for i, f in enumerate(files)],
+                    annotations=[dict(image_id=i, caption=f"a {rng.choice(['red', 'blue'])} thing number {i}")
+                                 for i in range(len(files)) for _ in range(2)])
+        (root / "coco" / "annotations").mkdir(exist_ok=True)
+        (root / "coco" / "annotations" / f"captions_{split}2014.json").write_text(json.dumps(meta))
+    return root
+
+
+def stage2_args(stage1, out, *extra):
+    return ["--stage1", stage1, "--preset", "tiny", "--batch-size", "4", "--log-every", "1", "--eval-every", "100",
+            "--eval-batches", "1", "--num-samples", "2", "--num-workers", "0", "--out-dir", str(out), *extra]
+
+
+def test_stage2_token_cache_is_reused_and_rebuilt_when_stage1_changes(stage1_ckpt, labelled_folder, tmp_path):
+    folder = str(labelled_folder / "imagenet" / "train")
+    out = tmp_path / "s2"
+    train_stackformer.main(stage2_args(stage1_ckpt, out, "--data", folder, "--max-steps", "1"))
+    meta = out / "tokens" / "train" / "meta.json"
+    first = json.loads(meta.read_text())
+    assert first["rows"] == 2 * first["images"]  # originals + flipped copies
+    mtime = meta.stat().st_mtime_ns
+    train_stackformer.main(stage2_args(stage1_ckpt, out, "--data", folder, "--max-steps", "1"))
+    assert meta.stat().st_mtime_ns == mtime  # same stage 1: reused
+    changed = tmp_path / "changed.pt"
+    ckpt = torch.load(stage1_ckpt, weights_only=True)
+    ckpt["mqvae"]["quantizer.codebook"] = ckpt["mqvae"]["quantizer.codebook"] + 1.0
+    torch.save(ckpt, changed)
+    train_stackformer.main(stage2_args(str(changed), out, "--data", folder, "--max-steps", "1"))
+    second = json.loads(meta.read_text())
+    assert second["key"]["stage1_sha256"] != first["key"]["stage1_sha256"]
+    assert second["key"]["stage1_sha256"] == train_stackformer.file_sha256(str(changed))
+
+
+def test_importance_and_raster_token_orders_differ_only_by_permutation(stage1_ckpt, labelled_folder, tmp_path):
+    out = tmp_path / "s2"
+    train_stackformer.main(stage2_args(stage1_ckpt, out, "--data", str(labelled_folder / "imagenet" / "train"),
+                                       "--max-steps", "1"))
+    gen = torch.Generator().manual_seed(0)
+    rows = np.arange(10)
+    raster = train_stackformer.TokenSet(str(out / "tokens" / "train"), "raster").batch(rows, gen)
+    importance = train_stackformer.TokenSet(str(out / "tokens" / "train"), "importance").batch(rows, gen)
+    assert (raster[1][:, 1:] > raster[1][:, :-1]).all()  # raster: strictly increasing positions
+    assert not torch.equal(raster[1], importance[1])
+    for b in range(10):
+        pairs = lambda t: sorted(zip(t[1][b].tolist(), t[0][b].tolist()))
+        assert pairs(raster) == pairs(importance)
+    # the cached importance order is the encoder's: re-encoding the first image gives the same sequence
+    model = mqvae.load_mqvae(stage1_ckpt)
+    ds = data.build_dataset(str(labelled_folder / "imagenet" / "train"), None, 16, "train")
+    ds.mode = "eval"
+    codes, positions, _ = model.encode(ds[0]["image"][None])
+    assert torch.equal(positions[0], importance[1][0]) and torch.equal(codes[0], importance[0][0])
+
+
+def test_stage2_checkpoint_embeds_mqvae_and_reloads_strictly_with_identical_logits(stage1_ckpt, tmp_path, labelled_folder):
+    out = tmp_path / "s2"
+    train_stackformer.main(stage2_args(stage1_ckpt, out, "--data", "imagenet", "--data-dir",
+                                       str(labelled_folder / "imagenet"), "--max-steps", "2"))
+    model, stage1_model, tokenizer, ckpt = stackformer.load_stackformer(str(out / "ckpt.pt"))
+    assert ckpt["stackformer_config"]["cond"] == "class" and ckpt["classes"] == ["n01", "n02", "n03"]
+    assert tokenizer is None and "disc" not in ckpt
+    reference = mqvae.load_mqvae(stage1_ckpt)
+    for k, v in reference.state_dict().items():
+        assert torch.equal(stage1_model.state_dict()[k], v)
+    rebuilt = Stackformer(StackformerConfig(**ckpt["stackformer_config"])).eval()
+    rebuilt.load_state_dict(ckpt["model"], strict=True)
+    codes = torch.randint(0, 64, (2, 16))
+    positions = torch.sort(torch.rand(2, 64).argsort(1)[:, :16], 1).values
+    labels = torch.tensor([0, 2])
+    for a, b in zip(model(codes, positions, labels), rebuilt(codes, positions, labels)):
+        assert torch.equal(a, b)
+    records = read_jsonl(str(out / "log.jsonl"))
+    assert all("code_loss" in r and "pos_loss" in r and "mfu" in r for r in records if "loss" in r)
+
+
+def test_stage2_resume_gives_the_same_next_losses_as_an_uninterrupted_run(stage1_ckpt, labelled_folder, tmp_path):
+    folder = str(labelled_folder / "imagenet" / "train")
+    full, part = tmp_path / "full", tmp_path / "part"
+    train_stackformer.main(stage2_args(stage1_ckpt, full, "--data", folder, "--max-steps", "5"))
+    train_stackformer.main(stage2_args(stage1_ckpt, part, "--data", folder, "--max-steps", "5", "--stop-after", "2"))
+    train_stackformer.main(stage2_args(stage1_ckpt, part, "--data", folder, "--max-steps", "5", "--resume"))
+    losses = lambda d: {r["step"]: r["loss"] for r in read_jsonl(str(d / "log.jsonl")) if "loss" in r}
+    a, b = losses(full), losses(part)
+    assert [a[s] for s in (3, 4, 5)] == [b[s] for s in (3, 4, 5)]
+    wa = torch.load(full / "ckpt.pt", weights_only=True)["model"]
+    wb = torch.load(part / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_text_conditional_run_stores_tokenizer_built_from_training_captions(stage1_ckpt, labelled_folder, tmp_path):
+    out = tmp_path / "s2"
+    train_stackformer.main(stage2_args(stage1_ckpt, out, "--data", "coco", "--data-dir",
+                                       str(labelled_folder / "coco"), "--max-steps", "1"))
+    model, _, tokenizer, ckpt = stackformer.load_stackformer(str(out / "ckpt.pt"))
+    assert ckpt["stackformer_config"]["cond"] == "text"
+    assert {"red", "blue", "thing", "number"} <= set(tokenizer.words)
+    assert model.config.text_vocab_size == tokenizer.vocab_size
+    caps = np.load(out / "tokens" / "train" / "caption_tokens.npy")
+    assert caps.shape[1:] == (2, 32) and (caps[:, :, 0] > 1).all()  # two captions per image, known first word
+
+
+def test_stage2_bad_inputs_are_one_line_errors(stage1_ckpt, labelled_folder, tmp_path):
+    s2 = tmp_path / "s2"
+    train_stackformer.main(stage2_args(stage1_ckpt, s2, "--data", str(labelled_folder / "imagenet" / "train"),
+                                       "--max-steps", "1"))
+    truncated = tmp_path / "trunc.pt"
+    truncated.write_bytes(open(stage1_ckpt, "rb").read()[:1000])
+    cases = [
+        (["--stage1", str(tmp_path / "missing.pt")], "not found"),
+        (["--stage1", str(truncated)], "truncated"),
+        (["--stage1", str(s2 / "ckpt.pt")], "Stackformer"),
+        (["--data", str(labelled_folder / "coco" / "train2014"), "--cond", "class"], "needs labelled data"),
+        (["--data", "coco", "--data-dir", str(labelled_folder / "imagenet")], "captions_train2014.json"),
+        (["--preset", "huge"], "unknown preset"),
+    ]
+    for extra, expected in cases:
+        args = stage2_args(stage1_ckpt, tmp_path / "err", "--max-steps", "1", "--data",
+                           str(labelled_folder / "imagenet" / "train"))
+        with pytest.raises(UserError, match=expected):
+            train_stackformer.main(args + extra)
+
+
+def test_two_process_gloo_stage2_keeps_parameters_identical(stage1_ckpt, labelled_folder, tmp_path):
+    r = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train_stackformer.py"] +
+                   stage2_args(stage1_ckpt, tmp_path / "ddp", "--data", str(labelled_folder / "imagenet" / "train"),
+                               "--max-steps", "2"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "identical across 2 ranks" in r.stdout and "global batch 8" in r.stdout

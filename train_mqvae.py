@@ -330,6 +330,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
                   f"{getattr(saved, key)}; start a new --out-dir to change it")
         for key in RUN_CONTROL & explicit:
             setattr(saved, key, getattr(cfg, key))
+        saved.stop_after = cfg.stop_after  # applies to this invocation only
         cfg = saved
         cfg.resume = True
     elif cfg.resume:

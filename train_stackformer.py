@@ -174,11 +174,13 @@ def encode_split(mqvae, dataset, flip: bool, batch_size: int, num_workers: int, 
             rate = done * world / (time.time() - t0)
             print(f"  encoded {done * world}/{len(dataset)} images, {rate:.0f} img/s, "
                   f"ETA {(len(dataset) - done * world) / rate / 60:.1f} min", flush=True)
-    result = dict(index=np.concatenate(out["index"]), label=np.concatenate(out["label"]), bad=np.concatenate(out["bad"]))
+    empty = np.zeros(0, dtype=np.int64)  # a rank can get no images when there are fewer than ranks
+    result = {k: np.concatenate(out[k]) if out[k] else empty for k in ("index", "label", "bad")}
     for key in ("codes", "positions"):
         plain = [a for a, m in out[key] if not m]
         mirrored = [a for a, m in out[key] if m]
-        result[key] = np.concatenate(plain + mirrored).astype(np.uint16)
+        arrays = plain + mirrored or [np.zeros((0, mqvae.config.seq_len), dtype=np.int64)]
+        result[key] = np.concatenate(arrays).astype(np.uint16)
     return result
 
 
@@ -311,6 +313,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
                   f"{getattr(saved, key)}; start a new --out-dir to change it")
         for key in RUN_CONTROL & explicit:
             setattr(saved, key, getattr(cfg, key))
+        saved.stop_after = cfg.stop_after  # applies to this invocation only
         cfg, cfg.resume = saved, True
     elif cfg.resume:
         log(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
