@@ -357,26 +357,31 @@ class Stackformer(nn.Module):
         return lower, upper
 
     @torch.no_grad()
-    def lower_step(self, cache: KVCache, t: int, prev_code: Optional[torch.Tensor],
+    def lower_step(self, cache: KVCache, t, prev_code: Optional[torch.Tensor],
                    prev_position: Optional[torch.Tensor], cond: Optional[torch.Tensor]) -> torch.Tensor:
         """H_t (B, d) from step t's input alone; the cache holds steps < t.
 
-        t = 0 reads the condition (prev_code, prev_position are ignored); t ≥ 1 reads v_t, p_t (B,).
+        t = 0 (a Python int) reads the condition; prev_code, prev_position are ignored. For t ≥ 1,
+        t may be an int or a (1,) int64 tensor on the model's device, and v_t, p_t (B,) are read:
+        with a tensor nothing in the step depends on a Python value, so it can be captured once in
+        a CUDA graph and replayed for every t.
         """
         offset = self.prefix_len - 1           # slot of step t is offset + t
-        if t == 0:
+        if isinstance(t, int) and t == 0:
             x = self._start_input(cond, cache.batch_size)                # (B, prefix_len, d)
-            slots = cache.slot_ids[:offset + 1]
-        else:
-            x = self._step_input(prev_code[:, None], prev_position[:, None], t)   # (B, 1, d)
-            slots = cache.slot_ids[offset + t:offset + t + 1]
-        return self.lower(self.drop(x), cache, slots)[:, -1]
+            return self.lower(self.drop(x), cache, cache.slot_ids[:offset + 1])[:, -1]
+        t = torch.as_tensor(t, device=cache.slot_ids.device).reshape(1)
+        x = self.code_emb(prev_code) + self.pos_emb(prev_position)      # (B, d)
+        if self.abs_pos_emb is not None:
+            x = x + self.abs_pos_emb[0].index_select(0, t)               # + a_t
+        return self.lower(self.drop(x[:, None]), cache, t + offset)[:, -1]
 
     @torch.no_grad()
-    def upper_step(self, cache: KVCache, t: int, h: torch.Tensor, lower_token: torch.Tensor) -> torch.Tensor:
-        """Upper hidden state (B, d) at step t from H_t (B, d) and the chosen next lower token (B,)."""
+    def upper_step(self, cache: KVCache, t, h: torch.Tensor, lower_token: torch.Tensor) -> torch.Tensor:
+        """Upper hidden state (B, d) at step t (int or (1,) tensor) from H_t (B, d) and the chosen next lower token (B,)."""
+        t = torch.as_tensor(t, device=cache.slot_ids.device).reshape(1)
         x = (h + self.embed_lower_prediction(lower_token))[:, None]     # (B, 1, d)
-        return self.upper(x, cache, cache.slot_ids[t:t + 1])[:, 0]
+        return self.upper(x, cache, t)[:, 0]
 
     @torch.no_grad()
     def generate(self, batch_size: Optional[int] = None, cond: Optional[torch.Tensor] = None,
@@ -384,7 +389,8 @@ class Stackformer(nn.Module):
                  pos_temperature: Optional[float] = None, pos_top_k: Optional[int] = 10,
                  pos_top_p: Optional[float] = 0.95, position_rule: Optional[str] = None,
                  greedy: bool = False, use_kv_cache: bool = True,
-                 generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                 generator: Optional[torch.Generator] = None,
+                 cuda_graph: Optional[bool] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Sample N (code, position) pairs per image: codes (B, N), positions (B, N).
 
         Each step samples the code, then its position (the reverse for Stackformer_r). Logits are
@@ -393,7 +399,12 @@ class Stackformer(nn.Module):
         steps, like the raster-ordered training data) or "unique" (official: only no repeats).
         None picks "increasing" for raster-order models and "unique" for importance-order ones.
         use_kv_cache=False recomputes the whole prefix every step (reference path for checks).
-        generator: a torch.Generator on the model's device, for reproducible samples.
+        generator: a torch.Generator on the model's device, for reproducible samples. All the
+        randomness of the N steps is drawn from it up front, so the cached, uncached and
+        CUDA-graph paths consume exactly the same noise.
+        cuda_graph: replay steps 2..N as one captured CUDA graph (default: on CUDA with the KV cache,
+        when no autocast is active; cast the model to bf16 instead of using autocast). A step launches
+        a few hundred small kernels; replaying them as a graph removes the per-kernel CPU cost.
         The model is put in eval mode for sampling and restored afterwards.
         """
         cfg = self.config
@@ -408,52 +419,86 @@ class Stackformer(nn.Module):
             raise ValueError(f"position_rule must be increasing or unique, got {rule!r}")
         pos_temperature = temperature if pos_temperature is None else pos_temperature
         device = self.code_emb.weight.device
-        B, N, T = batch_size, cfg.seq_len, cfg.num_positions
+        B, N, T, V = batch_size, cfg.seq_len, cfg.num_positions, cfg.codebook_size
+        if cuda_graph is None:
+            cuda_graph = device.type == "cuda" and use_kv_cache and not torch.is_autocast_enabled()
+        if cuda_graph and not (device.type == "cuda" and use_kv_cache):
+            raise ValueError("cuda_graph needs a CUDA model and use_kv_cache=True")
 
         codes = torch.zeros(B, N, dtype=torch.long, device=device)
         positions = torch.zeros(B, N, dtype=torch.long, device=device)
+        noise = None
+        if not greedy:  # Exp(1) draws for the categorical "race" of sample_token, one set per step
+            code_noise = torch.empty(N, B, V, device=device).exponential_(1.0, generator=generator)
+            pos_noise = torch.empty(N, B, T, device=device).exponential_(1.0, generator=generator)
+            noise = (code_noise, pos_noise) if self.code_first else (pos_noise, code_noise)
 
-        def pick_code(logits):
-            return sample_token(logits, temperature, top_k, top_p, greedy, generator)
+        def pick(logits, t, which):
+            """which 0: the lower prediction, 1: the upper one; t int or (1,) tensor."""
+            is_code = (which == 0) == self.code_first
+            if not is_code:
+                logits = logits.masked_fill(forbidden_positions(positions, t, T, rule), float("-inf"))
+            race = noise[which].index_select(0, torch.as_tensor(t, device=device).reshape(1))[0] if noise else None
+            if is_code:
+                return sample_token(logits, temperature, top_k, top_p, greedy, noise=race)
+            return sample_token(logits, pos_temperature, pos_top_k, pos_top_p, greedy, noise=race)
 
-        def pick_position(logits, t):
-            forbidden = forbidden_positions(positions, t, T, rule)          # (B, T)
-            return sample_token(logits.masked_fill(forbidden, float("-inf")),
-                                pos_temperature, pos_top_k, pos_top_p, greedy, generator)
+        def record(token, t, which):
+            target = codes if (which == 0) == self.code_first else positions
+            target.index_copy_(1, torch.as_tensor(t, device=device).reshape(1), token[:, None])
 
         was_training = self.training
         self.eval()
-        if use_kv_cache:
-            lower_cache, upper_cache = self.new_kv_caches(B)
-        for t in range(N):
-            # 1. The lower transformer's hidden state H_t.
-            if use_kv_cache:
-                prev_code = codes[:, t - 1] if t > 0 else None
-                prev_position = positions[:, t - 1] if t > 0 else None
-                h = self.lower_step(lower_cache, t, prev_code, prev_position, cond)   # (B, d)
-            else:
+        if not use_kv_cache:
+            for t in range(N):
                 h_all = self._lower(codes[:, :t], positions[:, :t], cond)           # (B, t+1, d)
                 h = h_all[:, -1]
-            # 2. The lower prediction: v_{t+1} (Stackformer) or p_{t+1} (Stackformer_r).
-            lower_logits = self.lower_head(h)
-            if self.code_first:
-                lower_token = pick_code(lower_logits)
-                codes[:, t] = lower_token
-            else:
-                lower_token = pick_position(lower_logits, t)
-                positions[:, t] = lower_token
-            # 3. The upper transformer sees H_t plus the token just chosen.
-            if use_kv_cache:
-                g = self.upper_step(upper_cache, t, h, lower_token)                  # (B, d)
-            else:
+                lower_token = pick(self.lower_head(h), t, 0)
+                record(lower_token, t, 0)
                 lower_tokens = codes if self.code_first else positions
                 g = self._upper(h_all, lower_tokens[:, :t + 1])[:, -1]
-            # 4. The upper prediction: p_{t+1} (Stackformer) or v_{t+1} (Stackformer_r).
-            upper_logits = self.upper_head(g)
-            if self.code_first:
-                positions[:, t] = pick_position(upper_logits, t)
-            else:
-                codes[:, t] = pick_code(upper_logits)
+                record(pick(self.upper_head(g), t, 1), t, 1)
+            self.train(was_training)
+            return codes, positions
+
+        lower_cache, upper_cache = self.new_kv_caches(B)
+        t_now = torch.zeros(1, dtype=torch.long, device=device)   # the step counter, on the device
+
+        def step():
+            """One step t = t_now ≥ 1, entirely from device tensors; advances t_now."""
+            prev = t_now - 1
+            h = self.lower_step(lower_cache, t_now, codes.index_select(1, prev)[:, 0],
+                                positions.index_select(1, prev)[:, 0], None)
+            lower_token = pick(self.lower_head(h), t_now, 0)
+            record(lower_token, t_now, 0)
+            g = self.upper_step(upper_cache, t_now, h, lower_token)
+            record(pick(self.upper_head(g), t_now, 1), t_now, 1)
+            t_now.add_(1)
+
+        # Step 0 reads the condition (a whole caption for text) and fills the caches' first slots.
+        h = self.lower_step(lower_cache, 0, None, None, cond)
+        lower_token = pick(self.lower_head(h), 0, 0)
+        record(lower_token, 0, 0)
+        g = self.upper_step(upper_cache, 0, h, lower_token)
+        record(pick(self.upper_head(g), 0, 1), 0, 1)
+        t_now.fill_(1)
+        if not cuda_graph:
+            for _ in range(1, N):
+                step()
+        else:
+            warmup = min(2, N - 1)  # real steps run on a side stream before capture, as CUDA graphs require
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(warmup):
+                    step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            if N - 1 - warmup > 0:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    step()          # recorded, not run: every replay is one more step
+                for _ in range(N - 1 - warmup):
+                    graph.replay()
         self.train(was_training)
         return codes, positions
 
@@ -492,11 +537,12 @@ class Stackformer(nn.Module):
 
 def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
                  top_p: Optional[float] = None, greedy: bool = False,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                 generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One token per row of logits (B, K) → (B,): top-k on logits, softmax, top-p, then a draw.
 
     Entries already at -inf (forbidden positions) stay impossible. top_k None/0 and top_p None/≥1
     switch that filter off. Greedy takes the argmax and ignores temperature and the filters.
+    noise: Exp(1) draws (B, K) to use instead of drawing them from `generator`.
     """
     logits = logits.float()
     if greedy:
@@ -517,22 +563,26 @@ def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional
     # A categorical draw as an "exponential race": argmax_i p_i / E_i with E_i ~ Exp(1) picks i
     # with probability p_i. torch.multinomial does the same internally but first checks its input
     # with a host sync; this keeps the step loop sync-free. The clamp guards an E_i of exactly 0.
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    race = noise if noise is not None else torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / race.clamp_min(torch.finfo(race.dtype).tiny)).argmax(dim=-1)
 
 
-def forbidden_positions(positions: torch.Tensor, t: int, num_positions: int, rule: str) -> torch.Tensor:
+def forbidden_positions(positions: torch.Tensor, t, num_positions: int, rule: str) -> torch.Tensor:
     """(B, T) bool: positions that may not be sampled at 0-based step t, given positions[:, :t].
 
     "unique": any position already taken. "increasing": p_{t+1} must exceed p_t and leave room for
     the N - 1 - t positions still to come, so p_{t+1} ≤ T - N + t (the first lies in 0..T-N).
+    t is an int or a (1,) int64 tensor (then no Python value is involved: CUDA-graph safe).
     """
     B, N = positions.shape
-    candidates = torch.arange(num_positions, device=positions.device)    # (T,)
+    t = torch.as_tensor(t, device=positions.device).reshape(1)
+    candidates = torch.arange(num_positions, device=positions.device)   # (T,)
     if rule == "unique":
-        taken = torch.zeros(B, num_positions, dtype=torch.bool, device=positions.device)
-        return taken.scatter_(1, positions[:, :t], True)
-    previous = positions[:, t - 1:t] if t > 0 else positions.new_full((B, 1), -1)   # (B, 1)
+        filled = (torch.arange(N, device=positions.device) < t).float().expand(B, N)   # steps already sampled
+        taken = torch.zeros(B, num_positions, device=positions.device)
+        return taken.scatter_reduce_(1, positions, filled, reduce="amax") > 0
+    previous = positions.gather(1, (t - 1).clamp_min(0).expand(B, 1))  # (B, 1)
+    previous = torch.where(t > 0, previous, torch.full_like(previous, -1))
     return (candidates <= previous) | (candidates > num_positions - N + t)
 
 
