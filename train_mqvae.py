@@ -96,8 +96,8 @@ class TrainConfig:
 
 
 DATA_DEFAULTS = {
-    "shapes":   dict(image_size=64, preset="demo", batch_size=16, perceptual_weight=0.0, disc_start=1500,
-                     warmup_epochs=0.05, epochs=2.0, eval_every=250, lr=1e-3, num_workers=0),
+    "shapes":   dict(image_size=64, preset="demo", batch_size=16, perceptual_weight=0.0, disc_start=450,
+                     warmup_epochs=0.02, epochs=0.5, eval_every=125, lr=1e-3, num_workers=0),
     "ffhq":     dict(warmup_epochs=5.0, epochs=150.0),
     "imagenet": dict(warmup_epochs=0.5, epochs=50.0),
     "coco":     dict(warmup_epochs=0.5, epochs=50.0),
@@ -229,6 +229,54 @@ def adaptive_gan_weight(grad_rec, grad_gan, disc_weight: float, max_weight: floa
     (official code) — balancing the two terms at the decoder's last layer W, where both act directly."""
     weight = torch.linalg.vector_norm(grad_rec) / (torch.linalg.vector_norm(grad_gan) + 1e-4)
     return (weight.clamp(0.0, 1e4) * disc_weight).clamp(max=max_weight).detach()
+
+
+def losses_and_backward(model, disc, raw_model, raw_disc, lpips_fn, x, cfg, gan_on: bool, autocast) -> dict:
+    """One micro-batch: the autoencoder's losses and backward, then the discriminator's, on the same
+    reconstruction (the official code re-runs the whole autoencoder for the discriminator step).
+    Gradients are scaled by 1/grad_accum. Returns detached loss terms and the model's aux outputs."""
+    zero = torch.zeros((), device=x.device)
+    with autocast:
+        x_rec, aux = model(x)
+    x_rec = x_rec.float()
+    rec = (x - x_rec).abs().mean() if cfg.rec_loss == "l1" else (x - x_rec).pow(2).mean()
+    with autocast:
+        perceptual = lpips_fn(x, x_rec).mean().float() if lpips_fn is not None else zero
+        # the generator's view of D: the unwrapped module, so this pass is invisible to D's DDP
+        logits_fake_g = raw_disc(x_rec).float() if gan_on else None
+    loss_rec = rec + cfg.perceptual_weight * perceptual
+    commit = aux["commit_loss"] * cfg.codebook_weight
+    if gan_on:
+        g_loss = -logits_fake_g.mean()
+        # λ needs ∇_W L_rec and ∇_W L_G at the decoder's last layer W. Take both gradients with respect
+        # to x̃ first (the backward through LPIPS and D that the update needs anyway), push each through
+        # the last conv alone for λ, then run ONE backward of the whole autoencoder with
+        # ∂L_AE/∂x̃ = ∂L_rec/∂x̃ + λ·∂L_G/∂x̃. Same gradients as backpropagating L_rec + λ·L_G + L_commit,
+        # without a second pass through LPIPS and D.
+        grad_rec, = torch.autograd.grad(loss_rec, x_rec, retain_graph=True)
+        grad_g, = torch.autograd.grad(g_loss, x_rec, retain_graph=True)
+        last = raw_model.last_layer()
+        w_rec, = torch.autograd.grad(x_rec, last, grad_outputs=grad_rec, retain_graph=True)
+        w_g, = torch.autograd.grad(x_rec, last, grad_outputs=grad_g, retain_graph=True)
+        gan_weight = adaptive_gan_weight(w_rec, w_g, cfg.disc_weight, cfg.disc_weight_max)
+        torch.autograd.backward([x_rec, commit], [(grad_rec + gan_weight * grad_g) / cfg.grad_accum,
+                                                  torch.full_like(commit, 1.0 / cfg.grad_accum)])
+    else:
+        g_loss, gan_weight = zero, zero
+        ((loss_rec + commit) / cfg.grad_accum).backward()
+    loss = loss_rec + gan_weight * g_loss + commit
+    if gan_on:
+        with autocast:
+            logits_real = disc(x).float()
+            logits_fake = disc(x_rec.detach()).float()
+        d_loss = hinge_d_loss(logits_real, logits_fake)
+        (d_loss / cfg.grad_accum).backward()
+        real_mean, fake_mean = logits_real.detach().mean(), logits_fake.detach().mean()
+    else:
+        d_loss, real_mean, fake_mean = zero, zero, zero
+    return dict(loss=loss.detach(), rec=rec.detach(), lpips=perceptual.detach(), commit=commit.detach(),
+                g_loss=g_loss.detach(), d_loss=d_loss.detach(), gan_weight=gan_weight, logits_real=real_mean,
+                logits_fake=fake_mean, aux=aux)
 
 
 # -----------------------------------------------------------------------------
@@ -423,14 +471,13 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     last_used = torch.full((V,), -10 ** 9, dtype=torch.long, device=device)  # step each code was last chosen
     code_counts = torch.zeros(V, device=device)
     first_bad_step = torch.full((), -1, dtype=torch.long, device=device)      # first (1-based) step with a non-finite loss
-    metric_names = ["loss", "rec", "lpips", "commit", "g_loss", "d_loss", "gan_weight", "logits_real", "logits_fake"]
+    metric_names = ["loss", "rec", "lpips", "commit", "g_loss", "d_loss", "gan_weight", "logits_real", "logits_fake"]  # as returned by losses_and_backward
     metric_sums = torch.zeros(len(metric_names), device=device)
     metric_count, bad_files, seen_files = 0, 0, 0
     last_saved = start_step if ckpt is not None else None
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     stream = micro_batches(start_step)
     t_log, step_times = time.time(), []
-    zero = torch.zeros((), device=device)
 
     def check_finite(step):
         bad = first_bad_step.clone()
@@ -487,55 +534,17 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
                                 f"check the dataset (the files are named above)")
             x = batch["image"].to(device, non_blocking=True)
             last_micro = micro == cfg.grad_accum - 1
-            sync = nullcontext() if (world == 1 or last_micro) else model.no_sync()
-            with sync:
-                # -- autoencoder
-                with autocast:
-                    x_rec, aux = model(x)
-                x_rec = x_rec.float()
-                rec = (x - x_rec).abs().mean() if cfg.rec_loss == "l1" else (x - x_rec).pow(2).mean()
-                with autocast:
-                    perceptual = lpips_fn(x, x_rec).mean().float() if lpips_fn is not None else zero
-                    logits_fake_g = raw_disc(x_rec).float() if gan_on else None
-                loss_rec = rec + cfg.perceptual_weight * perceptual
-                commit = aux["commit_loss"] * cfg.codebook_weight
-                if gan_on:
-                    g_loss = -logits_fake_g.mean()
-                    # λ needs ∇_W L_rec and ∇_W L_G at the decoder's last layer W. Take both gradients
-                    # with respect to x̃ first (the backward through LPIPS and D that the update needs
-                    # anyway), push each through the last conv alone for λ, then run ONE backward of
-                    # the whole autoencoder with ∂L_AE/∂x̃ = ∂L_rec/∂x̃ + λ·∂L_G/∂x̃. Same gradients as
-                    # backpropagating L_rec + λ·L_G + L_commit, without a second pass through LPIPS/D.
-                    grad_rec, = torch.autograd.grad(loss_rec, x_rec, retain_graph=True)
-                    grad_g, = torch.autograd.grad(g_loss, x_rec, retain_graph=True)
-                    last = raw_model.last_layer()
-                    w_rec, = torch.autograd.grad(x_rec, last, grad_outputs=grad_rec, retain_graph=True)
-                    w_g, = torch.autograd.grad(x_rec, last, grad_outputs=grad_g, retain_graph=True)
-                    gan_weight = adaptive_gan_weight(w_rec, w_g, cfg.disc_weight, cfg.disc_weight_max)
-                    torch.autograd.backward([x_rec, commit], [(grad_rec + gan_weight * grad_g) / cfg.grad_accum,
-                                                              torch.full_like(commit, 1.0 / cfg.grad_accum)])
-                else:
-                    g_loss, gan_weight = zero, zero
-                    ((loss_rec + commit) / cfg.grad_accum).backward()
-                loss = loss_rec + gan_weight * g_loss + commit
-                # -- discriminator, on the same reconstruction (the official code re-runs the autoencoder)
-                if gan_on:
-                    d_sync = nullcontext() if (world == 1 or last_micro) else disc.no_sync()
-                    with d_sync, autocast:
-                        logits_real = disc(x).float()
-                        logits_fake = disc(x_rec.detach()).float()
-                    d_loss = hinge_d_loss(logits_real, logits_fake)
-                    (d_loss / cfg.grad_accum).backward()
-                    real_mean, fake_mean = logits_real.detach().mean(), logits_fake.detach().mean()
-                else:
-                    d_loss, real_mean, fake_mean = zero, zero, zero
+            sync = world == 1 or last_micro  # DDP all-reduces gradients on the last micro-batch only
+            with (nullcontext() if sync else model.no_sync()), (nullcontext() if sync else disc.no_sync()):
+                out = losses_and_backward(model, disc, raw_model, raw_disc, lpips_fn, x, cfg, gan_on, autocast)
+            aux = out.pop("aux")
+            loss, d_loss = out["loss"], out["d_loss"]
             nonfinite = ~torch.isfinite(loss.detach() + d_loss.detach())
             first_bad_step.copy_(torch.where(nonfinite & (first_bad_step < 0), step + 1, first_bad_step))
             codes = aux["codes"].flatten()
             last_used.index_fill_(0, codes, step)
             code_counts.index_add_(0, codes, torch.ones_like(codes, dtype=torch.float))
-            metric_sums += torch.stack([loss.detach(), rec.detach(), perceptual.detach(), commit.detach(),
-                                        g_loss.detach(), d_loss.detach(), gan_weight, real_mean, fake_mean]).float()
+            metric_sums += torch.stack([out[name] for name in metric_names]).float()
             metric_count += 1
         opt_ae.step()
         opt_ae.zero_grad(set_to_none=True)
