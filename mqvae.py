@@ -562,8 +562,12 @@ def strip_compile_prefix(state_dict: dict) -> dict:
 def mqvae_from_checkpoint(ckpt: dict, device="cpu") -> MQVAE:
     """Rebuild an MQ-VAE from a checkpoint dict (stage 1, or the copy a Stackformer checkpoint embeds),
     loading every weight strictly, in eval mode."""
-    model = MQVAE(MQVAEConfig(**ckpt["mqvae_config"]))
-    model.load_state_dict(ckpt["mqvae"], strict=True)
+    try:
+        model = MQVAE(MQVAEConfig(**ckpt["mqvae_config"]))
+        model.load_state_dict(ckpt["mqvae"], strict=True)
+    except (TypeError, RuntimeError, KeyError) as e:
+        raise UserError(f"the MQ-VAE weights in the checkpoint do not match their config "
+                        f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     return model.to(device).eval()
 
 

@@ -674,9 +674,13 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, betas:
 def load_stackformer(path: str, device="cpu"):
     """-> (Stackformer in eval mode, MQ-VAE in eval mode, WordTokenizer or None, checkpoint dict).
     Every weight is loaded strictly; a wrong, missing or truncated file is a one-line UserError."""
-    from mqvae import load_checkpoint, mqvae_from_checkpoint
+    from mqvae import UserError, load_checkpoint, mqvae_from_checkpoint
     ckpt = load_checkpoint(path, "stackformer")
-    model = Stackformer(StackformerConfig(**ckpt["stackformer_config"]))
-    model.load_state_dict(ckpt["model"], strict=True)
+    try:
+        model = Stackformer(StackformerConfig(**ckpt["stackformer_config"]))
+        model.load_state_dict(ckpt["model"], strict=True)
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"{path}: the Stackformer weights do not match their config "
+                        f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
     tokenizer = WordTokenizer.from_dict(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
     return model.to(device).eval(), mqvae_from_checkpoint(ckpt, device), tokenizer, ckpt

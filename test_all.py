@@ -21,11 +21,12 @@ from PIL import Image
 import data
 import fid
 import mqvae
+import sample
 import stackformer
 import train_mqvae
 import train_stackformer
-from mqvae import MQVAE, PRESETS, MQVAEConfig, UserError
-from stackformer import Stackformer, StackformerConfig, WordTokenizer
+from mqvae import MQVAE, PRESETS, MQVAEConfig, UserError, run_main, save_checkpoint
+from stackformer import Stackformer, StackformerConfig, WordTokenizer, load_stackformer
 
 torch.set_num_threads(2)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1516,3 +1517,329 @@ def test_two_process_gloo_stage2_keeps_parameters_identical(stage1_ckpt, labelle
                                "--max-steps", "2"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "identical across 2 ranks" in r.stdout and "global batch 8" in r.stdout
+
+
+# -----------------------------------------------------------------------------
+# sample.py
+
+SP_N, SP_T, SP_GRID = 16, 64, 8
+SP_CLASSES = ["circle", "square", "triangle"]
+SP_CAPTIONS = ["a red circle on a dark background", "a blue square", "a green triangle and a red circle"]
+
+
+def write_checkpoint(path, cond="none", seed=0) -> str:
+    """A Stackformer checkpoint laid out as train_stackformer.py writes it, with tiny random models."""
+    torch.manual_seed(seed)
+    mq_config = MQVAEConfig(**mqvae.PRESETS["tiny"], resolution=16)
+    mq = MQVAE(mq_config).eval()
+    tokenizer = WordTokenizer.build(SP_CAPTIONS) if cond == "text" else None
+    extra = dict(num_classes=len(SP_CLASSES)) if cond == "class" else {}
+    if cond == "text":
+        extra = dict(text_vocab_size=tokenizer.vocab_size)
+    config = StackformerConfig(**stackformer.PRESETS["tiny"], codebook_size=64, num_positions=SP_T, seq_len=SP_N,
+                               cond=cond, **extra)
+    model = Stackformer(config)
+    with torch.no_grad():
+        # Fresh models barely react to their inputs: codes start at U(±1/V), so every code decodes
+        # to the same gray, and N(0, 0.02) weights leave a caption's words little say over the
+        # padding after them. Wider weights make codes, classes and captions change the pixels.
+        mq.quantizer.codebook.normal_(0.0, 1.0)
+        for module in model.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.2)
+    save_checkpoint(dict(kind="stackformer", stackformer_config=dataclasses.asdict(config), model=model.state_dict(),
+                         mqvae_config=dataclasses.asdict(mq_config), mqvae=mq.state_dict(),
+                         tokenizer=tokenizer.to_dict() if tokenizer else None,
+                         classes=SP_CLASSES if cond == "class" else None, image_size=16,
+                         train_config=dict(data="shapes"), step=123), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpts")
+    return {cond: write_checkpoint(folder / f"{cond}.pt", cond) for cond in ("none", "class", "text")}
+
+
+def run_sample(*args):
+    """sample.main in-process on CPU; returns its summary dict."""
+    return sample.main(["--device", "cpu", *map(str, args)])
+
+
+def npz_images(path):
+    with np.load(path, allow_pickle=False) as f:
+        return {key: f[key] for key in f.files}
+
+
+def folder_images(folder, n):
+    return np.stack([np.asarray(Image.open(os.path.join(folder, f"{i:06d}.png"))) for i in range(n)])
+
+
+def differing(a, b):
+    """How many images of a (B, H, W, 3) differ from their counterpart in b."""
+    return int((a != b).reshape(len(a), -1).any(axis=1).sum())
+
+
+# ---------------------------------------------------------------------------- reproducibility
+
+def test_same_seed_gives_identical_images_and_another_seed_different_ones(ckpts, tmp_path):
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        run_sample("--ckpt", ckpts["none"], "--n", 6, "--batch-size", 4, "--seed", seed, "--grid", "none",
+            "--npz", tmp_path / f"{name}.npz")
+    a, b, c = (npz_images(tmp_path / f"{name}.npz")["images"] for name in "abc")
+    assert a.shape == (6, 16, 16, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert differing(a, c) == 6
+    assert differing(a[:3], a[3:]) == 3          # and the images of one run differ from each other
+
+
+@pytest.mark.parametrize("n,batch_size,world", [(10, 4, 1), (10, 4, 3), (64, 64, 8), (5, 2, 8), (1, 64, 4),
+                                                (100, 7, 3), (50000, 64, 8), (0, 4, 2)])
+def test_shard_chunks_cover_every_index_exactly_once(n, batch_size, world):
+    shares = [sample.shard_chunks(n, batch_size, rank, world) for rank in range(world)]
+    indices = [i for share in shares for start, stop in share for i in range(start, stop)]
+    assert sorted(indices) == list(range(n))                              # no gaps, no duplicates
+    single = sample.shard_chunks(n, batch_size)
+    assert sorted(c for share in shares for c in share) == single         # the same chunks for any world
+    assert all(0 < stop - start <= batch_size and start % batch_size == 0 for start, stop in single)
+    sizes = [len(share) for share in shares]
+    assert max(sizes) - min(sizes) <= 1                                   # balanced to one chunk
+    assert all(start // batch_size % world == rank for rank, share in enumerate(shares) for start, _ in share)
+
+
+def test_an_image_depends_on_its_index_not_on_n_chunk_order_or_rank(ckpts):
+    model, mq, _, _ = load_stackformer(ckpts["class"])
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0])
+    reference = sample.sample_images(model, mq, 7, cond=labels, batch_size=3, seed=5)
+    shorter = sample.sample_images(model, mq, 5, cond=labels[:5], batch_size=3, seed=5)
+    assert np.array_equal(shorter, reference[:5])           # n = 5 cuts the chunk [3, 6) short; same pixels
+    # Rank 1 of 2 first, then rank 0, as two processes would: the same image at every index.
+    pieces = {}
+    for rank in (1, 0):
+        for start, stop in sample.shard_chunks(7, 3, rank, 2):
+            chunk = sample.sample_chunk(model, mq, start, stop, 3, labels[start:stop], seed=5)
+            pieces[start] = chunk.images.numpy()
+    assert np.array_equal(np.concatenate([pieces[s] for s in sorted(pieces)]), reference)
+    assert sample.chunk_seed(5, 0) != sample.chunk_seed(5, 3) != sample.chunk_seed(6, 0)
+
+
+def test_an_image_depends_only_on_its_own_condition(ckpts, tmp_path):
+    run_sample("--ckpt", ckpts["class"], "--n", 4, "--classes", "1,2", "--grid", "none", "--npz", tmp_path / "mixed.npz")
+    run_sample("--ckpt", ckpts["class"], "--n", 4, "--class-id", "square", "--grid", "none", "--npz", tmp_path / "ones.npz")
+    mixed, ones = npz_images(tmp_path / "mixed.npz"), npz_images(tmp_path / "ones.npz")
+    assert mixed["labels"].tolist() == [1, 2, 1, 2] and ones["labels"].tolist() == [1, 1, 1, 1]   # "square" is class 1
+    assert differing(mixed["images"][0::2], ones["images"][0::2]) == 0     # class 1 in both runs
+    assert differing(mixed["images"][1::2], ones["images"][1::2]) == 2     # class 2 vs class 1
+
+
+# ---------------------------------------------------------------------------- sampling controls
+
+@pytest.mark.parametrize("cond", ["none", "class", "text"])
+def test_kv_cache_and_full_recompute_give_the_same_tokens_under_greedy(ckpts, cond):
+    model, _, tokenizer, _ = load_stackformer(ckpts[cond])
+    c = {"none": None, "class": torch.tensor([0, 1, 2]), "text": tokenizer.encode_batch(SP_CAPTIONS) if tokenizer else None}[cond]
+    cached = model.generate(batch_size=3, cond=c, greedy=True, use_kv_cache=True)
+    full = model.generate(batch_size=3, cond=c, greedy=True, use_kv_cache=False)
+    assert torch.equal(cached[0], full[0]) and torch.equal(cached[1], full[1])
+
+
+def test_no_kv_cache_flag_writes_the_same_images_under_greedy(ckpts, tmp_path):
+    run_sample("--ckpt", ckpts["class"], "--n", 3, "--greedy", "--grid", "none", "--npz", tmp_path / "kv.npz")
+    run_sample("--ckpt", ckpts["class"], "--n", 3, "--greedy", "--no-kv-cache", "--grid", "none", "--npz", tmp_path / "full.npz")
+    kv, full = npz_images(tmp_path / "kv.npz")["images"], npz_images(tmp_path / "full.npz")["images"]
+    assert np.array_equal(kv, full)
+    assert differing(kv[:1], kv[1:2]) == 1            # greedy images still differ by class
+
+
+def test_sample_top_k_1_equals_greedy(ckpts, tmp_path):
+    run_sample("--ckpt", ckpts["none"], "--n", 4, "--top-k", 1, "--pos-top-k", 1, "--seed", 3, "--grid", "none",
+        "--npz", tmp_path / "k1.npz")
+    run_sample("--ckpt", ckpts["none"], "--n", 4, "--greedy", "--grid", "none", "--npz", tmp_path / "greedy.npz")
+    k1, greedy = npz_images(tmp_path / "k1.npz")["images"], npz_images(tmp_path / "greedy.npz")["images"]
+    assert np.array_equal(k1, greedy)
+    assert differing(k1[:1], k1[1:]) == 0             # no randomness left: one image, four times
+
+
+def test_increasing_positions_strictly_increase_and_unique_positions_are_distinct(ckpts):
+    model, mq, _, _ = load_stackformer(ckpts["none"])
+    _, increasing = sample.sample_images(model, mq, 5, batch_size=5, position_rule="increasing", return_positions=True)
+    _, unique = sample.sample_images(model, mq, 5, batch_size=5, position_rule="unique", return_positions=True)
+    assert increasing.shape == unique.shape == (5, SP_N)
+    assert (np.diff(increasing, axis=1) > 0).all() and increasing.min() >= 0 and increasing.max() < SP_T
+    assert all(len(set(row)) == SP_N for row in unique.tolist()) and unique.min() >= 0 and unique.max() < SP_T
+
+
+# ---------------------------------------------------------------------------- conditioning
+
+def test_different_classes_give_different_images_and_all_classes_is_one_per_class(ckpts, tmp_path):
+    for label in (0, 1):
+        run_sample("--ckpt", ckpts["class"], "--n", 4, "--class-id", label, "--grid", "none", "--npz", tmp_path / f"{label}.npz")
+    zero, one = npz_images(tmp_path / "0.npz")["images"], npz_images(tmp_path / "1.npz")["images"]
+    assert differing(zero, one) == 4
+    summary = run_sample("--ckpt", ckpts["class"], "--classes", "all", "--grid", "none", "--npz", tmp_path / "all.npz")
+    assert summary["n"] == 3 and npz_images(tmp_path / "all.npz")["labels"].tolist() == [0, 1, 2]
+    run_sample("--ckpt", ckpts["class"], "--n", 5, "--grid", "none", "--npz", tmp_path / "default.npz")
+    assert npz_images(tmp_path / "default.npz")["labels"].tolist() == [0, 1, 2, 0, 1]   # no flag: all classes, cycled
+
+
+def test_different_prompts_give_different_images(ckpts, tmp_path):
+    for name, prompt in (("red", "a red circle"), ("blue", "a blue square")):
+        run_sample("--ckpt", ckpts["text"], "--n", 3, "--prompt", prompt, "--grid", "none", "--npz", tmp_path / f"{name}.npz")
+    red, blue = npz_images(tmp_path / "red.npz"), npz_images(tmp_path / "blue.npz")
+    assert differing(red["images"], blue["images"]) == 3
+    assert red["prompts"].tolist() == ["a red circle"] * 3
+
+
+def test_prompts_file_gives_one_image_per_caption_and_warns_once_about_unknown_words(ckpts, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a zebra circle\n\na blue unicorn\n  a zebra square  \n")
+    summary = run_sample("--ckpt", ckpts["text"], "--prompts-file", prompts, "--grid", "none", "--npz", tmp_path / "p.npz")
+    assert summary["n"] == 3
+    assert npz_images(tmp_path / "p.npz")["prompts"].tolist() == ["a zebra circle", "a blue unicorn", "a zebra square"]
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "unicorn, zebra" in warnings[0]
+
+
+# ---------------------------------------------------------------------------- outputs
+
+def test_npz_png_folder_and_library_hold_the_same_pixels(ckpts, tmp_path, capsys):
+    summary = run_sample("--ckpt", ckpts["class"], "--n", 7, "--batch-size", 3, "--seed", 2, "--out-dir", tmp_path / "png",
+                  "--npz", tmp_path / "s.npz", "--grid", tmp_path / "grid.png")
+    stored = npz_images(tmp_path / "s.npz")
+    pngs = folder_images(tmp_path / "png", 7)
+    assert stored["images"].shape == (7, 16, 16, 3) and np.array_equal(stored["images"], pngs)
+    assert sorted(os.listdir(tmp_path / "png")) == [f"{i:06d}.png" for i in range(7)] + ["sample_config.json"]
+    model, mq, _, _ = load_stackformer(ckpts["class"])
+    library = sample.sample_images(model, mq, 7, cond=torch.tensor([0, 1, 2] * 3)[:7], batch_size=3, seed=2)
+    assert np.array_equal(library, pngs)
+    grid = np.asarray(Image.open(tmp_path / "grid.png"))
+    assert grid.shape == (2 + 3 * 18, 2 + 3 * 18, 3)             # 7 images, 3 columns (one class each), 2px padding
+    assert np.array_equal(grid[2:18, 2:18], pngs[0]) and np.array_equal(grid[20:36, 2:18], pngs[3])
+    out = capsys.readouterr().out
+    assert summary["generated"] == 7 and "done: 7 images sampled" in out and "img/s" in out
+
+
+def test_skip_existing_regenerates_nothing_that_exists_and_resumes_to_the_uninterrupted_folder(ckpts, tmp_path):
+    common = ("--ckpt", ckpts["none"], "--batch-size", 4, "--seed", 1, "--grid", "none")
+    run_sample(*common, "--n", 10, "--out-dir", tmp_path / "full")
+    full = folder_images(tmp_path / "full", 10)
+    # Interrupted after 6 images: chunk [0, 4) is complete, chunk [4, 8) has two of its four PNGs.
+    run_sample(*common, "--n", 6, "--out-dir", tmp_path / "resumed")
+    first_chunk = [tmp_path / "resumed" / f"{i:06d}.png" for i in range(4)]
+    before = [(os.stat(f).st_ino, os.stat(f).st_mtime_ns) for f in first_chunk]
+    summary = run_sample(*common, "--n", 10, "--out-dir", tmp_path / "resumed", "--skip-existing", "--npz", tmp_path / "r.npz")
+    assert (summary["skipped"], summary["generated"]) == (4, 6)
+    assert [(os.stat(f).st_ino, os.stat(f).st_mtime_ns) for f in first_chunk] == before    # not rewritten
+    assert np.array_equal(folder_images(tmp_path / "resumed", 10), full)
+    assert np.array_equal(npz_images(tmp_path / "r.npz")["images"], full)       # skipped chunks read back
+    again = run_sample(*common, "--n", 10, "--out-dir", tmp_path / "resumed", "--skip-existing")
+    assert (again["skipped"], again["generated"]) == (10, 0)
+
+
+def test_skip_existing_refuses_a_folder_sampled_with_other_settings(ckpts, tmp_path, capsys):
+    run_sample("--ckpt", ckpts["none"], "--n", 2, "--grid", "none", "--out-dir", tmp_path / "png")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(sample.main, ["--device", "cpu", "--ckpt", ckpts["none"], "--n", "4", "--seed", "9", "--grid", "none",
+                               "--out-dir", str(tmp_path / "png"), "--skip-existing"])
+    assert exit_info.value.code == 2 and "seed differ" in capsys.readouterr().err
+
+
+def test_show_positions_writes_a_second_grid_with_cells_without_code_dimmed(ckpts, tmp_path):
+    summary = run_sample("--ckpt", ckpts["none"], "--n", 4, "--grid", tmp_path / "g.png", "--show-positions")
+    assert summary["positions_grid"] == str(tmp_path / "g_positions.png")
+    plain, marked = np.asarray(Image.open(tmp_path / "g.png")), np.asarray(Image.open(tmp_path / "g_positions.png"))
+    assert plain.shape == marked.shape == (2 + 2 * 18, 2 + 2 * 18, 3)
+    model, mq, _, _ = load_stackformer(ckpts["none"])
+    images, positions = sample.sample_images(model, mq, 4, return_positions=True)
+    expected = sample.image_grid(sample.mark_positions(images, positions, SP_GRID), 2)
+    assert np.array_equal(marked, expected)
+    # On a white image: the N kept cells (2×2 pixels each, f = 2) stay white, the rest is dimmed to 30 %.
+    white = np.full((1, 16, 16, 3), 255, np.uint8)
+    kept = sample.mark_positions(white, positions[:1], SP_GRID)
+    assert (kept == 255).all(axis=-1).sum() == SP_N * 4 and (kept == 76).all(axis=-1).sum() == (SP_T - SP_N) * 4
+
+
+def test_default_grid_goes_next_to_the_checkpoint_only_for_small_n(tmp_path):
+    ckpt = write_checkpoint(tmp_path / "ckpt.pt")
+    summary = run_sample("--ckpt", ckpt, "--n", 2)
+    assert summary["grid"] == str(tmp_path / "samples.png") and os.path.isfile(tmp_path / "samples.png")
+    summary = run_sample("--ckpt", ckpt, "--n", 257, "--batch-size", 257, "--npz", tmp_path / "big.npz")
+    assert summary["grid"] is None
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def bad_cases(ckpts, tmp_path):
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(open(ckpts["none"], "rb").read()[:5000])
+    stage1 = tmp_path / "mqvae.pt"
+    mq_config = MQVAEConfig(**mqvae.PRESETS["tiny"], resolution=16)
+    save_checkpoint(dict(kind="mqvae", mqvae_config=dataclasses.asdict(mq_config), mqvae=MQVAE(mq_config).state_dict()),
+                    str(stage1))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    return [
+        (["--ckpt", tmp_path / "missing.pt"], "checkpoint not found"),
+        (["--ckpt", truncated], "cannot read checkpoint"),
+        (["--ckpt", stage1], "is an MQ-VAE (stage-1) checkpoint"),
+        (["--ckpt", ckpts["class"], "--class-id", 3], "class id 3 is out of range: this model has 3 classes, valid ids 0..2"),
+        (["--ckpt", ckpts["class"], "--classes", "0,oval"], "unknown class 'oval'"),
+        (["--ckpt", ckpts["none"], "--class-id", 0], "--class-id needs a class-conditional model, but this checkpoint is unconditional"),
+        (["--ckpt", ckpts["text"], "--classes", "all"], "--classes needs a class-conditional model, but this checkpoint is text-conditional"),
+        (["--ckpt", ckpts["class"], "--prompt", "a dog"], "--prompt needs a text-conditional model"),
+        (["--ckpt", ckpts["none"], "--prompt", "a dog"], "--prompt needs a text-conditional model"),
+        (["--ckpt", ckpts["text"]], "give --prompt TEXT or --prompts-file FILE"),
+        (["--ckpt", ckpts["text"], "--prompts-file", tmp_path / "missing.txt"], "prompts file not found"),
+        (["--ckpt", ckpts["text"], "--prompts-file", empty], "holds no prompts"),
+        (["--ckpt", ckpts["none"], "--out-dir", a_file / "png"], "cannot write images to"),
+        (["--ckpt", ckpts["none"], "--npz", a_file / "s.npz"], "cannot write the .npz to"),
+        (["--ckpt", ckpts["none"], "--n", 0], "--n/--num-samples must be positive, got 0"),
+        (["--ckpt", ckpts["none"], "--batch-size", -1], "--batch-size must be positive, got -1"),
+        (["--ckpt", ckpts["none"], "--skip-existing"], "--skip-existing needs --out-dir"),
+        (["--ckpt", ckpts["none"], "--grid", "none"], "nothing to write"),
+    ]
+
+
+def test_each_bad_input_is_one_error_line_with_exit_code_2_before_any_sampling(ckpts, tmp_path, capsys, monkeypatch):
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampling started before the input was checked")
+    monkeypatch.setattr(sample, "sample_chunk", no_sampling)
+    for args, message in bad_cases(ckpts, tmp_path):
+        with pytest.raises(SystemExit) as exit_info:
+            run_main(sample.main, ["--device", "cpu", *map(str, args)])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2, args
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, lines)
+
+
+def test_bad_input_from_the_shell_prints_no_traceback(ckpts, tmp_path):
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(open(ckpts["class"], "rb").read()[:5000])
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    for args in (["--ckpt", str(truncated)], ["--ckpt", ckpts["class"], "--class-id", "1000"]):
+        result = subprocess.run([sys.executable, "sample.py", *args], cwd=HERE, env=env, capture_output=True, text=True)
+        assert result.returncode == 2
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+        assert result.stderr.startswith("error: ")
+
+
+# ---------------------------------------------------------------------------- several processes
+
+def test_torchrun_ranks_write_the_same_npz_pngs_and_grids_as_one_process(ckpts, tmp_path):
+    # 10 images in chunks of 3: rank 0 samples [0, 3) and [6, 9), rank 1 [3, 6) and [9, 10).
+    common = ["--ckpt", ckpts["class"], "--num-samples", "10", "--batch-size", "3", "--show-positions"]
+    run_sample(*common, "--npz", tmp_path / "one.npz", "--grid", tmp_path / "one.png")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "sample.py", *common, "--npz", str(tmp_path / "two.npz"), "--grid", str(tmp_path / "two.png"),
+                             "--out-dir", str(tmp_path / "png")], cwd=HERE, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    one, two = npz_images(tmp_path / "one.npz"), npz_images(tmp_path / "two.npz")
+    assert np.array_equal(one["images"], two["images"]) and two["labels"].tolist() == [0, 1, 2] * 3 + [0]
+    assert np.array_equal(folder_images(tmp_path / "png", 10), one["images"])
+    for name in ("", "_positions"):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / f"one{name}.png")),
+                              np.asarray(Image.open(tmp_path / f"two{name}.png")))
+    assert not [f for f in os.listdir(tmp_path) if ".part" in f or f.endswith(".tmp")]   # parts merged and removed

@@ -1,0 +1,648 @@
+"""
+Sample images from a trained Stackformer (stage 2) and decode them with the MQ-VAE it embeds.
+
+Every image is N (code, position) pairs drawn autoregressively by Stackformer.generate(): at each
+step the Code-Transformer picks the next code v_{t+1}, then the Position-Transformer picks where
+it goes, p_{t+1}. The MQ-VAE's adaptive de-mask then fills the T − N latent positions that got no
+code (with its learned mask token and the μ-scaled attention) and the decoder turns the H×W grid
+into pixels. The checkpoint holds everything: both models, the tokenizer and the class names.
+
+    python sample.py --ckpt out/stackformer-shapes/ckpt.pt            # 64 samples -> out/stackformer-shapes/samples.png
+    python sample.py --ckpt out/stackformer-shapes/ckpt.pt --device cpu --n 16 --batch-size 16 --show-positions   # CPU smoke run
+    python sample.py --ckpt out/stackformer-ffhq/ckpt.pt --n 50000 --out-dir out/samples-ffhq    # one GPU, PNGs for fid.py
+    torchrun --standalone --nproc_per_node=8 sample.py --ckpt out/stackformer-ffhq/ckpt.pt --num-samples 50000 --npz samples.npz
+    python sample.py --ckpt out/stackformer-imagenet/ckpt.pt --class-id 207 --n 16      # class-conditional, one class
+    torchrun --standalone --nproc_per_node=8 sample.py --ckpt out/stackformer-imagenet/ckpt.pt \\
+        --classes all --num-samples 50000 --npz imagenet.npz                          # 50 per class, for FID
+    python sample.py --ckpt out/stackformer-coco/ckpt.pt --prompt "a man riding a wave" --n 16   # text-conditional
+    python sample.py --ckpt out/stackformer-coco/ckpt.pt --prompts-file captions.txt --npz coco.npz   # one image per caption
+    python fid.py samples.npz ref_stats.npz
+
+--n is short for --num-samples; under torchrun write --num-samples, since torchrun's own parser
+rejects --n as an ambiguous abbreviation of its flags (--nnodes, --nproc-per-node, ...).
+
+Outputs: a grid PNG of the first ≤ 256 images (--grid; on by default for n ≤ 256), a folder of
+000000.png, 000001.png, ... named by global sample index (--out-dir) and/or one uint8 (n, H, W, 3)
+array `images` in an .npz (--npz, with `labels` or `prompts` for conditional models): what
+fid.py reads. --show-positions adds <grid>_positions.png with the latent cells that got no code
+dimmed: the regions the model chose not to spend codes on.
+
+Reproducibility. Sample indices 0..n-1 are cut into chunks [0, B), [B, 2B), ... of --batch-size B,
+and each chunk is one generate() call whose torch.Generator is seeded from (--seed, chunk start)
+alone. Every chunk runs at the full batch size B (the last one is padded and the extra images are
+dropped), so every generate() call has the same shapes. Hence image i depends on the checkpoint,
+the seed, B, its own condition, the sampling flags, --dtype and the device type, and on nothing
+else: not on n, not on the number of torchrun ranks (chunk k goes to rank k % world), and not on
+--skip-existing (a resumed folder equals an uninterrupted one). Changing --batch-size changes the
+images, because one generator feeds all rows of a chunk.
+"""
+
+import argparse
+import hashlib
+import inspect
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import List, NamedTuple, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from mqvae import UserError, check, cleanup_distributed, config_to_parser, run_main, setup_distributed
+from stackformer import load_stackformer
+
+
+# -----------------------------------------------------------------------------
+# Configuration: every default in one place; --help shows the comment of each field.
+
+@dataclass
+class SampleConfig:
+    ckpt: str = ""                          # Stackformer checkpoint written by train_stackformer.py (required)
+    num_samples: Optional[int] = None       # images to sample, --n for short (64; the number of classes with --classes all, of prompts with --prompts-file)
+    batch_size: int = 64                    # images per generate() call; part of the seed rule, so changing it changes the images
+    seed: int = 0                           # chunk starting at sample i is seeded from (seed, i)
+    # outputs
+    grid: Optional[str] = None              # grid PNG of the first <= 256 images (default <ckpt dir>/samples.png when n <= 256; 'none' = off)
+    out_dir: Optional[str] = None           # folder of 000000.png, 000001.png, ... by global sample index (what fid.py reads)
+    npz: Optional[str] = None               # .npz with uint8 (n, H, W, 3) 'images' (+ 'labels' or 'prompts'), what fid.py reads
+    show_positions: bool = False            # also write <grid stem>_positions.png: latent cells that got no code dimmed
+    skip_existing: bool = False             # with --out-dir: chunks whose PNGs all exist are not sampled again (resume)
+    # conditioning
+    class_id: Optional[str] = None          # class-conditional: every image this class (an index, or a name the checkpoint stores)
+    classes: Optional[str] = None           # class-conditional: '0,1,2' cycled over the images, or 'all'; no class flag = cycle over all classes
+    prompt: Optional[str] = None            # text-conditional: every image this caption
+    prompts_file: Optional[str] = None      # text-conditional: one caption per line (blank lines skipped), cycled
+    # sampling (defaults of the official code)
+    temperature: float = 1.0                # code logits are divided by this
+    top_k: int = 100                        # codes: keep the k most likely (0 = off)
+    top_p: float = 0.95                     # codes: nucleus mass (1 = off)
+    pos_temperature: Optional[float] = None  # position logits are divided by this (default: --temperature)
+    pos_top_k: int = 10                     # positions: keep the k most likely (0 = off)
+    pos_top_p: float = 0.95                 # positions: nucleus mass (1 = off)
+    position_rule: Optional[str] = None     # increasing | unique (default: the model's own, increasing after raster-order training, unique after importance-order)
+    greedy: bool = False                    # argmax everywhere, ignoring temperatures and filters (images then differ only by condition)
+    kv_cache: bool = True                   # --no-kv-cache recomputes the whole prefix each step (reference path, slow)
+    # run
+    device: Optional[str] = None            # default cuda if available; under torchrun every rank uses cuda:LOCAL_RANK
+    dtype: str = "bf16"                     # bf16 | fp32: Stackformer weights on CUDA (CPU runs fp32; decoding always fp32)
+    compile: bool = False                   # torch.compile the MQ-VAE de-mask and decoder (the Stackformer step loop is not compiled)
+
+
+GRID_MAX = 256              # images in a grid at most; also the largest n that gets a grid by default
+PROGRESS_EVERY_S = 5.0      # seconds between progress lines
+
+
+def field_comments(cls) -> dict:
+    """The comment after each field of a config dataclass, so that --help says what the code says."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2)
+    return comments
+
+
+def parse_config(argv) -> SampleConfig:
+    parser = config_to_parser(SampleConfig(), __doc__.strip().split("\n\n")[0], field_comments(SampleConfig))
+    parser.add_argument("--n", dest="num_samples", type=int, default=argparse.SUPPRESS, metavar="N",
+                        help="short for --num-samples (not under torchrun, which takes --n for one of its own flags)")
+    return SampleConfig(**vars(parser.parse_args(argv)))
+
+
+def validate(cfg: SampleConfig):
+    """Flag checks that need no checkpoint; they run before anything is loaded."""
+    check(bool(cfg.ckpt), "--ckpt is required: a Stackformer checkpoint written by train_stackformer.py")
+    check(cfg.num_samples is None or cfg.num_samples > 0, f"--n/--num-samples must be positive, got {cfg.num_samples}")
+    check(cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}")
+    check(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")
+    check(cfg.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
+    check(cfg.position_rule in (None, "increasing", "unique"),
+          f"--position-rule must be increasing or unique, got {cfg.position_rule!r}")
+    for name in ("temperature", "pos_temperature"):
+        value = getattr(cfg, name)
+        check(value is None or value > 0 or cfg.greedy,
+              f"--{name.replace('_', '-')} must be positive (use --greedy for argmax), got {value}")
+    for name in ("top_k", "pos_top_k"):
+        check(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 (0 = off), got {getattr(cfg, name)}")
+    for name in ("top_p", "pos_top_p"):
+        check(0 < getattr(cfg, name) <= 1, f"--{name.replace('_', '-')} must lie in (0, 1] (1 = off), got {getattr(cfg, name)}")
+    check(cfg.class_id is None or cfg.classes is None, "give --class-id or --classes, not both")
+    check(cfg.prompt is None or cfg.prompts_file is None, "give --prompt or --prompts-file, not both")
+    check(not cfg.skip_existing or cfg.out_dir, "--skip-existing needs --out-dir (it looks for the PNGs there)")
+    check(cfg.npz is None or cfg.npz.endswith(".npz"), f"--npz must end in .npz (fid.py tells files apart by suffix), got {cfg.npz}")
+
+
+# -----------------------------------------------------------------------------
+# Which images go where: chunks, their seeds, and their share of the ranks
+
+def shard_chunks(n: int, batch_size: int, rank: int = 0, world: int = 1) -> List[Tuple[int, int]]:
+    """Chunks (start, stop) of the sample indices 0..n-1 that `rank` of `world` generates.
+
+    The chunks are [0, B), [B, 2B), ..., the last one cut at n; chunk k goes to rank k % world, so
+    the ranks' shares are disjoint, cover 0..n-1, differ by at most one chunk, and the chunks
+    themselves do not depend on the number of ranks.
+    """
+    if n < 0 or batch_size <= 0 or not 0 <= rank < world:
+        raise ValueError(f"need n >= 0, batch_size > 0 and 0 <= rank < world; got {n}, {batch_size}, {rank}, {world}")
+    starts = range(0, n, batch_size)
+    return [(start, min(start + batch_size, n)) for k, start in enumerate(starts) if k % world == rank]
+
+
+def chunk_seed(seed: int, start: int) -> int:
+    """Seed of the chunk whose first sample is `start`. SeedSequence hashes the pair, so nearby
+    (seed, start) pairs get unrelated streams and no two pairs collide in practice."""
+    return int(np.random.SeedSequence([seed, start]).generate_state(1, dtype=np.uint64)[0])
+
+
+# -----------------------------------------------------------------------------
+# Conditions: image i is conditioned on cycle[i % len(cycle)]
+
+@dataclass
+class Conditioning:
+    mode: str                               # none | class | text
+    cycle: list                             # class ids or prompts; [] when unconditional
+    tokens: Optional[torch.Tensor] = None   # (len(cycle), text_len) caption ids, text mode
+    note: str = ""                          # how the flags were read, for the log
+
+    def rows(self, start: int, stop: int) -> Optional[torch.Tensor]:
+        """The condition of samples start..stop-1: labels (B,), caption ids (B, L), or None."""
+        if self.mode == "none":
+            return None
+        which = torch.arange(start, stop) % len(self.cycle)
+        return torch.tensor(self.cycle, dtype=torch.long)[which] if self.mode == "class" else self.tokens[which]
+
+    def per_image(self, n: int) -> dict:
+        """What the .npz stores next to the images: labels (n,) int64 or prompts (n,) str."""
+        which = np.arange(n) % max(len(self.cycle), 1)
+        if self.mode == "class":
+            return {"labels": np.asarray(self.cycle, dtype=np.int64)[which]}
+        if self.mode == "text":
+            return {"prompts": np.asarray(self.cycle, dtype=str)[which]}
+        return {}
+
+
+def parse_class(token: str, num_classes: int, names: Optional[List[str]]) -> int:
+    token = token.strip()
+    if re.fullmatch(r"[+-]?\d+", token):
+        label = int(token)
+        check(0 <= label < num_classes,
+              f"class id {label} is out of range: this model has {num_classes} classes, valid ids 0..{num_classes - 1}")
+        return label
+    check(names is not None, f"class {token!r} is not a number and the checkpoint stores no class names; "
+                             f"give an id in 0..{num_classes - 1}")
+    if token not in names:
+        shown = ", ".join(names[:10]) + (f", ... ({len(names)} in all)" if len(names) > 10 else "")
+        raise UserError(f"unknown class {token!r}; the checkpoint's classes are: {shown}")
+    return names.index(token)
+
+
+def read_prompts(path: str) -> List[str]:
+    check(os.path.isfile(path), f"prompts file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            prompts = [line.strip() for line in fh if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read prompts file {path}: {e}") from None
+    check(len(prompts) > 0, f"prompts file {path} holds no prompts (one caption per line)")
+    return prompts
+
+
+def resolve_conditioning(cfg: SampleConfig, model_config, tokenizer, class_names) -> Conditioning:
+    """Check the conditioning flags against the checkpoint's kind of model and turn them into a cycle."""
+    mode = model_config.cond
+    class_flag = "--class-id" if cfg.class_id is not None else "--classes" if cfg.classes is not None else None
+    text_flag = "--prompt" if cfg.prompt is not None else "--prompts-file" if cfg.prompts_file is not None else None
+    kinds = {"none": "unconditional", "class": f"class-conditional ({model_config.num_classes} classes)",
+             "text": "text-conditional"}
+    if class_flag and mode != "class":
+        raise UserError(f"{class_flag} needs a class-conditional model, but this checkpoint is {kinds[mode]}"
+                        + ("; give --prompt or --prompts-file" if mode == "text" else ""))
+    if text_flag and mode != "text":
+        raise UserError(f"{text_flag} needs a text-conditional model, but this checkpoint is {kinds[mode]}")
+    if mode == "none":
+        return Conditioning("none", [], note="unconditional")
+    if mode == "class":
+        K = model_config.num_classes
+        if cfg.class_id is not None:
+            cycle, note = [parse_class(cfg.class_id, K, class_names)], f"class {cfg.class_id}"
+        elif cfg.classes is None or cfg.classes.strip() == "all":
+            cycle = list(range(K))
+            note = "all classes, cycled" + ("" if cfg.classes else " (no class flag given)")
+        else:
+            tokens = [t for t in cfg.classes.split(",") if t.strip()]
+            check(len(tokens) > 0, "--classes is empty: give ids like 0,1,2 or 'all'")
+            cycle, note = [parse_class(t, K, class_names) for t in tokens], f"classes {cfg.classes}, cycled"
+        return Conditioning("class", cycle, note=note)
+    # text
+    check(text_flag is not None, "this checkpoint is text-conditional: give --prompt TEXT or --prompts-file FILE")
+    check(tokenizer is not None, "this text-conditional checkpoint stores no tokenizer")
+    prompts = [cfg.prompt] if cfg.prompt is not None else read_prompts(cfg.prompts_file)
+    note = f"prompt {cfg.prompt!r}" if cfg.prompt is not None else f"{len(prompts)} prompts from {cfg.prompts_file}, cycled"
+    return Conditioning("text", prompts, tokens=tokenizer.encode_batch(prompts), note=note)
+
+
+def text_warnings(prompts: List[str], tokenizer) -> List[str]:
+    """Words the tokenizer does not know (they become <unk>) and captions longer than its text_len."""
+    words = tokenizer.split
+    unknown = sorted({w for p in prompts for w in words(p) if w not in tokenizer.word_to_id})
+    long = sum(len(words(p)) > tokenizer.text_len for p in prompts)
+    messages = []
+    if unknown:
+        shown = ", ".join(unknown[:20]) + (f", ... ({len(unknown)} in all)" if len(unknown) > 20 else "")
+        messages.append(f"words not in the tokenizer's vocabulary, encoded as <unk>: {shown}")
+    if long:
+        messages.append(f"{long} prompt(s) longer than {tokenizer.text_len} words were truncated")
+    return messages
+
+
+# -----------------------------------------------------------------------------
+# Sampling: one chunk per generate() call
+
+class Chunk(NamedTuple):
+    images: torch.Tensor        # (B, H, W, 3) uint8, CPU
+    positions: torch.Tensor     # (B, N) int64 raster positions, CPU
+    token_seconds: float        # generate() alone
+    decode_seconds: float       # de-mask + decoder + conversion to uint8
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] (not clamped) -> (B, H, W, 3) uint8, round((x + 1)·127.5)."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def sampling_kwargs(cfg: SampleConfig) -> dict:
+    """The generate() arguments the flags set."""
+    return dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, pos_temperature=cfg.pos_temperature,
+                pos_top_k=cfg.pos_top_k, pos_top_p=cfg.pos_top_p, position_rule=cfg.position_rule,
+                greedy=cfg.greedy, use_kv_cache=cfg.kv_cache)
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def sample_chunk(model, mqvae, start: int, stop: int, batch_size: int, cond: Optional[torch.Tensor], seed: int,
+                 **sampling) -> Chunk:
+    """Samples start..stop-1 (stop - start ≤ batch_size) from one generate() call of batch_size rows.
+
+    The rows past stop are padding: they repeat the last condition and are thrown away. Rows never
+    interact (attention, norms and the sampler are per row), so padding changes no real image;
+    it only keeps every call at the same shapes, which makes the generator's draws per row, and
+    the kernels chosen on CUDA, the same for a chunk wherever it is cut.
+    """
+    device = model.code_emb.weight.device
+    count = stop - start
+    if not 0 < count <= batch_size:
+        raise ValueError(f"chunk {start}..{stop} does not fit a batch of {batch_size}")
+    if cond is not None:
+        cond = torch.cat([cond, cond[-1:].expand(batch_size - count, *cond.shape[1:])]).to(device)   # (B,) or (B, L)
+    generator = torch.Generator(device=device).manual_seed(chunk_seed(seed, start))
+    _sync(device)
+    t0 = time.perf_counter()
+    codes, positions = model.generate(batch_size=batch_size, cond=cond, generator=generator, **sampling)  # (B, N) each
+    _sync(device)
+    t1 = time.perf_counter()
+    # The decoder runs in fp32: it costs one forward pass against the Stackformer's N sequential
+    # steps, and a bf16 output has 8 mantissa bits, enough to move pixels by one uint8 level.
+    images = to_uint8(mqvae.decode(codes, positions))[:count].cpu()                   # (count, H, W, 3)
+    t2 = time.perf_counter()
+    return Chunk(images, positions[:count].cpu(), t1 - t0, t2 - t1)
+
+
+def sample_images(model, mqvae, n: int, cond: Optional[torch.Tensor] = None, batch_size: int = 64, seed: int = 0,
+                  return_positions: bool = False, **sampling):
+    """n images as a uint8 (n, H, W, 3) numpy array; image i equals the i-th image sample.py writes
+    with the same seed, batch size and flags. cond: None, labels (n,) or caption ids (n, L).
+    sampling: generate()'s arguments (temperature, top_k, ..., use_kv_cache). With return_positions,
+    also the (n, N) latent positions each image got its codes at."""
+    images, positions = [], []
+    for start, stop in shard_chunks(n, batch_size):
+        chunk = sample_chunk(model, mqvae, start, stop, batch_size, None if cond is None else cond[start:stop],
+                             seed, **sampling)
+        images.append(chunk.images)
+        positions.append(chunk.positions)
+    images = torch.cat(images).numpy()
+    return (images, torch.cat(positions).numpy()) if return_positions else images
+
+
+# -----------------------------------------------------------------------------
+# Files: atomic writes, grids
+
+def png_path(out_dir: str, index: int) -> str:
+    return os.path.join(out_dir, f"{index:06d}.png")
+
+
+def write_png(array: np.ndarray, path: str):
+    """Atomic: a crash leaves either no file or a whole one, so --skip-existing can trust what exists."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_png(path: str, size: int) -> np.ndarray:
+    """An image --skip-existing found, checked to be one of ours."""
+    try:
+        with Image.open(path) as img:
+            image = np.asarray(img.convert("RGB"))
+    except Exception as e:
+        raise UserError(f"cannot read existing {path} ({type(e).__name__}); delete it or run without --skip-existing") from None
+    check(image.shape == (size, size, 3), f"existing {path} is {image.shape[1]}x{image.shape[0]}, not {size}x{size}; "
+                                          f"delete it or run without --skip-existing")
+    return image
+
+
+def write_npz(path: str, arrays: dict):
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror or e}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_writable(folder: str, what: str):
+    """Create the folder and a file in it now, so a bad path fails before the sampling, not after."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write {what} to {folder}: {e.strerror or e}") from None
+
+
+def image_grid(images: np.ndarray, columns: int, padding: int = 2) -> np.ndarray:
+    """(B, H, W, 3) uint8 -> one (rows·(H+p)+p, columns·(W+p)+p, 3) image on white."""
+    B, H, W, C = images.shape
+    rows = math.ceil(B / columns)
+    grid = np.full((rows * (H + padding) + padding, columns * (W + padding) + padding, C), 255, np.uint8)
+    for i, image in enumerate(images):
+        top, left = padding + (i // columns) * (H + padding), padding + (i % columns) * (W + padding)
+        grid[top:top + H, left:left + W] = image
+    return grid
+
+
+def grid_columns(count: int, period: int) -> int:
+    """About square; a multiple of the condition's period when it is short, so each column holds one condition."""
+    columns = math.ceil(math.sqrt(count))
+    if 1 < period <= 16:
+        columns = math.ceil(columns / period) * period
+    return min(columns, count)
+
+
+def mark_positions(images: np.ndarray, positions: np.ndarray, grid_size: int, dim: float = 0.3) -> np.ndarray:
+    """The images with every latent cell that got no code dimmed to `dim` of its brightness:
+    (B, H, W, 3) uint8, positions (B, N) raster indices on the grid_size × grid_size latent grid."""
+    B, H, W, _ = images.shape
+    kept = np.zeros((B, grid_size * grid_size), dtype=bool)
+    np.put_along_axis(kept, positions, True, axis=1)
+    kept = kept.reshape(B, grid_size, grid_size)
+    kept = kept.repeat(H // grid_size, axis=1).repeat(W // grid_size, axis=2)[..., None]    # (B, H, W, 1), nearest
+    return np.where(kept, images, (images * dim).round().astype(np.uint8))
+
+
+# -----------------------------------------------------------------------------
+# The script
+
+def main(argv=None) -> dict:
+    cfg = parse_config(argv)
+    validate(cfg)
+    rank, world, local_rank, device = setup_distributed()
+    try:
+        return sample(cfg, rank, world, device)
+    finally:
+        cleanup_distributed()
+
+
+def pick_device(cfg: SampleConfig, world: int, device: torch.device) -> torch.device:
+    if world > 1 or cfg.device is None:
+        return device   # torchrun: setup_distributed gave this rank cuda:LOCAL_RANK (CPU without CUDA)
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        raise UserError(f"unknown device {cfg.device!r} (cpu, cuda, cuda:1, ...)") from None
+    check(device.type != "cuda" or torch.cuda.is_available(), f"--device {cfg.device}: CUDA is not available here")
+    return device
+
+
+def load_models(path: str, device: torch.device):
+    try:
+        model, mqvae, tokenizer, ckpt = load_stackformer(path, device)
+    except (RuntimeError, KeyError, TypeError, ValueError) as e:   # config or weights that do not fit this code
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"cannot rebuild the models from {path}: {type(e).__name__}: {first}") from None
+    mcfg, scfg = mqvae.config, model.config
+    check((scfg.codebook_size, scfg.num_positions, scfg.seq_len) == (mcfg.codebook_size, mcfg.num_tokens, mcfg.seq_len),
+          f"{path}: the Stackformer (V={scfg.codebook_size}, T={scfg.num_positions}, N={scfg.seq_len}) does not fit "
+          f"its MQ-VAE (V={mcfg.codebook_size}, T={mcfg.num_tokens}, N={mcfg.seq_len})")
+    return model, mqvae, tokenizer, ckpt
+
+
+def sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> dict:
+    master = rank == 0
+    log = print if master else (lambda *a, **k: None)
+    device = pick_device(cfg, world, device)
+    model, mqvae, tokenizer, ckpt = load_models(cfg.ckpt, device)
+    if device.type == "cuda" and cfg.dtype == "bf16":
+        # bf16 weights rather than autocast: generate() then replays its steps as one CUDA graph
+        # (autocast's weight-cast cache does not mix with graph capture). Sampling stays in fp32.
+        model.to(torch.bfloat16)
+    cond = resolve_conditioning(cfg, model.config, tokenizer, ckpt.get("classes"))
+    if cond.mode == "text" and master:
+        for message in text_warnings(cond.cycle, tokenizer):
+            print(f"warning: {message}", file=sys.stderr)
+
+    # How many, and where they go.
+    n = cfg.num_samples
+    if n is None:
+        n = len(cond.cycle) if (cond.mode == "class" and cfg.classes == "all") or cfg.prompts_file else 64
+    grid = cfg.grid
+    if grid is None and n <= GRID_MAX:
+        grid = os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "samples.png")
+    grid = None if grid is None or grid.lower() == "none" else grid
+    check(grid or cfg.out_dir or cfg.npz, "nothing to write: give --out-dir, --npz or --grid"
+          + (f" (n = {n} > {GRID_MAX} gets no grid by default)" if cfg.grid is None else ""))
+    check(not cfg.show_positions or grid, "--show-positions draws on the grid, which is off; give --grid PATH")
+    positions_grid = os.path.splitext(grid)[0] + "_positions.png" if grid and cfg.show_positions else None
+    grid_what = "the grid" + (" (by default next to the checkpoint; give --grid PATH or --grid none)" if cfg.grid is None else "")
+    for folder, what in ((cfg.out_dir, "images"), (grid and os.path.dirname(os.path.abspath(grid)), grid_what),
+                         (cfg.npz and os.path.dirname(os.path.abspath(cfg.npz)), "the .npz")):
+        if folder:
+            check_writable(folder, what)
+    for path in (grid, cfg.npz):
+        check(not path or not os.path.isdir(path), f"{path} is a folder; give a file name")
+
+    # What was sampled how: printed, stored in the .npz and next to the PNGs.
+    sampling = sampling_kwargs(cfg)
+    conditions = hashlib.sha256(json.dumps(cond.cycle).encode()).hexdigest()[:16]
+    record = dict(ckpt=os.path.abspath(cfg.ckpt), ckpt_step=ckpt.get("step"), seed=cfg.seed, batch_size=cfg.batch_size,
+                  conditions_sha256=conditions, dtype=cfg.dtype if device.type == "cuda" else "fp32",
+                  device_type=device.type, **{k: v for k, v in sampling.items() if k != "use_kv_cache"})
+    record.update(n=n, conditioning=cond.note)    # the keys above fix the images; these two do not
+    if cfg.out_dir and master:
+        record_path = os.path.join(cfg.out_dir, "sample_config.json")
+        if cfg.skip_existing and os.path.isfile(record_path):
+            with open(record_path) as fh:
+                before = json.load(fh)
+            differ = [k for k in record if k not in ("n", "conditioning") and before.get(k) != record[k]]
+            check(not differ, f"{cfg.out_dir} was sampled with other settings ({', '.join(differ)} differ); "
+                              f"--skip-existing would mix two kinds of images there")
+        with open(record_path + ".tmp", "w") as fh:
+            json.dump(record, fh, indent=2)
+        os.replace(record_path + ".tmp", record_path)
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    if cfg.compile:
+        mqvae.demask = torch.compile(mqvae.demask)
+        mqvae.decoder = torch.compile(mqvae.decoder)
+    mc = mqvae.config
+    chunks = shard_chunks(n, cfg.batch_size, rank, world)
+    num_chunks = math.ceil(n / cfg.batch_size)
+    log(f"checkpoint {cfg.ckpt} (step {ckpt.get('step')}): {model.num_params() / 1e6:.1f}M Stackformer parameters, "
+        f"{mc.resolution}px images, {mc.grid_size}x{mc.grid_size} latent grid, N = {model.config.seq_len} of "
+        f"T = {mc.num_tokens} positions, V = {mc.codebook_size} codes; {cond.note}")
+    log(f"sampling {n} images in {num_chunks} chunks of {cfg.batch_size} over {world} rank(s) on {device} "
+        f"({record['dtype']}), seed {cfg.seed}; " + ", ".join(f"{k}={v}" for k, v in sampling.items()))
+
+    # The loop: each chunk is sampled (or, with --skip-existing, read back), written and kept
+    # as far as the grid and the .npz need it.
+    grid_count = min(n, GRID_MAX) if grid else 0
+    share = sum(stop - start for start, stop in chunks)       # this rank's images
+    R = mc.resolution
+    # The .npz share is allocated once: 50k 256px images are 9.8 GB, too much to hold twice.
+    npz_images = np.empty((share, R, R, 3), np.uint8) if cfg.npz else None
+    npz_indices = np.concatenate([np.arange(start, stop) for start, stop in chunks] or [np.zeros(0, np.int64)])
+    grid_images, grid_positions = [], []
+    generated = skipped = done = 0
+    token_s = decode_s = 0.0
+    t_start = t_log = time.perf_counter()
+    writer = ThreadPoolExecutor(max_workers=4) if cfg.out_dir else None   # PNG encoding overlaps the next chunk
+    pending = []
+    try:
+        for k, (start, stop) in enumerate(chunks):
+            files = [png_path(cfg.out_dir, i) for i in range(start, stop)] if cfg.out_dir else []
+            needs_positions = positions_grid is not None and start < grid_count   # not stored in the PNGs
+            images = positions = None
+            if cfg.skip_existing and not needs_positions and all(os.path.isfile(f) for f in files):
+                skipped += stop - start
+                if cfg.npz or start < grid_count:
+                    images = np.stack([read_png(f, R) for f in files])             # (count, H, W, 3)
+            else:
+                chunk = sample_chunk(model, mqvae, start, stop, cfg.batch_size, cond.rows(start, stop), cfg.seed,
+                                     **sampling)
+                images, positions = chunk.images.numpy(), chunk.positions.numpy()
+                generated += stop - start
+                token_s += chunk.token_seconds
+                decode_s += chunk.decode_seconds
+                for future in pending:   # at most one chunk of PNGs in flight
+                    future.result()
+                pending = [writer.submit(write_png, image, f) for image, f in zip(images, files)] if writer else []
+            if cfg.npz:
+                npz_images[done:done + stop - start] = images
+            if start < grid_count:
+                grid_images.append((start, images[:grid_count - start]))
+                if positions is not None:
+                    grid_positions.append((start, positions[:grid_count - start]))
+            done += stop - start
+            now = time.perf_counter()
+            if master and (k == 0 or done == share or now - t_log >= PROGRESS_EVERY_S):
+                t_log = now
+                rate = generated / max(now - t_start, 1e-9)                       # this rank's
+                eta = (share - done) / rate if rate > 0 else 0.0
+                log(f"{done}/{share} images" + (f" on rank 0 (of {n} on {world} ranks)" if world > 1 else "")
+                    + f" | {rate * world:.1f} img/s | ETA {eta / 60:.1f} min", flush=True)
+        for future in pending:
+            future.result()
+    finally:
+        if writer:
+            writer.shutdown(wait=True)
+    wall_s = time.perf_counter() - t_start
+
+    # Gather: the grid's images and the run's numbers to rank 0; the .npz through per-rank parts.
+    if cfg.npz and world > 1:
+        write_npz(npz_part(cfg.npz, rank, world), dict(images=npz_images, indices=npz_indices))
+    elif cfg.npz:   # one process: its chunks are 0..n-1 in order
+        write_npz(cfg.npz, dict(images=npz_images, **cond.per_image(n), config=np.asarray(json.dumps(record))))
+    stats = dict(generated=generated, skipped=skipped, token_s=token_s, decode_s=decode_s, wall_s=wall_s)
+    if world > 1:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (stats, grid_images, grid_positions))   # also the barrier before the merge
+        stats = dict(generated=sum(s["generated"] for s, _, _ in gathered), skipped=sum(s["skipped"] for s, _, _ in gathered),
+                     **{key: max(s[key] for s, _, _ in gathered) for key in ("token_s", "decode_s", "wall_s")})
+        grid_images = [part for _, g, _ in gathered for part in g]
+        grid_positions = [part for _, _, p in gathered for part in p]
+    if not master:
+        return stats
+
+    if grid:
+        shown = np.concatenate([images for _, images in sorted(grid_images, key=lambda part: part[0])])
+        columns = grid_columns(len(shown), len(cond.cycle))
+        write_png(image_grid(shown, columns), grid)
+        log(f"wrote {grid} ({len(shown)} images)")
+        if positions_grid:
+            where = np.concatenate([p for _, p in sorted(grid_positions, key=lambda part: part[0])])
+            write_png(image_grid(mark_positions(shown, where, mc.grid_size), columns), positions_grid)
+            log(f"wrote {positions_grid} (latent cells that got no code dimmed; {model.config.seq_len} of "
+                f"{mc.num_tokens} cells per image kept)")
+    if cfg.npz and world > 1:
+        merge_npz_parts(cfg.npz, n, world, dict(**cond.per_image(n), config=np.asarray(json.dumps(record))))
+    if cfg.npz:
+        log(f"wrote {cfg.npz} (images {n}x{mc.resolution}x{mc.resolution}x3 uint8)")
+    if cfg.out_dir:
+        log(f"wrote {cfg.out_dir}/000000.png ... {os.path.basename(png_path(cfg.out_dir, n - 1))}")
+    made = stats["generated"]
+    log(f"done: {made} images sampled in {stats['wall_s']:.1f} s"
+        + (f", {stats['skipped']} already there (--skip-existing)" if stats["skipped"] else "")
+        + (f" | tokens only {made / max(stats['token_s'], 1e-9):.1f} img/s, with decoding "
+           f"{made / max(stats['token_s'] + stats['decode_s'], 1e-9):.1f} img/s "
+           f"(generate {stats['token_s']:.1f} s, decode {stats['decode_s']:.1f} s)" if made else ""))
+    return dict(stats, n=n, grid=grid, positions_grid=positions_grid)
+
+
+def npz_part(path: str, rank: int, world: int) -> str:
+    return f"{path[:-len('.npz')]}.part{rank}-of-{world}.npz"
+
+
+def merge_npz_parts(path: str, n: int, world: int, extra: dict):
+    """Rank 0: put every rank's images at their sample index, check each index came exactly once,
+    write the final .npz atomically and delete the parts."""
+    parts = [npz_part(path, r, world) for r in range(world)]
+    images, seen = None, np.zeros(n, dtype=np.int64)
+    for part in parts:
+        with np.load(part, allow_pickle=False) as f:
+            part_images, indices = f["images"], f["indices"]
+        if images is None:
+            images = np.zeros((n, *part_images.shape[1:]), np.uint8)
+        images[indices] = part_images
+        np.add.at(seen, indices, 1)
+    check(bool((seen == 1).all()), f"merging {path}: indices missing or repeated across ranks "
+                                   f"({int((seen == 0).sum())} missing, {int((seen > 1).sum())} repeated)")
+    write_npz(path, dict(images=images, **extra))
+    for part in parts:
+        os.remove(part)
+
+
+if __name__ == "__main__":
+    run_main(main)
