@@ -338,3 +338,43 @@ class ResumableSampler(DistributedSampler):
 
     def __len__(self):
         return super().__len__() - self.skip
+
+
+# -----------------------------------------------------------------------------
+# Export a split as uint8 images: the reference set for fid.py, at the resolution the models see
+
+def export_images(name: str, data_dir: Optional[str], size: int, split: str, count: Optional[int], npz_path: str):
+    """Write the first `count` images of a split (resize + center crop) as a uint8 (n, S, S, 3) .npz."""
+    dataset = build_dataset(name, data_dir, size, split)
+    if isinstance(dataset, ImageFiles):
+        dataset.mode = "eval"
+    n = len(dataset) if count is None else min(count, len(dataset))
+    images = np.stack([((dataset[i]["image"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+                       for i in range(n)])
+    os.makedirs(os.path.dirname(os.path.abspath(npz_path)), exist_ok=True)
+    tmp = npz_path + ".tmp.npz"
+    np.savez(tmp, images=images)
+    os.replace(tmp, npz_path)
+    return images.shape
+
+
+def main(argv=None):
+    import argparse
+    parser = argparse.ArgumentParser(description="Export a dataset split as a uint8 .npz (a reference set for fid.py).",
+                                     epilog="example: python data.py shapes --size 32 --split val --n 1000 --npz out/shapes-val.npz")
+    parser.add_argument("data", help="shapes | ffhq | imagenet | coco | PATH")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--split", default="val", choices=("train", "val"))
+    parser.add_argument("--n", type=int, default=None, help="number of images (default: the whole split)")
+    parser.add_argument("--npz", required=True)
+    args = parser.parse_args(argv)
+    if args.size <= 0 or (args.n is not None and args.n <= 0):
+        raise UserError("--size and --n must be positive")
+    shape = export_images(args.data, args.data_dir, args.size, args.split, args.n, args.npz)
+    print(f"wrote {args.npz}: {shape[0]} images of {shape[1]}x{shape[2]}")
+
+
+if __name__ == "__main__":
+    from mqvae import run_main
+    run_main(main)

@@ -639,6 +639,43 @@ def run_main(main_fn, argv=None):
         sys.exit(2)
 
 
+class NonFiniteGuard:
+    """Remembers on the device the first (1-based) step whose loss was NaN or inf, so the loop needs no
+    host sync per step. `check`, called where the loop syncs anyway (logging, evaluation, before every
+    checkpoint), stops the run before a bad state can overwrite the last good checkpoint."""
+
+    def __init__(self, device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def update(self, loss: torch.Tensor, step: int):
+        bad = ~torch.isfinite(loss.detach()) & (self.first_bad < 0)
+        self.first_bad.copy_(torch.where(bad, step, self.first_bad))
+
+    def check(self, step: int, ckpt_path: str, last_saved, hint: str):
+        bad = self.first_bad.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() >= 0:
+            where = (f"the checkpoint {ckpt_path} (step {last_saved}) was left untouched" if last_saved is not None
+                     else "no checkpoint was written")
+            raise UserError(f"non-finite loss at step {bad.item()}; stopped at step {step}; {where}. {hint}, then --resume")
+
+
+def resumed_config(cfg, saved: dict, explicit: set, run_control: set):
+    """The configuration of a resumed run: the checkpoint's, except the run-control flags the user typed
+    now (and --stop-after, which applies to one invocation). Any other flag typed with a different
+    value is an error: the model, data and optimiser of a run cannot change half-way."""
+    resumed = type(cfg)(**saved)
+    for key in explicit - run_control:
+        check(getattr(cfg, key) == getattr(resumed, key),
+              f"--{key.replace('_', '-')} {getattr(cfg, key)} differs from the checkpoint's "
+              f"{getattr(resumed, key)}; start a new --out-dir to change it")
+    for key in explicit & run_control:
+        setattr(resumed, key, getattr(cfg, key))
+    resumed.stop_after, resumed.resume = cfg.stop_after, True
+    return resumed
+
+
 def warmup_cosine_lr(step: int, peak: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
     """Linear warmup to `peak` over warmup_steps, then cosine decay to min_lr at total_steps."""
     if step < warmup_steps:

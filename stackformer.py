@@ -555,7 +555,7 @@ def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional
     if top_p is not None and top_p < 1.0:
         # Nucleus: keep the smallest set of most likely tokens whose mass reaches top_p. A token
         # is dropped when the mass before it already reaches top_p, so the top token always stays.
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)  # ties (common in bf16) in a fixed order
         mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
         drop = torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, mass_before >= top_p)
         probs = probs.masked_fill(drop, 0.0)

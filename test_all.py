@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import torchvision
 from PIL import Image
 
+import bench
 import data
 import fid
 import mqvae
@@ -1843,3 +1844,27 @@ def test_torchrun_ranks_write_the_same_npz_pngs_and_grids_as_one_process(ckpts, 
         assert np.array_equal(np.asarray(Image.open(tmp_path / f"one{name}.png")),
                               np.asarray(Image.open(tmp_path / f"two{name}.png")))
     assert not [f for f in os.listdir(tmp_path) if ".part" in f or f.endswith(".tmp")]   # parts merged and removed
+
+
+# -----------------------------------------------------------------------------
+# data.py export and bench.py
+
+def test_data_export_writes_the_eval_images_as_uint8(tmp_path):
+    path = str(tmp_path / "ref.npz")
+    data.main(["shapes", "--size", "16", "--split", "val", "--n", "5", "--npz", path])
+    images = np.load(path)["images"]
+    assert images.shape == (5, 16, 16, 3) and images.dtype == np.uint8
+    expected = ((data.ShapesDataset(16, 64, "val")[3]["image"].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+    assert np.array_equal(images[3], expected)
+
+
+def test_bench_cpu_smoke_runs_every_case(tmp_path):
+    path = str(tmp_path / "bench.json")
+    results = bench.main(["--cpu-smoke", "--json", path])
+    saved = json.load(open(path))
+    for key in ("mqvae_step_b2_channels_last", "mqvae_component_shares_b8", "masking_cost_b2",
+                "stackformer_train_L16_b2", "sampling_b2_kv", "sampling_b2_no-cache", "fid_features_b200"):
+        assert key in saved and key in results
+    assert saved["sampling_greedy_paths_agree"] is True
+    assert saved["mqvae_step_b2_channels_last"]["images_per_s"] > 0
+    assert abs(sum(v["share"] for v in saved["mqvae_component_shares_b8"].values()) - 1.0) < 1e-6

@@ -40,9 +40,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from mqvae import (MQVAE, PRESETS, MQVAEConfig, PatchDiscriminator, UserError, check, cleanup_distributed,
-                   config_to_parser, explicit_flags, gather_rng_states, load_checkpoint, restore_rng_state,
-                   run_main, save_checkpoint, save_grid, setup_distributed, strip_compile_prefix, warmup_cosine_lr, write_json)
+from mqvae import (MQVAE, MQVAEConfig, PRESETS, NonFiniteGuard, PatchDiscriminator, UserError, check,
+                   cleanup_distributed, config_to_parser, explicit_flags, gather_rng_states, load_checkpoint, restore_rng_state,
+                   resumed_config, run_main, save_checkpoint, save_grid, setup_distributed,
+                   strip_compile_prefix, warmup_cosine_lr, write_json)
 
 
 # -----------------------------------------------------------------------------
@@ -66,7 +67,7 @@ class TrainConfig:
     # losses
     rec_loss: str = "l1"                  # l1 (official) | l2 (supplementary)
     perceptual_weight: Optional[float] = None  # LPIPS weight (1.0; 0 for the shapes demo)
-    codebook_weight: float = 1.0          # weight of L_commit
+    codebook_weight: Optional[float] = None  # weight of L_commit (1.0; 0.1 for the shapes demo)
     disc_weight: float = 0.75             # 0.75 × adaptive λ
     disc_weight_max: float = 1.0          # cap on λ (official code)
     disc_start: Optional[int] = None      # step at which the GAN terms switch on (0; later for the demo)
@@ -87,28 +88,33 @@ class TrainConfig:
     seed: int = 2021
     dtype: str = "bf16"                   # bf16 | fp32 (autocast dtype on CUDA; CPU runs fp32)
     compile: bool = False                 # torch.compile encoder, de-mask, decoder and discriminator
+    channels_last: bool = False           # NHWC memory layout for the convolutional networks (CUDA)
     log_every: int = 50
     eval_every: Optional[int] = None      # steps between evaluations (default 2000; demo 250)
-    eval_images: int = 1000               # validation images per evaluation
+    eval_images: Optional[int] = None     # validation images per evaluation (1000; 256 for the demo)
     ckpt_every: int = 1000
     usage_window: int = 100               # codebook usage = distinct codes over the last this many steps
     resume: bool = False                  # continue from out_dir/ckpt.pt
 
 
 DATA_DEFAULTS = {
-    "shapes":   dict(image_size=64, preset="demo", batch_size=16, perceptual_weight=0.0, disc_start=450,
-                     warmup_epochs=0.02, epochs=0.5, eval_every=125, lr=1e-3, num_workers=0),
+    # The demo: minutes on a CPU. LPIPS needs downloaded VGG weights, so it is off. With the official
+    # commitment weight 1.0 the short run learns an inverted map (it keeps flat background, whose tokens
+    # quantize with the least error, see README); 0.1 lets the reconstruction term win within minutes.
+    "shapes":   dict(image_size=32, preset="demo", batch_size=16, perceptual_weight=0.0, codebook_weight=0.1,
+                     disc_start=1000, warmup_epochs=0.02, epochs=1.0, eval_every=250, eval_images=256, lr=1e-3,
+                     num_workers=0),
     "ffhq":     dict(warmup_epochs=5.0, epochs=150.0),
     "imagenet": dict(warmup_epochs=0.5, epochs=50.0),
     "coco":     dict(warmup_epochs=0.5, epochs=50.0),
     "folder":   dict(warmup_epochs=1.0, epochs=100.0),
 }
-COMMON_DEFAULTS = dict(image_size=256, preset="f8", batch_size=8, perceptual_weight=1.0, disc_start=0,
-                       eval_every=2000, num_workers=8)
+COMMON_DEFAULTS = dict(image_size=256, preset="f8", batch_size=8, perceptual_weight=1.0, codebook_weight=1.0,
+                       disc_start=0, eval_every=2000, eval_images=1000, num_workers=8)
 
 # Flags that may change when resuming; the others (model, data, optimiser) come from the checkpoint.
 RUN_CONTROL = {"max_steps", "stop_after", "epochs", "num_workers", "log_every", "eval_every", "eval_images", "ckpt_every",
-               "compile", "usage_window", "resume", "data_dir", "lpips_vgg", "out_dir"}
+               "compile", "channels_last", "usage_window", "resume", "data_dir", "lpips_vgg", "out_dir"}
 
 HELP = {f.name: "" for f in dataclasses.fields(TrainConfig)}
 
@@ -371,16 +377,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     ckpt = None
     if cfg.resume and os.path.isfile(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, "mqvae")
-        saved = TrainConfig(**ckpt["train_config"])
-        for key in explicit & (set(vars(cfg)) - RUN_CONTROL):
-            check(getattr(cfg, key) == getattr(saved, key),
-                  f"--{key.replace('_', '-')} {getattr(cfg, key)} differs from the checkpoint's "
-                  f"{getattr(saved, key)}; start a new --out-dir to change it")
-        for key in RUN_CONTROL & explicit:
-            setattr(saved, key, getattr(cfg, key))
-        saved.stop_after = cfg.stop_after  # applies to this invocation only
-        cfg = saved
-        cfg.resume = True
+        cfg = resumed_config(cfg, ckpt["train_config"], explicit, RUN_CONTROL)
     elif cfg.resume:
         log(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
     validate(cfg)
@@ -428,6 +425,10 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    for m in (model, disc, lpips_fn):
+        if m is not None:
+            m.to(memory_format=memory_format)
     if cfg.compile:
         for name in ("encoder", "demask", "decoder"):
             setattr(model, name, torch.compile(getattr(model, name)))
@@ -436,7 +437,9 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     if world > 1:
         ddp_args = dict(device_ids=[device.index] if cuda else None,
                         find_unused_parameters=mcfg.keep_ratio >= 1.0)  # keep 100%: the mask token is unused
-        model, disc = DDP(model, **ddp_args), DDP(disc, device_ids=ddp_args["device_ids"])
+        # D is always in training mode, so its BatchNorm running statistics are never used; not
+        # broadcasting them also lets D run twice (real, fake) before one backward under DDP.
+        model, disc = DDP(model, **ddp_args), DDP(disc, device_ids=ddp_args["device_ids"], broadcast_buffers=False)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.dtype == "bf16" else nullcontext())
 
     if master:
@@ -470,7 +473,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     V = mcfg.codebook_size
     last_used = torch.full((V,), -10 ** 9, dtype=torch.long, device=device)  # step each code was last chosen
     code_counts = torch.zeros(V, device=device)
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)      # first (1-based) step with a non-finite loss
+    guard = NonFiniteGuard(device)
     metric_names = ["loss", "rec", "lpips", "commit", "g_loss", "d_loss", "gan_weight", "logits_real", "logits_fake"]  # as returned by losses_and_backward
     metric_sums = torch.zeros(len(metric_names), device=device)
     metric_count, bad_files, seen_files = 0, 0, 0
@@ -480,14 +483,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     t_log, step_times = time.time(), []
 
     def check_finite(step):
-        bad = first_bad_step.clone()
-        if world > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() >= 0:
-            where = (f"the checkpoint {ckpt_path} (step {last_saved}) was left untouched" if last_saved is not None
-                     else "no checkpoint was written")
-            raise UserError(f"non-finite loss at step {bad.item()}; stopped at step {step}; {where}. "
-                            f"Lower the learning rate or use --dtype fp32, then --resume")
+        guard.check(step, ckpt_path, last_saved, "Lower the learning rate or use --dtype fp32")
 
     def checkpoint(step):
         nonlocal last_saved
@@ -532,15 +528,14 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
             if bad and bad_files > 0.01 * max(seen_files, 100):
                 raise UserError(f"{bad_files} of {seen_files} images could not be read (more than 1%); "
                                 f"check the dataset (the files are named above)")
-            x = batch["image"].to(device, non_blocking=True)
+            x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
             last_micro = micro == cfg.grad_accum - 1
             sync = world == 1 or last_micro  # DDP all-reduces gradients on the last micro-batch only
             with (nullcontext() if sync else model.no_sync()), (nullcontext() if sync else disc.no_sync()):
                 out = losses_and_backward(model, disc, raw_model, raw_disc, lpips_fn, x, cfg, gan_on, autocast)
             aux = out.pop("aux")
             loss, d_loss = out["loss"], out["d_loss"]
-            nonfinite = ~torch.isfinite(loss.detach() + d_loss.detach())
-            first_bad_step.copy_(torch.where(nonfinite & (first_bad_step < 0), step + 1, first_bad_step))
+            guard.update(loss + d_loss, step + 1)
             codes = aux["codes"].flatten()
             last_used.index_fill_(0, codes, step)
             code_counts.index_add_(0, codes, torch.ones_like(codes, dtype=torch.float))

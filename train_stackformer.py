@@ -44,9 +44,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from mqvae import (UserError, check, cleanup_distributed, config_to_parser, explicit_flags, gather_rng_states,
-                   load_checkpoint, mqvae_from_checkpoint, restore_rng_state, run_main, save_checkpoint, save_grid,
-                   setup_distributed, strip_compile_prefix, warmup_cosine_lr, write_json)
+from mqvae import (NonFiniteGuard, UserError, check, cleanup_distributed, config_to_parser, explicit_flags,
+                   gather_rng_states, load_checkpoint, mqvae_from_checkpoint, restore_rng_state, resumed_config, run_main,
+                   save_checkpoint, save_grid, setup_distributed, strip_compile_prefix, warmup_cosine_lr,
+                   write_json)
 from stackformer import PRESETS, Stackformer, StackformerConfig, WordTokenizer, configure_optimizer
 
 
@@ -73,7 +74,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0                # 0 disables
     warmup_steps: Optional[int] = None    # default: 2% of training, at most 5000 steps
-    epochs: Optional[float] = None        # 100 (120 for coco; 30 for the demo)
+    epochs: Optional[float] = None        # 100 (120 for coco; 2 for the demo)
     max_steps: Optional[int] = None
     stop_after: Optional[int] = None      # leave (with a checkpoint) after this many steps in this run
     # run
@@ -104,7 +105,7 @@ def resolve_defaults(cfg: TrainConfig, stage1_train: dict) -> TrainConfig:
     demo = cfg.data == "shapes"
     defaults = dict(cond={"imagenet": "class", "coco": "text"}.get(cfg.data, "none"),
                     preset="demo" if demo else "base", batch_size=32 if demo else 10,
-                    lr=1e-3 if demo else 5e-4, epochs=30.0 if demo else (120.0 if cfg.data == "coco" else 100.0),
+                    lr=1e-3 if demo else 5e-4, epochs=2.0 if demo else (120.0 if cfg.data == "coco" else 100.0),
                     eval_every=500 if demo else 2000)
     for key, value in defaults.items():
         if getattr(cfg, key) is None:
@@ -306,15 +307,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     ckpt = None
     if cfg.resume and os.path.isfile(ckpt_path):
         ckpt = load_checkpoint(ckpt_path, "stackformer")
-        saved = TrainConfig(**ckpt["train_config"])
-        for key in explicit & (set(vars(cfg)) - RUN_CONTROL):
-            check(getattr(cfg, key) == getattr(saved, key),
-                  f"--{key.replace('_', '-')} {getattr(cfg, key)} differs from the checkpoint's "
-                  f"{getattr(saved, key)}; start a new --out-dir to change it")
-        for key in RUN_CONTROL & explicit:
-            setattr(saved, key, getattr(cfg, key))
-        saved.stop_after = cfg.stop_after  # applies to this invocation only
-        cfg, cfg.resume = saved, True
+        cfg = resumed_config(cfg, ckpt["train_config"], explicit, RUN_CONTROL)
     elif cfg.resume:
         log(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
     validate(cfg)
@@ -412,14 +405,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         state["last_saved"] = step
 
     def check_finite(step):
-        bad = first_bad_step.clone()
-        if world > 1:
-            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() >= 0:
-            where = (f"the checkpoint {ckpt_path} (step {state['last_saved']}) was left untouched"
-                     if state["last_saved"] is not None else "no checkpoint was written")
-            raise UserError(f"non-finite loss at step {bad.item()}; stopped at step {step}; {where}. "
-                            f"Lower the learning rate, then --resume")
+        guard.check(step, ckpt_path, state["last_saved"], "Lower the learning rate")
 
     @torch.no_grad()
     def evaluate(step):
@@ -465,7 +451,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         raw_model.train()
 
     # ---- the loop
-    first_bad_step = torch.full((), -1, dtype=torch.long, device=device)
+    guard = NonFiniteGuard(device)
     state = dict(last_saved=start_step if ckpt is not None else None)
     sums = torch.zeros(3, device=device)
     count, t_log = 0, time.time()
@@ -500,8 +486,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
                 (loss / cfg.grad_accum).backward()
             sums += torch.stack([loss.detach(), code_ce.detach(), pos_ce.detach()])
             count += 1
-            first_bad_step.copy_(torch.where(~torch.isfinite(loss.detach()) & (first_bad_step < 0), step + 1,
-                                             first_bad_step))
+            guard.update(loss, step + 1)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()

@@ -1,0 +1,372 @@
+"""
+Speed benchmarks for every stage, on one GPU (CUDA-synchronised timing after warm-up).
+
+    python bench.py                     # all cases, prints a table, writes bench.json
+    python bench.py --cases 1,2         # only some: 1 MQ-VAE step, 2 cost of masking, 3 Stackformer
+                                        # training, 4 sampling, 5 FID features
+    python bench.py --compile           # cases 1 and 3 also with torch.compile
+    python bench.py --cpu-smoke         # every case once with tiny models on the CPU (what the tests run)
+
+Random data and random weights throughout (speed does not depend on them); LPIPS uses a random
+VGG trunk of the real shape. Case 1 also runs one training step under
+torch.cuda.set_sync_debug_mode("error"), which raises on any host-device synchronisation.
+"""
+
+import argparse
+import gc
+import json
+import time
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fid
+import mqvae
+import stackformer
+import train_mqvae
+
+H200_BF16_TFLOPS = 989.0
+
+
+def timed(fn, device, warmup=3, iters=10):
+    """Seconds per call of fn(), after warm-up, synchronised on CUDA."""
+    for _ in range(warmup):
+        fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / iters
+
+
+def peak_memory_gb(device):
+    return torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0
+
+
+# -----------------------------------------------------------------------------
+# Cases 1-2: the MQ-VAE training iteration
+
+class PlainAutoencoder(nn.Module):
+    """The same encoder, quantizer and decoder with no mask and no de-mask: every one of the H·W
+    tokens is quantized and fed to the decoder (a 1x1 conv stands in for the de-mask's input
+    projection). The reference for the cost of masking."""
+
+    def __init__(self, cfg: mqvae.MQVAEConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = mqvae.Encoder(cfg)
+        self.pre_projection = nn.Linear(cfg.z_channels, cfg.codebook_dim, bias=False)
+        self.quantizer = mqvae.VectorQuantizer(cfg)
+        self.post_projection = nn.Conv2d(cfg.codebook_dim, cfg.ch * cfg.ch_mult[-1], 1)
+        self.decoder = mqvae.Decoder(cfg)
+
+    def forward(self, x):
+        h = self.encoder(x)
+        B, C, H, W = h.shape
+        z = self.pre_projection(h.flatten(2).transpose(1, 2))                     # (B,T,D)
+        z_q, codes, commit = self.quantizer(z, update_codebook=self.training)
+        x_rec = self.decoder(self.post_projection(z_q.transpose(1, 2).reshape(B, -1, H, W)))
+        return x_rec, dict(commit_loss=commit, codes=codes)
+
+    def last_layer(self):
+        return self.decoder.conv_out.weight
+
+
+def random_lpips(device):
+    import lpips
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False).to(device).eval().requires_grad_(False)
+
+
+def mqvae_step_bench(cfg, batch, device, plain=False, gan=True, use_lpips=True, compile=False, check_sync=False,
+                     channels_last=False, warmup=3, iters=10):
+    torch.manual_seed(0)
+    model = (PlainAutoencoder(cfg) if plain else mqvae.MQVAE(cfg)).to(device).train()
+    disc = mqvae.PatchDiscriminator().to(device).train()
+    lp = random_lpips(device) if use_lpips else None
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    for m in (model, disc, lp):
+        if m is not None:
+            m.to(memory_format=memory_format)
+    if compile:
+        for name in ("encoder", "decoder") + (() if plain else ("demask",)):
+            setattr(model, name, torch.compile(getattr(model, name)))
+        disc = torch.compile(disc)
+    fused = {"fused": True} if device.type == "cuda" else {}
+    opt_ae = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.5, 0.9), **fused)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-5, betas=(0.5, 0.9), **fused)
+    tcfg = SimpleNamespace(rec_loss="l1", perceptual_weight=1.0 if use_lpips else 0.0, codebook_weight=1.0,
+                           disc_weight=0.75, disc_weight_max=1.0, grad_accum=1)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    x = (torch.rand(batch, 3, cfg.resolution, cfg.resolution, device=device) * 2 - 1).contiguous(memory_format=memory_format)
+
+    def step():
+        train_mqvae.losses_and_backward(model, disc, model, disc, lp, x, tcfg, gan, autocast)
+        opt_ae.step()
+        opt_ae.zero_grad(set_to_none=True)
+        if gan:
+            opt_d.step()
+            opt_d.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = timed(step, device, warmup, iters)
+    result = dict(images_per_s=batch / seconds, ms_per_step=seconds * 1e3, peak_memory_gb=peak_memory_gb(device))
+    if check_sync and device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            train_mqvae.losses_and_backward(model, disc, model, disc, lp, x, tcfg, gan, autocast)
+            result["host_sync_in_forward_backward"] = "none"
+        except RuntimeError as e:
+            result["host_sync_in_forward_backward"] = str(e).splitlines()[0]
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        opt_ae.zero_grad(set_to_none=True)
+        opt_d.zero_grad(set_to_none=True)
+    return result
+
+
+def component_shares(cfg, batch, device, warmup=2, iters=5):
+    """Forward+backward time of each part run alone on inputs of its real shape (bf16 on CUDA), as a
+    share of their sum: where an MQ-VAE training iteration spends its time."""
+    torch.manual_seed(0)
+    model = mqvae.MQVAE(cfg).to(device).train()
+    disc = mqvae.PatchDiscriminator().to(device).train()
+    lp = random_lpips(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    R, G, N = cfg.resolution, cfg.grid_size, cfg.seq_len
+    x = torch.rand(batch, 3, R, R, device=device) * 2 - 1
+    h = torch.randn(batch, cfg.z_channels, G, G, device=device, requires_grad=True)
+    z = torch.randn(batch, N, cfg.codebook_dim, device=device, requires_grad=True)
+    positions = torch.rand(batch, G * G, device=device).topk(N, dim=1).indices
+    g = torch.randn(batch, cfg.ch * cfg.ch_mult[-1], G, G, device=device, requires_grad=True)
+    x_rec = x.clone().requires_grad_(True)
+    parts = {
+        "encoder": lambda: model.encoder(x),
+        "mask": lambda: model.mask(h)[0],
+        "quantizer": lambda: model.quantizer(z, update_codebook=True)[0],
+        "de-mask": lambda: model.demask(z, positions, (G, G)),
+        "decoder": lambda: model.decoder(g),
+        "lpips": lambda: lp(x, x_rec),
+        "discriminator (G and D passes)": lambda: torch.cat([disc(x_rec).flatten(), disc(x).flatten(),
+                                                              disc(x_rec.detach()).flatten()]),
+    }
+    times = {}
+    for name, forward in parts.items():
+        def run():
+            with autocast:
+                out = forward()
+            out.float().mean().backward()
+        times[name] = timed(run, device, warmup, iters)
+    total = sum(times.values())
+    return {name: dict(ms=t * 1e3, share=t / total) for name, t in times.items()}
+
+
+# -----------------------------------------------------------------------------
+# Cases 3-4: Stackformer training and sampling
+
+def random_sequences(batch, seq_len, num_positions, codebook_size, device):
+    codes = torch.randint(0, codebook_size, (batch, seq_len), device=device)
+    positions = torch.rand(batch, num_positions, device=device).topk(seq_len, dim=1).indices.sort(dim=1).values
+    return codes, positions
+
+
+def stackformer_train_bench(preset, seq_len, num_positions, batch, device, compile=False, warmup=3, iters=10):
+    torch.manual_seed(0)
+    cfg = stackformer.StackformerConfig(**stackformer.PRESETS[preset], codebook_size=1024 if preset != "tiny" else 64,
+                                        num_positions=num_positions, seq_len=seq_len)
+    model = stackformer.Stackformer(cfg).to(device).train()
+    optimizer = stackformer.configure_optimizer(model, 5e-4, 0.01, (0.9, 0.95), device.type)
+    step_model = torch.compile(model) if compile else model
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    codes, positions = random_sequences(batch, seq_len, num_positions, cfg.codebook_size, device)
+
+    def step():
+        with autocast:
+            code_logits, pos_logits = step_model(codes, positions)
+        loss = (F.cross_entropy(code_logits.flatten(0, 1).float(), codes.flatten())
+                + F.cross_entropy(pos_logits.flatten(0, 1).float(), positions.flatten()))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = timed(step, device, warmup, iters)
+    tokens_per_s = batch * seq_len / seconds
+    mfu = model.flops_per_token() * tokens_per_s / (H200_BF16_TFLOPS * 1e12)
+    return dict(tokens_per_s=tokens_per_s, mfu=mfu, ms_per_step=seconds * 1e3, params_m=model.num_params() / 1e6,
+                peak_memory_gb=peak_memory_gb(device))
+
+
+def sampling_bench(preset, seq_len, num_positions, batch, device, mode, decoder=None, iters=2):
+    """mode: "graph" (KV cache, steps replayed as a CUDA graph), "kv" (KV cache, eager), "no-cache"."""
+    torch.manual_seed(0)
+    cfg = stackformer.StackformerConfig(**stackformer.PRESETS[preset], codebook_size=1024 if preset != "tiny" else 64,
+                                        num_positions=num_positions, seq_len=seq_len)
+    model = stackformer.Stackformer(cfg).to(device).eval()
+    if device.type == "cuda":
+        model.to(torch.bfloat16)
+    kwargs = dict(use_kv_cache=mode != "no-cache", cuda_graph=mode == "graph")
+
+    def run():
+        codes, positions = model.generate(batch_size=batch, **kwargs)
+        if decoder is not None:  # fp32, 64 images at a time, as sample.py does
+            with torch.no_grad():
+                for i in range(0, batch, 64):
+                    decoder.decode(codes[i:i + 64], positions[i:i + 64])
+
+    seconds = timed(run, device, warmup=1 if mode == "graph" else 0, iters=iters)
+    return dict(images_per_s=batch / seconds, seconds_per_batch=seconds)
+
+
+def greedy_paths_agree(device):
+    """Greedy tokens of the CUDA-graph, eager-KV and no-cache paths (fp32, a small model)."""
+    torch.manual_seed(0)
+    cfg = stackformer.StackformerConfig(**stackformer.PRESETS["demo"], codebook_size=256, num_positions=256, seq_len=64)
+    model = stackformer.Stackformer(cfg).to(device).eval()
+    outs = [model.generate(batch_size=8, greedy=True, use_kv_cache=mode != "no-cache", cuda_graph=mode == "graph")
+            for mode in (("graph", "kv", "no-cache") if device.type == "cuda" else ("kv", "no-cache"))]
+    return all(torch.equal(outs[0][0], o[0]) and torch.equal(outs[0][1], o[1]) for o in outs[1:])
+
+
+# -----------------------------------------------------------------------------
+# Case 5: FID features
+
+def fid_bench(batch, device, iters=5):
+    torch.manual_seed(0)
+    model = fid.FIDInception().to(device).eval()
+    images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)
+
+    def run():
+        with torch.inference_mode(), fid.exact_fp32():
+            model(images.float() / 255.0)
+
+    seconds = timed(run, device, warmup=2, iters=iters)
+    return dict(images_per_s=batch / seconds)
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser.add_argument("--cases", default="1,2,3,4,5", help="comma-separated case numbers")
+    parser.add_argument("--cpu-smoke", action="store_true", help="each case once, tiny models, CPU")
+    parser.add_argument("--compile", action="store_true", help="cases 1 and 3 also with torch.compile")
+    parser.add_argument("--json", default="bench.json", help="where to write the results")
+    args = parser.parse_args(argv)
+    cases = {int(c) for c in args.cases.split(",")}
+    smoke = args.cpu_smoke
+    device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    fast = dict(warmup=1, iters=1) if smoke else {}
+    # the official configuration (f=8, 256x256, keep 25%, codebook 1024x256), or a tiny stand-in
+    f8 = (mqvae.MQVAEConfig(**mqvae.PRESETS["tiny"], resolution=32) if smoke else
+          mqvae.MQVAEConfig(**mqvae.PRESETS["f8"], resolution=256, keep_ratio=0.25))
+    sf_preset, lengths = ("tiny", [(16, 64)]) if smoke else ("base", [(256, 1024), (128, 256)])
+    results = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                   torch=torch.__version__)
+    print(f"{results['device']}, torch {results['torch']}", flush=True)
+
+    class Rows(list):
+        """Each row is printed, and the JSON rewritten, as soon as it is measured."""
+        def append(self, row):
+            super().append(row)
+            name, value, note = row
+            print(f"{name:<72}  {value:>26}  {note}", flush=True)
+            with open(args.json, "w") as fh:
+                json.dump(results, fh, indent=2)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    rows = Rows()
+
+    if 1 in cases:
+        variants = [(8, False, False), (32, False, False), (64, False, False), (8, True, False)]
+        for batch, channels_last, compiled in ([(2, True, False)] if smoke else variants):
+            r = mqvae_step_bench(f8, batch, device, check_sync=not compiled and batch in (2, 8),
+                                 channels_last=channels_last, compile=compiled, **fast)
+            name = f"mqvae_step_b{batch}" + ("_channels_last" if channels_last else "") + ("_compiled" if compiled else "")
+            results[name] = r
+            rows.append((f"1 MQ-VAE train step, LPIPS+GAN, batch {batch}" + (", channels_last" if channels_last else "")
+                         + (", compiled" if compiled else ""), f"{r['images_per_s']:.1f} img/s",
+                         f"{r['peak_memory_gb']:.1f} GB peak; host sync: {r.get('host_sync_in_forward_backward', '-')}"))
+        shares = component_shares(f8, 2 if smoke else 8, device, **({"warmup": 1, "iters": 1} if smoke else {}))
+        results["mqvae_component_shares_b8"] = shares
+        rows.append(("1 share of fwd+bwd time (parts run alone)", "",
+                     ", ".join(f"{k} {v['share']:.0%}" for k, v in shares.items())))
+    if 2 in cases:
+        for batch in ([2] if smoke else [8, 32]):
+            full = mqvae_step_bench(f8, batch, device, gan=False, use_lpips=False, **fast)
+            no_mask = mqvae_step_bench(mqvae.MQVAEConfig(**{**vars(f8), "keep_ratio": 1.0}), batch, device,
+                                       gan=False, use_lpips=False, **fast)
+            plain = mqvae_step_bench(f8, batch, device, plain=True, gan=False, use_lpips=False, **fast)
+            results[f"masking_cost_b{batch}"] = dict(masked=full, keep_100=no_mask, plain=plain,
+                                                     overhead=plain["images_per_s"] / full["images_per_s"])
+            rows.append((f"2 autoencoder step, batch {batch}: MQ-VAE keep 25% / keep 100% / plain",
+                         f"{full['images_per_s']:.1f} / {no_mask['images_per_s']:.1f} / {plain['images_per_s']:.1f} img/s",
+                         f"masking overhead {plain['images_per_s'] / full['images_per_s']:.2f}x"))
+    if 3 in cases:
+        for seq_len, num_positions in lengths:
+            for batch in ([2] if smoke else [10, 64, 128]):
+                for compiled in [False]:
+                    r = stackformer_train_bench(sf_preset, seq_len, num_positions, batch, device, compiled, **fast)
+                    results[f"stackformer_train_L{seq_len}_b{batch}{'_compiled' if compiled else ''}"] = r
+                    rows.append((f"3 Stackformer {sf_preset} ({r['params_m']:.0f}M) train, N={seq_len}, batch {batch}"
+                                 f"{', compiled' if compiled else ''}",
+                                 f"{r['tokens_per_s'] / 1e3:.1f}k tok/s", f"MFU {r['mfu']:.1%}, {r['peak_memory_gb']:.1f} GB"))
+    if 4 in cases:
+        seq_len, num_positions = lengths[0]
+        decoder = mqvae.MQVAE(f8).to(device).eval()
+        results["sampling_greedy_paths_agree"] = greedy_paths_agree(device)
+        rows.append(("4 greedy tokens equal: graph / KV / no-cache", str(results["sampling_greedy_paths_agree"]), ""))
+        for batch in ([2] if smoke else [64, 256]):
+            modes = ["kv", "no-cache"] if smoke else (["graph", "kv", "no-cache"] if batch == 64 else ["graph", "kv"])
+            for mode in modes:
+                r = sampling_bench(sf_preset, seq_len, num_positions, batch, device, mode,
+                                   iters=1 if smoke or mode == "no-cache" else 2)
+                results[f"sampling_b{batch}_{mode}"] = r
+                rows.append((f"4 sampling {sf_preset}, N={seq_len}, batch {batch}, {mode}, tokens only",
+                             f"{r['images_per_s']:.1f} img/s", f"{r['seconds_per_batch']:.2f} s/batch"))
+            if not smoke or batch == 2:
+                mode = "kv" if smoke else "graph"
+                r = sampling_bench(sf_preset, seq_len, num_positions, batch, device, mode, decoder=decoder,
+                                   iters=1 if smoke else 2)
+                results[f"sampling_b{batch}_{mode}_with_decoding"] = r
+                rows.append((f"4 sampling batch {batch}, {mode}, with MQ-VAE decoding", f"{r['images_per_s']:.1f} img/s", ""))
+    if 5 in cases:
+        r = fid_bench(2 if smoke else 200, device, iters=1 if smoke else 5)
+        results["fid_features_b200"] = r
+        rows.append(("5 FID Inception features (fp32, no TF32)", f"{r['images_per_s']:.0f} img/s", "batch 200"))
+
+    if args.compile and not smoke:  # last, since compiling takes a while
+        if 1 in cases:
+            r = mqvae_step_bench(f8, 8, device, channels_last=True, compile=True)
+            results["mqvae_step_b8_channels_last_compiled"] = r
+            rows.append(("1 MQ-VAE train step, LPIPS+GAN, batch 8, channels_last, compiled",
+                         f"{r['images_per_s']:.1f} img/s", f"{r['peak_memory_gb']:.1f} GB peak"))
+        if 3 in cases:
+            seq_len, num_positions = lengths[0]
+            for batch in (10, 64):
+                r = stackformer_train_bench(sf_preset, seq_len, num_positions, batch, device, compile=True)
+                results[f"stackformer_train_L{seq_len}_b{batch}_compiled"] = r
+                rows.append((f"3 Stackformer {sf_preset} train, N={seq_len}, batch {batch}, compiled",
+                             f"{r['tokens_per_s'] / 1e3:.1f}k tok/s", f"MFU {r['mfu']:.1%}, {r['peak_memory_gb']:.1f} GB"))
+    return results
+
+
+if __name__ == "__main__":
+    main()
