@@ -463,7 +463,7 @@ def test_unknown_dataset_and_empty_folder_are_clear_errors(tmp_path):
 # Stage 1: training script
 
 TINY_TRAIN = ["train_mqvae.py", "--preset", "tiny", "--image-size", "16", "--batch-size", "4", "--log-every", "1",
-              "--eval-images", "8", "--disc-start", "1", "--num-workers", "0", "--disc-layers", "2"]
+              "--eval-images", "8", "--disc-start", "1", "--num-workers", "0", "--disc-layers", "2", "--perceptual-weight", "0"]
 
 
 def test_resume_gives_the_same_next_losses_as_an_uninterrupted_run(tmp_path):
@@ -1868,3 +1868,161 @@ def test_bench_cpu_smoke_runs_every_case(tmp_path):
     assert saved["sampling_greedy_paths_agree"] is True
     assert saved["mqvae_step_b2_channels_last"]["images_per_s"] > 0
     assert abs(sum(v["share"] for v in saved["mqvae_component_shares_b8"].values()) - 1.0) < 1e-6
+
+
+# -----------------------------------------------------------------------------
+# Nothing lost: hostile files, failed writes, bad flags, kills
+
+@pytest.fixture(scope="module")
+def hostile_folder(tmp_path_factory):
+    """400 ordinary images plus one of each kind of awkward file."""
+    root = tmp_path_factory.mktemp("hostile")
+    _write_images(root, 400, size=16)
+    bad = {"zero.png": b"", "text.jpg": b"this is not a jpeg\n"}
+    for name, content in bad.items():
+        (root / name).write_bytes(content)
+    good = root / "001.png"
+    (root / "truncated.png").write_bytes(good.read_bytes()[:60])
+    Image.new("L", (10000, 9000)).save(root / "bomb.png")                 # beyond PIL's decompression-bomb limit
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(root / "tiny1x1.png")     # loads, upscaled
+    Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)).save(root / "gray16.png")
+    Image.new("CMYK", (20, 20), (0, 255, 0, 0)).save(root / "cmyk.jpg")
+    return root, ["zero.png", "text.jpg", "truncated.png", "bomb.png"], ["tiny1x1.png", "gray16.png", "cmyk.jpg"]
+
+
+def test_each_hostile_file_is_loaded_or_skipped_with_its_index(hostile_folder):
+    root, unreadable, readable = hostile_folder
+    ds = data.ImageFiles(data.list_images(str(root)), 16, "eval")
+    for name in unreadable + readable:
+        index = ds.files.index(str(root / name))
+        item = ds[index]
+        assert item["image"].shape == (3, 16, 16) and torch.isfinite(item["image"]).all()
+        if name in unreadable:
+            assert item["bad"] == index and item["index"] != index, name
+        else:
+            assert item["bad"] == -1 and item["index"] == index, name
+    red = ds[ds.files.index(str(root / "tiny1x1.png"))]["image"]
+    assert red[0].min() > 0.5 and red[1].max() < -0.8       # the 1x1 red pixel fills the image
+
+
+def test_training_proceeds_past_hostile_files_and_names_them(hostile_folder, tmp_path):
+    root, unreadable, _ = hostile_folder
+    r = run_script(TINY_TRAIN + ["--data", str(root), "--max-steps", "210", "--log-every", "100",
+                                 "--eval-every", "1000", "--out-dir", str(tmp_path / "run")])
+    assert r.returncode == 0, r.stderr[-2000:]
+    named = [name for name in unreadable if name in r.stderr]
+    assert len(named) >= 3, r.stderr                         # two epochs: each bad file met at least once, barring drop_last
+    assert "Traceback" not in r.stderr
+
+
+def test_too_many_unreadable_files_stop_training_with_a_clear_error(tmp_path):
+    _write_images(tmp_path / "imgs", 20, size=16)
+    for i in range(5):
+        (tmp_path / "imgs" / f"broken{i}.png").write_bytes(b"")
+    r = run_script(TINY_TRAIN + ["--data", str(tmp_path / "imgs"), "--max-steps", "20", "--out-dir", str(tmp_path / "o")])
+    assert r.returncode == 2 and "could not be read (more than 1%)" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_failed_checkpoint_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    mqvae.save_checkpoint(dict(kind="mqvae", step=1, w=torch.ones(10)), path)
+
+    def dies_mid_write(obj, fh):
+        fh.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(OSError, match="No space"):
+        mqvae.save_checkpoint(dict(kind="mqvae", step=2, w=torch.zeros(10)), path)
+    monkeypatch.undo()
+    ckpt = mqvae.load_checkpoint(path, "mqvae")
+    assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(10))
+    assert os.listdir(tmp_path) == ["ckpt.pt"]               # no temporary file left behind
+
+
+@pytest.fixture(scope="module")
+def both_checkpoints(tmp_path_factory, stage1_ckpt, labelled_folder):
+    out = tmp_path_factory.mktemp("s2ckpt")
+    train_stackformer.main(stage2_args(stage1_ckpt, out, "--data", str(labelled_folder / "imagenet" / "train"),
+                                       "--max-steps", "1"))
+    return stage1_ckpt, str(out / "ckpt.pt")
+
+
+def test_every_script_rejects_bad_flags_with_one_line_and_no_traceback(both_checkpoints, tmp_path):
+    stage1, stage2 = both_checkpoints
+    missing = str(tmp_path / "missing")
+    cases = [  # (script and arguments, text the error must contain)
+        (TINY_TRAIN + ["--batch-size", "-4"], "--batch-size must be positive"),
+        (TINY_TRAIN + ["--keep-ratio", "1.2"], "keep ratio"),
+        (TINY_TRAIN + ["--data", "celeba"], "unknown dataset"),
+        (TINY_TRAIN + ["--data", "ffhq", "--data-dir", missing], "not found"),
+        (TINY_TRAIN + ["--image-size", "-16"], "--image-size must be positive"),
+        (["train_stackformer.py", "--stage1", stage2], "Stackformer"),
+        (["train_stackformer.py", "--stage1", missing], "not found"),
+        (["train_stackformer.py", "--stage1", stage1, "--dropout", "1.5"], "--dropout"),
+        (["train_stackformer.py", "--stage1", stage1, "--order", "random"], "--order"),
+        (["sample.py", "--ckpt", stage1, "--device", "cpu"], "MQ-VAE"),
+        (["sample.py", "--ckpt", missing, "--device", "cpu"], "not found"),
+        (["sample.py", "--ckpt", stage2, "--n", "-3", "--device", "cpu"], "must be positive"),
+        (["fid.py", missing, missing], "missing"),
+        (["data.py", "shapes", "--size", "-1", "--npz", str(tmp_path / "x.npz")], "must be positive"),
+    ]
+    for args, expected in cases:
+        r = run_script(args + (["--out-dir", str(tmp_path / "o")] if args[0].startswith("train") else []))
+        lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
+        assert r.returncode != 0, (args, r.stdout[-500:])
+        assert "Traceback" not in r.stderr, (args, r.stderr[-1500:])
+        assert expected.lower() in lines[-1].lower(), (args, lines[-3:])
+
+
+def test_sigkill_at_random_moments_never_loses_a_checkpoint_and_resume_matches(tmp_path):
+    import random
+    import signal
+    import time
+    args = TINY_TRAIN + ["--max-steps", "40", "--ckpt-every", "1", "--log-every", "40", "--eval-every", "1000"]
+    r = run_script(args + ["--out-dir", str(tmp_path / "full")])
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "killed"
+    rng = random.Random(0)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    last_step, kills = 0, 0
+    for attempt in range(12):
+        proc = subprocess.Popen([sys.executable] + args + ["--out-dir", str(out), "--resume"], cwd=HERE, env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        try:
+            proc.wait(timeout=rng.uniform(4.0, 9.0))       # start-up takes ~3 s; then steps and writes
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+        if os.path.isfile(out / "ckpt.pt"):
+            step = mqvae.load_checkpoint(str(out / "ckpt.pt"), "mqvae")["step"]  # always loads
+            assert step >= last_step
+            last_step = step
+        if proc.returncode == 0:
+            break
+        time.sleep(0.1)
+    assert proc.returncode == 0 and kills >= 1 and last_step == 40
+    full = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["mqvae"]
+    resumed = torch.load(out / "ckpt.pt", weights_only=True)["mqvae"]
+    assert all(torch.equal(full[k], resumed[k]) for k in full)   # bitwise equal on CPU
+
+
+def test_when_one_ddp_rank_dies_the_other_exits_within_a_timeout(tmp_path):
+    import signal
+    import time
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] +
+                            TINY_TRAIN + ["--max-steps", "100000", "--out-dir", str(tmp_path / "ddp")],
+                            cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    line = ""
+    while "step" not in line or "/" not in line:       # wait until both ranks are training
+        line = proc.stdout.readline()
+        assert line or proc.poll() is None
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(children) == 2
+    os.kill(int(children[1]), signal.SIGKILL)          # one rank dies mid-training
+    t0 = time.time()
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0 and time.time() - t0 < 120
+    assert subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout.strip() == ""

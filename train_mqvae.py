@@ -476,7 +476,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     guard = NonFiniteGuard(device)
     metric_names = ["loss", "rec", "lpips", "commit", "g_loss", "d_loss", "gan_weight", "logits_real", "logits_fake"]  # as returned by losses_and_backward
     metric_sums = torch.zeros(len(metric_names), device=device)
-    metric_count, bad_files, seen_files = 0, 0, 0
+    metric_count, unreadable = 0, set()  # unreadable: dataset indices of files that failed to load
     last_saved = start_step if ckpt is not None else None
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     stream = micro_batches(start_step)
@@ -519,15 +519,13 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         gan_on = cfg.disc_weight > 0 and step >= cfg.disc_start
         for micro in range(cfg.grad_accum):
             batch = next(stream)
-            bad = batch["bad"][batch["bad"] >= 0].tolist()
-            seen_files += len(batch["bad"])
-            for index in bad:
-                bad_files += 1
+            for index in set(batch["bad"][batch["bad"] >= 0].tolist()) - unreadable:
+                unreadable.add(index)
                 print(f"warning: rank {rank}: skipped unreadable image {train_set.path(index)} "
-                      f"({bad_files} so far)", file=sys.stderr)
-            if bad and bad_files > 0.01 * max(seen_files, 100):
-                raise UserError(f"{bad_files} of {seen_files} images could not be read (more than 1%); "
-                                f"check the dataset (the files are named above)")
+                      f"({len(unreadable)} so far)", file=sys.stderr)
+                if len(unreadable) > max(1.0, 0.01 * len(train_set) / world):
+                    raise UserError(f"{len(unreadable)} images of this rank's {len(train_set) // world} could not "
+                                    f"be read (more than 1%); check the dataset (the files are named above)")
             x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
             last_micro = micro == cfg.grad_accum - 1
             sync = world == 1 or last_micro  # DDP all-reduces gradients on the last micro-batch only
