@@ -1975,18 +1975,16 @@ def test_every_script_rejects_bad_flags_with_one_line_and_no_traceback(both_chec
         assert expected.lower() in lines[-1].lower(), (args, lines[-3:])
 
 
-def test_sigkill_at_random_moments_never_loses_a_checkpoint_and_resume_matches(tmp_path):
+def kill_and_resume_until_done(args, out, kind, final_step, seed=0):
+    """Start `args --resume` again and again, SIGKILL it at random moments (start-up, steps, checkpoint
+    writes), and check after every kill that the checkpoint loads and its step never goes backwards."""
     import random
     import signal
     import time
-    args = TINY_TRAIN + ["--max-steps", "40", "--ckpt-every", "1", "--log-every", "40", "--eval-every", "1000"]
-    r = run_script(args + ["--out-dir", str(tmp_path / "full")])
-    assert r.returncode == 0, r.stderr
-    out = tmp_path / "killed"
-    rng = random.Random(0)
+    rng = random.Random(seed)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     last_step, kills = 0, 0
-    for attempt in range(12):
+    for attempt in range(15):
         proc = subprocess.Popen([sys.executable] + args + ["--out-dir", str(out), "--resume"], cwd=HERE, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
@@ -1996,16 +1994,36 @@ def test_sigkill_at_random_moments_never_loses_a_checkpoint_and_resume_matches(t
             proc.wait()
             kills += 1
         if os.path.isfile(out / "ckpt.pt"):
-            step = mqvae.load_checkpoint(str(out / "ckpt.pt"), "mqvae")["step"]  # always loads
+            step = mqvae.load_checkpoint(str(out / "ckpt.pt"), kind)["step"]  # always loads
             assert step >= last_step
             last_step = step
         if proc.returncode == 0:
             break
         time.sleep(0.1)
-    assert proc.returncode == 0 and kills >= 1 and last_step == 40
+    assert proc.returncode == 0 and kills >= 1 and last_step == final_step
+
+
+def test_sigkill_at_random_moments_never_loses_a_checkpoint_and_resume_matches(tmp_path):
+    args = TINY_TRAIN + ["--max-steps", "40", "--ckpt-every", "1", "--log-every", "40", "--eval-every", "1000"]
+    r = run_script(args + ["--out-dir", str(tmp_path / "full")])
+    assert r.returncode == 0, r.stderr
+    kill_and_resume_until_done(args, tmp_path / "killed", "mqvae", 40)
     full = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["mqvae"]
-    resumed = torch.load(out / "ckpt.pt", weights_only=True)["mqvae"]
+    resumed = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)["mqvae"]
     assert all(torch.equal(full[k], resumed[k]) for k in full)   # bitwise equal on CPU
+
+
+def test_stage2_sigkill_at_random_moments_never_loses_a_checkpoint_and_resume_matches(stage1_ckpt, labelled_folder,
+                                                                                      tmp_path):
+    args = ["train_stackformer.py", "--stage1", stage1_ckpt, "--preset", "tiny", "--batch-size", "4", "--eval-every",
+            "1000", "--num-workers", "0", "--data", str(labelled_folder / "imagenet" / "train"), "--max-steps", "60",
+            "--ckpt-every", "1", "--log-every", "60"]
+    r = run_script(args + ["--out-dir", str(tmp_path / "full")])
+    assert r.returncode == 0, r.stderr
+    kill_and_resume_until_done(args, tmp_path / "killed", "stackformer", 60, seed=1)
+    full = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["model"]
+    resumed = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)["model"]
+    assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
 def test_when_one_ddp_rank_dies_the_other_exits_within_a_timeout(tmp_path):
