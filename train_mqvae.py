@@ -11,7 +11,7 @@ Train the MQ-VAE (stage 1): VQGAN's losses and nothing special for the mask (sup
 Adam(0.5, 0.9) for both networks, lr = 4.5e-6 × global batch, linear warmup (FFHQ 5 epochs,
 ImageNet 0.5) then cosine. bf16 autocast + TF32 on CUDA, DDP through torchrun.
 
-    python train_mqvae.py                                     # demo: built-in shapes, CPU is fine (~10 min)
+    python train_mqvae.py                                     # demo: built-in shapes, ~5 min on 2 CPU cores
     python train_mqvae.py --data ffhq --data-dir data/ffhq    # one GPU
     torchrun --standalone --nproc_per_node=8 train_mqvae.py --data ffhq
     torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --master_addr=HOST --master_port=29500 \
