@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset, DistributedSampler
 
-from mqvae import UserError
+from mqvae import UserError, atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DATASET_NAMES = ("shapes", "ffhq", "imagenet", "coco")
@@ -351,10 +351,8 @@ def export_images(name: str, data_dir: Optional[str], size: int, split: str, cou
     n = len(dataset) if count is None else min(count, len(dataset))
     images = np.stack([((dataset[i]["image"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
                        for i in range(n)])
-    os.makedirs(os.path.dirname(os.path.abspath(npz_path)), exist_ok=True)
-    tmp = npz_path + ".tmp.npz"
-    np.savez(tmp, images=images)
-    os.replace(tmp, npz_path)
+    with atomic_path(npz_path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, images=images)
     return images.shape
 
 

@@ -21,6 +21,7 @@ helper and the one-line `UserError`. The training loop lives in train_mqvae.py.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -518,19 +519,28 @@ CHECKPOINT_KINDS = {"mqvae": "an MQ-VAE (stage-1) checkpoint, written by train_m
                     "stackformer": "a Stackformer (stage-2) checkpoint, written by train_stackformer.py"}
 
 
-def save_checkpoint(obj: dict, path: str):
-    """Write atomically: a crash mid-write leaves the previous file intact."""
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yields a temporary name beside `path`. When the block finishes it replaces `path`; if the block
+    fails it is deleted. A crash or a full disk mid-write therefore never leaves a half-written file
+    under the real name. The temporary name ends in ".tmp<pid>", not in an image extension, so a folder
+    scan never mistakes a leftover for an image: writers must be given a file handle or a format."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
+    tmp = f"{path}.tmp{os.getpid()}"
     try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
+        yield tmp
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def save_checkpoint(obj: dict, path: str):
+    """Written atomically and synced to disk: the previous checkpoint survives any failure."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def load_checkpoint(path: str, kind: str, map_location="cpu") -> dict:
@@ -707,13 +717,10 @@ def restore_rng_state(states: list, rank: int, world: int, device: torch.device)
 def save_grid(images, path: str, nrow: int):
     """images (B,3,H,W) in [0,1] -> one PNG, written atomically."""
     import torchvision.utils
-    tmp = path + ".tmp.png"
-    torchvision.utils.save_image(images, tmp, nrow=nrow, padding=2, pad_value=1.0)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torchvision.utils.save_image(images, tmp, nrow=nrow, padding=2, pad_value=1.0, format="png")
 
 
 def write_json(path: str, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
         json.dump(obj, fh, indent=2, default=str)
-    os.replace(tmp, path)

@@ -56,7 +56,8 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-from mqvae import UserError, check, cleanup_distributed, config_to_parser, run_main, setup_distributed
+from mqvae import (UserError, atomic_path, check, cleanup_distributed, config_to_parser, run_main,
+                   setup_distributed, write_json)
 from stackformer import load_stackformer
 
 
@@ -345,15 +346,11 @@ def png_path(out_dir: str, index: int) -> str:
 
 def write_png(array: np.ndarray, path: str):
     """Atomic: a crash leaves either no file or a whole one, so --skip-existing can trust what exists."""
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            Image.fromarray(array).save(tmp, format="PNG")
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_png(path: str, size: int) -> np.ndarray:
@@ -369,16 +366,11 @@ def read_png(path: str, size: int) -> np.ndarray:
 
 
 def write_npz(path: str, arrays: dict):
-    tmp = f"{path}.{os.getpid()}.tmp"
     try:
-        with open(tmp, "wb") as fh:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
-        os.replace(tmp, path)
     except OSError as e:
         raise UserError(f"cannot write {path}: {e.strerror or e}") from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def check_writable(folder: str, what: str):
@@ -507,9 +499,7 @@ def sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> di
             differ = [k for k in record if k not in ("n", "conditioning") and before.get(k) != record[k]]
             check(not differ, f"{cfg.out_dir} was sampled with other settings ({', '.join(differ)} differ); "
                               f"--skip-existing would mix two kinds of images there")
-        with open(record_path + ".tmp", "w") as fh:
-            json.dump(record, fh, indent=2)
-        os.replace(record_path + ".tmp", record_path)
+        write_json(record_path, record)
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True

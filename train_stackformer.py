@@ -44,10 +44,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from mqvae import (NonFiniteGuard, UserError, check, cleanup_distributed, config_to_parser, explicit_flags,
-                   gather_rng_states, load_checkpoint, mqvae_from_checkpoint, restore_rng_state, resumed_config, run_main,
-                   save_checkpoint, save_grid, setup_distributed, strip_compile_prefix, warmup_cosine_lr,
-                   write_json)
+from mqvae import (NonFiniteGuard, UserError, atomic_path, check, cleanup_distributed, config_to_parser,
+                   explicit_flags, gather_rng_states, load_checkpoint, mqvae_from_checkpoint,
+                   restore_rng_state, resumed_config, run_main, save_checkpoint, save_grid, setup_distributed,
+                   strip_compile_prefix, warmup_cosine_lr, write_json)
 from stackformer import PRESETS, Stackformer, StackformerConfig, WordTokenizer, configure_optimizer
 
 
@@ -230,8 +230,8 @@ def build_token_cache(cfg, mqvae, stage1_sha: str, split: str, device, rank: int
             arrays["caption_tokens"] = np.concatenate([tokens] * (2 if flip else 1))
             arrays["caption_counts"] = np.concatenate([counts] * (2 if flip else 1))
         for name, array in arrays.items():
-            np.save(os.path.join(folder, name + ".tmp.npy"), array)
-            os.replace(os.path.join(folder, name + ".tmp.npy"), os.path.join(folder, name + ".npy"))
+            with atomic_path(os.path.join(folder, name + ".npy")) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, array)
         for r in range(world):
             os.remove(os.path.join(folder, f"shard{r}.npz"))
         unreadable = sorted({int(b) for b in bad if b >= 0})
