@@ -69,7 +69,7 @@ class PlainAutoencoder(nn.Module):
         h = self.encoder(x)
         B, C, H, W = h.shape
         z = self.pre_projection(h.flatten(2).transpose(1, 2))                     # (B,T,D)
-        z_q, codes, commit = self.quantizer(z, update_codebook=self.training)
+        z_q, codes, commit = self.quantizer(z, collect_stats=self.training)
         x_rec = self.decoder(self.post_projection(z_q.transpose(1, 2).reshape(B, -1, H, W)))
         return x_rec, dict(commit_loss=commit, codes=codes)
 
@@ -111,6 +111,7 @@ def mqvae_step_bench(cfg, batch, device, plain=False, gan=True, use_lpips=True, 
         train_mqvae.losses_and_backward(model, disc, model, disc, lp, x, tcfg, gan, autocast)
         opt_ae.step()
         opt_ae.zero_grad(set_to_none=True)
+        model.quantizer.ema_step()
         if gan:
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)
@@ -134,6 +135,12 @@ def mqvae_step_bench(cfg, batch, device, plain=False, gan=True, use_lpips=True, 
     return result
 
 
+def quantize_and_update(quantizer, z):
+    z_q = quantizer(z, collect_stats=True)[0]
+    quantizer.ema_step()
+    return z_q
+
+
 def component_shares(cfg, batch, device, warmup=2, iters=5):
     """Forward+backward time of each part run alone on inputs of its real shape (bf16 on CUDA), as a
     share of their sum: where an MQ-VAE training iteration spends its time."""
@@ -152,7 +159,7 @@ def component_shares(cfg, batch, device, warmup=2, iters=5):
     parts = {
         "encoder": lambda: model.encoder(x),
         "mask": lambda: model.mask(h)[0],
-        "quantizer": lambda: model.quantizer(z, update_codebook=True)[0],
+        "quantizer": lambda: quantize_and_update(model.quantizer, z),
         "de-mask": lambda: model.demask(z, positions, (G, G)),
         "decoder": lambda: model.decoder(g),
         "lpips": lambda: lp(x, x_rec),

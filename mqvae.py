@@ -288,7 +288,8 @@ class AdaptiveMask(nn.Module):
     def __init__(self, z_channels: int, codebook_dim: int, keep_ratio: float, mode: str = "adaptive"):
         super().__init__()
         self.keep_ratio, self.mode = keep_ratio, mode
-        self.score_net = nn.Sequential(
+        # the random-mask ablation has no scoring net (unused weights would also break DDP)
+        self.score_net = None if mode == "random" else nn.Sequential(
             nn.GroupNorm(1, z_channels, affine=False),  # one norm over (C,H,W) per sample, any grid size
             nn.Conv2d(z_channels, z_channels, 3, padding=1),
             nn.ReLU(),
@@ -303,7 +304,9 @@ class AdaptiveMask(nn.Module):
         N = num_kept(self.keep_ratio, H * W)
         tokens = F.layer_norm(h.flatten(2).transpose(1, 2).float(), (C,))        # (B,T,C), no affine
         if self.mode == "adaptive":
-            scores = self.score_net(h).flatten(1).float()                          # (B,T) in (0,1)
+            # fp32 even under bf16 autocast: bf16 scores tie often, and ties would decide the top-N
+            with torch.autocast(device_type=h.device.type, enabled=False):
+                scores = self.score_net(h.float()).flatten(1)                      # (B,T) in (0,1)
             positions = scores.detach().topk(N, dim=1, sorted=True).indices        # (B,N) importance order
         else:  # ablation: N random positions, every score 1
             scores = torch.ones(B, H * W, device=h.device)
@@ -323,6 +326,10 @@ class VectorQuantizer(nn.Module):
     Counts and sums are all-reduced and restart candidates broadcast from rank 0, so every rank
     holds the same codebook. "grad": the VQ-VAE codebook loss ||sg(Ẑ) - Ẑ^q||² trains the codes.
     In both, the encoder side gets the commitment loss β·||Ẑ - sg(Ẑ^q)||².
+
+    EMA bookkeeping: forward(z, collect_stats=True) only collects the per-code counts and sums;
+    ema_step() applies them, once per optimizer step (after all gradient-accumulation micro-batches).
+    The official code updates twice per step, because its discriminator pass re-runs the model.
     """
 
     def __init__(self, cfg: MQVAEConfig):
@@ -337,11 +344,12 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("embed_sum", init.clone())       # EMA of per-code feature sums m_k
         else:
             self.codebook = nn.Parameter(init)
+        self._pending = None  # statistics collected since the last ema_step: [counts, sums, features]
 
     def lookup(self, codes):
         return F.embedding(codes, self.codebook)
 
-    def forward(self, z, update_codebook: bool = False):
+    def forward(self, z, collect_stats: bool = False):
         B, N, D = z.shape
         z = z.float()                                     # distances and EMA statistics in fp32
         flat = z.reshape(-1, D)                           # (B·N, D)
@@ -350,8 +358,8 @@ class VectorQuantizer(nn.Module):
                          + self.codebook.pow(2).sum(1)[None])                    # (B·N, V)
         codes = distances.argmin(1)
         z_q = self.lookup(codes).view(B, N, D)            # Ẑ^q, from the codebook before this step's update
-        if update_codebook and self.mode == "ema":
-            self._ema_update(flat.detach(), codes)
+        if collect_stats and self.mode == "ema":
+            self._collect(flat.detach(), codes)
         commit_loss = self.beta * F.mse_loss(z, z_q.detach())             # β·||Ẑ - sg(Ẑ^q)||²
         if self.mode == "grad":
             commit_loss = commit_loss + F.mse_loss(z_q, z.detach())      # ||sg(Ẑ) - Ẑ^q||² trains the codes
@@ -361,10 +369,28 @@ class VectorQuantizer(nn.Module):
         return z_q, codes.view(B, N), commit_loss
 
     @torch.no_grad()
-    def _ema_update(self, flat, codes):
+    def _collect(self, flat, codes):
+        counts = torch.zeros(self.num_codes, device=flat.device).index_add_(
+            0, codes, torch.ones_like(codes, dtype=torch.float))
+        sums = torch.zeros(self.num_codes, self.dim, device=flat.device).index_add_(0, codes, flat)
+        if self._pending is None:
+            self._pending = [counts, sums, [flat]]
+        else:
+            self._pending[0] += counts
+            self._pending[1] += sums
+            self._pending[2].append(flat)
+
+    @torch.no_grad()
+    def ema_step(self):
+        """Move the codes to the EMA means of the features collected since the last call, and restart
+        dead codes. Call once per optimizer step on every rank (it all-reduces); a no-op if nothing was
+        collected (eval, or the "grad" codebook)."""
+        if self._pending is None:
+            return
+        counts, sums, flats = self._pending
+        self._pending = None
+        flat = torch.cat(flats)
         V = self.num_codes
-        counts = torch.zeros(V, device=flat.device).index_add_(0, codes, torch.ones_like(codes, dtype=torch.float))
-        sums = torch.zeros(V, self.dim, device=flat.device).index_add_(0, codes, flat)
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if distributed:
             dist.all_reduce(counts)
@@ -455,11 +481,12 @@ class MQVAE(nn.Module):
             raise UserError(f"image size {tuple(x.shape[2:])} is not divisible by the downsampling factor f={f}")
 
     def forward(self, x):
-        """x (B,3,H,W) in [-1,1] -> (x̃, aux). In training mode the EMA codebook is updated."""
+        """x (B,3,H,W) in [-1,1] -> (x̃, aux). In training mode the EMA codebook statistics are
+        collected; call self.quantizer.ema_step() once per optimizer step to apply them."""
         self._check_input(x)
         h = self.encoder(x)                                            # Ẑ grid (B,C,H',W')
         z, positions, scores = self.mask(h)                            # (B,N,D), (B,N), (B,H',W')
-        z_q, codes, commit_loss = self.quantizer(z, update_codebook=self.training)
+        z_q, codes, commit_loss = self.quantizer(z, collect_stats=self.training)
         x_rec = self.decoder(self.demask(z_q, positions, h.shape[2:]))
         return x_rec, dict(commit_loss=commit_loss, codes=codes, positions=positions, scores=scores)
 
@@ -469,7 +496,7 @@ class MQVAE(nn.Module):
         and the importance map (B,H',W'). Never updates the codebook."""
         self._check_input(x)
         z, positions, scores = self.mask(self.encoder(x))
-        _, codes, _ = self.quantizer(z, update_codebook=False)
+        _, codes, _ = self.quantizer(z)
         return codes, positions, scores
 
     def decode(self, codes, positions, grid_hw=None):

@@ -210,11 +210,31 @@ def test_ema_update_moves_code_towards_assigned_features_and_restarts_dead_codes
         vq.cluster_size.copy_(torch.tensor([5.0, 5.0, 5.0, 0.0]))  # code 3 is dead
     features = torch.tensor([[1.0, 1.0]] * 8)[None]  # all nearest to code 0
     before = vq.codebook.clone()
-    vq(features, update_codebook=True)
+    vq(features, collect_stats=True)
+    assert torch.equal(vq.codebook, before)  # collected, not yet applied
+    vq.ema_step()
     assert (vq.codebook[0] - 1.0).abs().sum() < (before[0] - 1.0).abs().sum()  # moved towards (1,1)
     torch.testing.assert_close(vq.codebook[3], torch.tensor([1.0, 1.0]), atol=1e-3, rtol=0)  # restarted from a feature
     assert vq.cluster_size[3] >= 1.0
     assert vq.cluster_size[1] == pytest.approx(5.0 * 0.99, rel=1e-6)
+
+
+def test_ema_statistics_of_accumulated_micro_batches_equal_one_big_batch():
+    torch.manual_seed(0)
+    cfg = tiny_config(codebook_size=8, codebook_dim=3, restart_dead_codes=False)
+    a, b = mqvae.VectorQuantizer(cfg), mqvae.VectorQuantizer(cfg)
+    b.load_state_dict(a.state_dict())
+    z = torch.randn(4, 5, 3)
+    a(z[:2], collect_stats=True)
+    a(z[2:], collect_stats=True)   # two micro-batches of one optimizer step
+    a.ema_step()
+    b(z, collect_stats=True)
+    b.ema_step()
+    torch.testing.assert_close(a.codebook, b.codebook)
+    torch.testing.assert_close(a.cluster_size, b.cluster_size)
+    before = a.codebook.clone()
+    a.ema_step()                    # nothing collected since: no change
+    assert torch.equal(a.codebook, before)
 
 
 def test_quantizer_picks_nearest_code_and_eval_never_updates():
@@ -222,7 +242,7 @@ def test_quantizer_picks_nearest_code_and_eval_never_updates():
     vq = mqvae.VectorQuantizer(tiny_config(codebook_size=16, codebook_dim=3))
     z = torch.randn(2, 7, 3)
     before = vq.codebook.clone()
-    z_q, codes, _ = vq(z, update_codebook=False)
+    z_q, codes, _ = vq(z)
     expected = torch.cdist(z.reshape(-1, 3), vq.codebook).argmin(1)
     assert torch.equal(codes.flatten(), expected)
     torch.testing.assert_close(z_q, vq.codebook[codes])
@@ -533,12 +553,13 @@ def test_cli_bad_values_give_one_line_errors(tmp_path):
         assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
 
 
-def test_two_process_gloo_ddp_keeps_parameters_and_codebooks_identical(tmp_path):
-    r = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] + TINY_TRAIN +
+@pytest.mark.parametrize("extra", [[], ["--masker", "random", "--grad-accum", "2"]])
+def test_two_process_gloo_ddp_keeps_parameters_and_codebooks_identical(tmp_path, extra):
+    r = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] + TINY_TRAIN + extra +
                    ["--max-steps", "2", "--out-dir", str(tmp_path / "ddp")], timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "identical across 2 ranks" in r.stdout
-    assert "global batch 8 (4 x 2 GPU" in r.stdout
+    assert f"global batch {8 * (2 if extra else 1)} (4 x 2 GPU" in r.stdout
 
 
 # -----------------------------------------------------------------------------
@@ -1442,6 +1463,22 @@ def test_importance_and_raster_token_orders_differ_only_by_permutation(stage1_ck
     ds.mode = "eval"
     codes, positions, _ = model.encode(ds[0]["image"][None])
     assert torch.equal(positions[0], importance[1][0]) and torch.equal(codes[0], importance[0][0])
+
+
+def test_an_epoch_sees_every_image_once_as_itself_or_mirrored(tmp_path):
+    M, N = 50, 4
+    np.save(tmp_path / "codes.npy", np.zeros((2 * M, N), np.uint16))
+    np.save(tmp_path / "positions.npy", np.tile(np.arange(N, dtype=np.uint16), (2 * M, 1)))
+    np.save(tmp_path / "labels.npy", np.zeros(2 * M, np.int64))
+    (tmp_path / "meta.json").write_text(json.dumps(dict(images=M, rows=2 * M)))
+    tokens = train_stackformer.TokenSet(str(tmp_path), "raster")
+    assert tokens.num_images == M and tokens.copies == 2
+    rows = tokens.epoch_rows(seed=0, epoch=3)
+    assert sorted(rows % M) == list(range(M))              # each image exactly once
+    mirrored = (rows >= M).mean()
+    assert 0.25 < mirrored < 0.75                          # a fair coin per image
+    assert not np.array_equal(rows, tokens.epoch_rows(seed=0, epoch=4))
+    assert np.array_equal(rows, tokens.epoch_rows(seed=0, epoch=3))
 
 
 def test_stage2_checkpoint_embeds_mqvae_and_reloads_strictly_with_identical_logits(stage1_ckpt, tmp_path, labelled_folder):

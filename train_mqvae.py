@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from mqvae import (MQVAE, MQVAEConfig, PRESETS, NonFiniteGuard, PatchDiscriminator, UserError, check,
+from mqvae import (MQVAE, MQVAEConfig, PRESETS, NonFiniteGuard, PatchDiscriminator, UserError, atomic_path, check,
                    cleanup_distributed, config_to_parser, explicit_flags, gather_rng_states, load_checkpoint, restore_rng_state,
                    resumed_config, run_main, save_checkpoint, save_grid, setup_distributed,
                    strip_compile_prefix, warmup_cosine_lr, write_json)
@@ -174,10 +174,10 @@ def fetch_vgg16(path: str):
         previous = socket.getdefaulttimeout()
         socket.setdefaulttimeout(20)
         try:
-            torch.hub.download_url_to_file(VGG16_URL, path + ".part", progress=False)
+            with atomic_path(path) as tmp:
+                torch.hub.download_url_to_file(VGG16_URL, tmp, progress=False)
         finally:
             socket.setdefaulttimeout(previous)
-        os.replace(path + ".part", path)
     except Exception as e:
         raise UserError(f"LPIPS needs torchvision's VGG16 weights and they could not be downloaded "
                         f"({type(e).__name__}). Put {os.path.basename(VGG16_URL)} (from {VGG16_URL}) in "
@@ -403,6 +403,11 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = MQVAE(mcfg).to(device)
     disc = PatchDiscriminator(n_layers=cfg.disc_layers).to(device)
+    if cfg.perceptual_weight > 0 and cfg.lpips_vgg is None and not os.path.isfile(default_vgg_path()):
+        if rank == 0:  # one download, not one per process
+            fetch_vgg16(default_vgg_path())
+        if world > 1:
+            dist.barrier()
     lpips_fn = build_lpips(cfg.lpips_vgg).to(device) if cfg.perceptual_weight > 0 else None
     cuda = device.type == "cuda"
     opt_ae = torch.optim.Adam(model.parameters(), lr=peak_lr, betas=(0.5, 0.9), **({"fused": True} if cuda else {}))
@@ -416,8 +421,8 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         start_step = ckpt["step"]
         if not restore_rng_state(ckpt["rng"], rank, world, device):
             torch.manual_seed(cfg.seed + rank + start_step)
-            log(f"the checkpoint was written by {len(ckpt['rng'])} processes, this run has {world}: "
-                f"data order is kept, random restarts will differ")
+            log(f"warning: the checkpoint was written by {len(ckpt['rng'])} processes, this run has {world}: the "
+                f"global batch, the lr it scales, the data order and the random streams all change from here on")
         log(f"resumed from {ckpt_path} at step {start_step}")
     else:
         torch.manual_seed(cfg.seed + rank)  # per-rank randomness (random masker) from here on
@@ -541,6 +546,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
             metric_count += 1
         opt_ae.step()
         opt_ae.zero_grad(set_to_none=True)
+        raw_model.quantizer.ema_step()  # the codebook moves once per step, whatever the accumulation
         if gan_on:
             opt_d.step()
             opt_d.zero_grad(set_to_none=True)

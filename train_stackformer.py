@@ -74,7 +74,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0                # 0 disables
     warmup_steps: Optional[int] = None    # default: 2% of training, at most 5000 steps
-    epochs: Optional[float] = None        # 100 (120 for coco; 2 for the demo)
+    epochs: Optional[float] = None        # 100 (120 for coco; 4 for the demo)
     max_steps: Optional[int] = None
     stop_after: Optional[int] = None      # leave (with a checkpoint) after this many steps in this run
     # run
@@ -105,7 +105,7 @@ def resolve_defaults(cfg: TrainConfig, stage1_train: dict) -> TrainConfig:
     demo = cfg.data == "shapes"
     defaults = dict(cond={"imagenet": "class", "coco": "text"}.get(cfg.data, "none"),
                     preset="demo" if demo else "base", batch_size=32 if demo else 10,
-                    lr=1e-3 if demo else 5e-4, epochs=2.0 if demo else (120.0 if cfg.data == "coco" else 100.0),
+                    lr=1e-3 if demo else 5e-4, epochs=4.0 if demo else (120.0 if cfg.data == "coco" else 100.0),
                     eval_every=500 if demo else 2000)
     for key, value in defaults.items():
         if getattr(cfg, key) is None:
@@ -165,8 +165,8 @@ def encode_split(mqvae, dataset, flip: bool, batch_size: int, num_workers: int, 
         for mirrored in ((False, True) if flip else (False,)):
             with autocast:
                 codes, positions, _ = mqvae.encode(x.flip(3) if mirrored else x)
-            out["codes"].append((codes.cpu().numpy(), mirrored))
-            out["positions"].append((positions.cpu().numpy(), mirrored))
+            out["codes"].append((codes.cpu().numpy().astype(np.uint16), mirrored))   # uint16 at once: 4x less host memory
+            out["positions"].append((positions.cpu().numpy().astype(np.uint16), mirrored))
         out["index"].append(batch["index"].numpy())
         out["label"].append(batch["label"].numpy())
         out["bad"].append(batch["bad"].numpy())
@@ -180,8 +180,8 @@ def encode_split(mqvae, dataset, flip: bool, batch_size: int, num_workers: int, 
     for key in ("codes", "positions"):
         plain = [a for a, m in out[key] if not m]
         mirrored = [a for a, m in out[key] if m]
-        arrays = plain + mirrored or [np.zeros((0, mqvae.config.seq_len), dtype=np.int64)]
-        result[key] = np.concatenate(arrays).astype(np.uint16)
+        arrays = plain + mirrored or [np.zeros((0, mqvae.config.seq_len), dtype=np.uint16)]
+        result[key] = np.concatenate(arrays)
     return result
 
 
@@ -246,7 +246,8 @@ def build_token_cache(cfg, mqvae, stage1_sha: str, split: str, device, rank: int
 
 
 class TokenSet:
-    """The cached sequences of one split, memory-mapped, put in the requested order."""
+    """The cached sequences of one split, memory-mapped, put in the requested order. Rows 0..M-1 are the
+    M images; with flipped copies, row M + i is image i mirrored (`copies` = 2)."""
 
     def __init__(self, folder: str, order: str):
         self.codes = np.load(os.path.join(folder, "codes.npy"), mmap_mode="r")
@@ -257,6 +258,18 @@ class TokenSet:
         self.caption_counts = (np.load(os.path.join(folder, "caption_counts.npy"))
                                if self.caption_tokens is not None else None)
         self.order = order
+        with open(os.path.join(folder, "meta.json")) as fh:
+            self.num_images = json.load(fh)["images"]
+        self.copies = len(self.codes) // max(self.num_images, 1)
+
+    def epoch_rows(self, seed: int, epoch: int) -> np.ndarray:
+        """The rows of one epoch in order: every image once, as itself or (with flipped copies) mirrored
+        with probability 1/2 — the random horizontal flip of the official code, drawn from the cache."""
+        gen = torch.Generator().manual_seed(seed + epoch)
+        rows = torch.randperm(self.num_images, generator=gen)
+        if self.copies > 1:
+            rows = rows + self.num_images * torch.randint(0, self.copies, (self.num_images,), generator=gen)
+        return rows.numpy()
 
     def __len__(self):
         return self.codes.shape[0]
@@ -323,6 +336,8 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
                         f"start a new --out-dir")
     mqvae = mqvae_from_checkpoint(stage1, device)
     mcfg = mqvae.config
+    check(mcfg.codebook_size <= 65536 and mcfg.num_tokens <= 65536,
+          "codes and positions are cached as uint16: codebook size and H*W must be at most 65536")
     tokenizer, classes = None, None
     if cfg.cond == "text":
         if ckpt is not None:
@@ -354,8 +369,8 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     model = Stackformer(scfg).to(device)
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, 0.95), device.type)
     global_batch = cfg.batch_size * world * cfg.grad_accum
-    steps_per_epoch = len(train_tokens) // global_batch
-    check(steps_per_epoch > 0, f"{len(train_tokens)} training sequences are fewer than one global batch ({global_batch})")
+    steps_per_epoch = train_tokens.num_images // global_batch  # an epoch sees every image once
+    check(steps_per_epoch > 0, f"{train_tokens.num_images} training images are fewer than one global batch ({global_batch})")
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     warmup_steps = cfg.warmup_steps if cfg.warmup_steps is not None else min(5000, total_steps // 50)
     start_step = 0
@@ -365,6 +380,8 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         start_step = ckpt["step"]
         if not restore_rng_state(ckpt["rng"], rank, world, device):
             torch.manual_seed(cfg.seed + rank + start_step)
+            log(f"warning: the checkpoint was written by {len(ckpt['rng'])} processes, this run has {world}: the "
+                f"global batch, the data order and the random streams change from here on")
         log(f"resumed from {ckpt_path} at step {start_step}")
     else:
         torch.manual_seed(cfg.seed + rank)  # per-rank dropout from here on
@@ -387,7 +404,8 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
             f"cond {cfg.cond})")
         log(f"stage 1 {cfg.stage1}: V={scfg.codebook_size} codes, T={scfg.num_positions} positions, "
             f"N={scfg.seq_len} pairs per image")
-        log(f"tokens: {len(train_tokens)} train / {len(val_tokens)} val sequences; global batch {global_batch} "
+        log(f"tokens: {train_tokens.num_images} train images ({len(train_tokens)} sequences with flips) / "
+            f"{len(val_tokens)} val; global batch {global_batch} "
             f"({tokens_per_step} tokens); {steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {cfg.lr:g}, "
             f"warmup {warmup_steps}")
 
@@ -468,7 +486,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         # This step's rows: a permutation per epoch (seed + epoch), sharded by rank, so that a resumed
         # run reads exactly the rows an uninterrupted one would.
         if epoch != perm_epoch:
-            perm = torch.randperm(len(train_tokens), generator=torch.Generator().manual_seed(cfg.seed + epoch)).numpy()
+            perm = train_tokens.epoch_rows(cfg.seed, epoch)
             perm_epoch = epoch
         gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step * world + rank)
         for micro in range(cfg.grad_accum):
