@@ -96,8 +96,10 @@ def mqvae_step_bench(cfg, batch, device, plain=False, gan=True, use_lpips=True, 
         if m is not None:
             m.to(memory_format=memory_format)
     if compile:
-        for name in ("encoder", "decoder") + (() if plain else ("demask",)):
-            setattr(model, name, torch.compile(getattr(model, name)))
+        if plain:
+            model.encoder, model.decoder = torch.compile(model.encoder), torch.compile(model.decoder)
+        else:
+            mqvae.compile_for_training(model)
         disc = torch.compile(disc)
     fused = {"fused": True} if device.type == "cuda" else {}
     opt_ae = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.5, 0.9), **fused)

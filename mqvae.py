@@ -121,6 +121,15 @@ def check(condition: bool, message: str):
 # -----------------------------------------------------------------------------
 # VQGAN building blocks (taming-transformers' layout and parameter names)
 
+def compile_for_training(model: "MQVAE"):
+    """torch.compile the convolutional parts in place. The decoder's last conv stays eager: the adaptive
+    GAN weight takes two gradients at its weight every step, and through a compiled region each of
+    those would run the whole decoder backward instead of one conv's."""
+    model.encoder = torch.compile(model.encoder)
+    model.demask = torch.compile(model.demask)
+    model.decoder.features = torch.compile(model.decoder.features)
+
+
 def Normalize(channels: int) -> nn.GroupNorm:
     groups = 32 if channels % 32 == 0 else math.gcd(channels, 32)  # tiny presets have < 32 channels
     return nn.GroupNorm(groups, channels, eps=1e-6, affine=True)
@@ -260,7 +269,8 @@ class Decoder(nn.Module):
         self.norm_out = Normalize(block_in)
         self.conv_out = nn.Conv2d(block_in, cfg.in_channels, 3, padding=1)
 
-    def forward(self, h):
+    def features(self, h):
+        """Everything but the last conv (which the adaptive GAN weight differentiates at)."""
         for level in reversed(self.up):
             for j, block in enumerate(level.block):
                 h = block(h)
@@ -268,7 +278,10 @@ class Decoder(nn.Module):
                     h = level.attn[j](h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return F.silu(self.norm_out(h))
+
+    def forward(self, h):
+        return self.conv_out(self.features(h))
 
 
 # -----------------------------------------------------------------------------

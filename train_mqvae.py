@@ -40,10 +40,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from mqvae import (MQVAE, MQVAEConfig, PRESETS, NonFiniteGuard, PatchDiscriminator, UserError, atomic_path, check,
-                   cleanup_distributed, config_to_parser, explicit_flags, gather_rng_states, load_checkpoint, restore_rng_state,
-                   resumed_config, run_main, save_checkpoint, save_grid, setup_distributed,
-                   strip_compile_prefix, warmup_cosine_lr, write_json)
+from mqvae import (MQVAE, MQVAEConfig, NonFiniteGuard, PRESETS, PatchDiscriminator, UserError, atomic_path,
+                   check, cleanup_distributed, compile_for_training, config_to_parser, explicit_flags,
+                   gather_rng_states, load_checkpoint, restore_rng_state, resumed_config, run_main,
+                   save_checkpoint, save_grid, setup_distributed, strip_compile_prefix, warmup_cosine_lr,
+                   write_json)
 
 
 # -----------------------------------------------------------------------------
@@ -435,8 +436,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         if m is not None:
             m.to(memory_format=memory_format)
     if cfg.compile:
-        for name in ("encoder", "demask", "decoder"):
-            setattr(model, name, torch.compile(getattr(model, name)))
+        compile_for_training(model)
         disc = torch.compile(disc)
     raw_model, raw_disc = model, disc
     if world > 1:
