@@ -666,6 +666,19 @@ def config_to_parser(defaults, description: str, help_texts: dict) -> argparse.A
     return parser
 
 
+def launch(config_class, train_fn, description: str, help_texts: dict, argv=None):
+    """The entry point of both training scripts: flags -> config_class, torchrun's process group
+    (if any), then train_fn(cfg, explicit_flags, rank, world_size, device)."""
+    parser = config_to_parser(config_class(), description, help_texts)
+    args = parser.parse_args(argv)
+    explicit = explicit_flags(parser, argv if argv is not None else sys.argv[1:])
+    rank, world, _, device = setup_distributed()
+    try:
+        return train_fn(config_class(**vars(args)), explicit, rank, world, device)
+    finally:
+        cleanup_distributed()
+
+
 def explicit_flags(parser: argparse.ArgumentParser, argv) -> set:
     """Names of the options the user actually typed (so --resume knows what to override)."""
     probe = argparse.ArgumentParser(add_help=False)

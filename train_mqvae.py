@@ -41,10 +41,9 @@ from torch.utils.data import DataLoader
 
 import data
 from mqvae import (MQVAE, MQVAEConfig, NonFiniteGuard, PRESETS, PatchDiscriminator, UserError, atomic_path,
-                   check, cleanup_distributed, compile_for_training, config_to_parser, explicit_flags,
-                   gather_rng_states, load_checkpoint, restore_rng_state, resumed_config, run_main,
-                   save_checkpoint, save_grid, setup_distributed, strip_compile_prefix, warmup_cosine_lr,
-                   write_json)
+                   check, compile_for_training, gather_rng_states, launch, load_checkpoint, restore_rng_state,
+                   resumed_config, run_main, save_checkpoint, save_grid, strip_compile_prefix,
+                   warmup_cosine_lr, write_json)
 
 
 # -----------------------------------------------------------------------------
@@ -355,19 +354,8 @@ def evaluate(model, val_set, cfg, device, autocast, lpips_fn, rank, world):
 # -----------------------------------------------------------------------------
 # Training
 
-def parse_config(argv):
-    parser = config_to_parser(TrainConfig(), __doc__.split("\n\n")[0].strip(), HELP)
-    args = parser.parse_args(argv)
-    return TrainConfig(**vars(args)), explicit_flags(parser, argv if argv is not None else sys.argv[1:])
-
-
 def main(argv=None):
-    cfg, explicit = parse_config(argv)
-    rank, world, local_rank, device = setup_distributed()
-    try:
-        train(cfg, explicit, rank, world, device)
-    finally:
-        cleanup_distributed()
+    launch(TrainConfig, train, __doc__.split("\n\n")[0].strip(), HELP, argv)
 
 
 def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.device):

@@ -44,10 +44,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from mqvae import (NonFiniteGuard, UserError, atomic_path, check, cleanup_distributed, config_to_parser,
-                   explicit_flags, gather_rng_states, load_checkpoint, mqvae_from_checkpoint,
-                   restore_rng_state, resumed_config, run_main, save_checkpoint, save_grid, setup_distributed,
-                   strip_compile_prefix, warmup_cosine_lr, write_json)
+from mqvae import (NonFiniteGuard, UserError, atomic_path, check, gather_rng_states, launch, load_checkpoint,
+                   mqvae_from_checkpoint, restore_rng_state, resumed_config, run_main, save_checkpoint,
+                   save_grid, strip_compile_prefix, warmup_cosine_lr, write_json)
 from stackformer import PRESETS, Stackformer, StackformerConfig, WordTokenizer, configure_optimizer
 
 
@@ -296,19 +295,8 @@ def condition(cfg_cond: str, labels, captions):
 # -----------------------------------------------------------------------------
 # Training
 
-def parse_config(argv):
-    parser = config_to_parser(TrainConfig(), __doc__.split("\n\n")[0].strip(), HELP)
-    args = parser.parse_args(argv)
-    return TrainConfig(**vars(args)), explicit_flags(parser, argv if argv is not None else sys.argv[1:])
-
-
 def main(argv=None):
-    cfg, explicit = parse_config(argv)
-    rank, world, local_rank, device = setup_distributed()
-    try:
-        train(cfg, explicit, rank, world, device)
-    finally:
-        cleanup_distributed()
+    launch(TrainConfig, train, __doc__.split("\n\n")[0].strip(), HELP, argv)
 
 
 def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.device):
