@@ -62,6 +62,13 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return arr.permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Images (B, 3, H, W) in [-1, 1] (not clamped) -> (B, H, W, 3) uint8, round((x + 1)·127.5): the
+    one conversion used for samples and for FID reference images alike."""
+    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
 def resize_short_side(img: Image.Image, size: int) -> Image.Image:
     w, h = img.size
     if min(w, h) == size:
@@ -359,8 +366,7 @@ def export_images(name: str, data_dir: Optional[str], size: int, split: str, cou
     if isinstance(dataset, ImageFiles):
         dataset.mode = "eval"
     n = len(dataset) if count is None else min(count, len(dataset))
-    images = np.stack([((dataset[i]["image"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-                       for i in range(n)])
+    images = np.concatenate([to_uint8(dataset[i]["image"][None]).numpy() for i in range(n)])
     with atomic_path(npz_path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, images=images)
     return images.shape

@@ -23,9 +23,11 @@ helper and the one-line `UserError`. The training loop lives in train_mqvae.py.
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -116,6 +118,13 @@ class UserError(Exception):
 def check(condition: bool, message: str):
     if not condition:
         raise UserError(message)
+
+
+def check_positive(cfg, *names: str):
+    """Each named config field, where set (not None), must be > 0; the error names the flag."""
+    for name in names:
+        value = getattr(cfg, name)
+        check(value is None or value > 0, f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
 # -----------------------------------------------------------------------------
@@ -647,16 +656,28 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
-def config_to_parser(defaults, description: str, help_texts: dict) -> argparse.ArgumentParser:
+def field_comments(cls) -> dict:
+    """The comment after each field of a config dataclass, so that --help says what the code says."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2)
+    return comments
+
+
+def config_to_parser(defaults, description: str) -> argparse.ArgumentParser:
     """One flag per dataclass field: `--batch-size 8` and `--batch-size=8` both work; booleans get
-    `--flag/--no-flag`; a field whose default is None takes the type named in its annotation."""
+    `--flag/--no-flag`; a field whose default is None takes the type named in its annotation; the
+    field's comment is its help text."""
+    help_texts = field_comments(type(defaults))
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(defaults):
         name = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         annotation = str(f.type)
-        help_text = help_texts.get(f.name, "")
+        help_text = help_texts.get(f.name, "").replace("%", "%%")  # argparse formats help with %
         if isinstance(default, bool) or "bool" in annotation:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
@@ -666,10 +687,10 @@ def config_to_parser(defaults, description: str, help_texts: dict) -> argparse.A
     return parser
 
 
-def launch(config_class, train_fn, description: str, help_texts: dict, argv=None):
+def launch(config_class, train_fn, description: str, argv=None):
     """The entry point of both training scripts: flags -> config_class, torchrun's process group
     (if any), then train_fn(cfg, explicit_flags, rank, world_size, device)."""
-    parser = config_to_parser(config_class(), description, help_texts)
+    parser = config_to_parser(config_class(), description)
     args = parser.parse_args(argv)
     explicit = explicit_flags(parser, argv if argv is not None else sys.argv[1:])
     rank, world, _, device = setup_distributed()

@@ -39,7 +39,6 @@ images, because one generator feeds all rows of a chunk.
 
 import argparse
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -56,6 +55,7 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+from data import to_uint8
 from mqvae import (UserError, atomic_path, check, cleanup_distributed, config_to_parser, run_main,
                    setup_distributed, write_json)
 from stackformer import load_stackformer
@@ -101,18 +101,8 @@ GRID_MAX = 256              # images in a grid at most; also the largest n that 
 PROGRESS_EVERY_S = 5.0      # seconds between progress lines
 
 
-def field_comments(cls) -> dict:
-    """The comment after each field of a config dataclass, so that --help says what the code says."""
-    comments = {}
-    for line in inspect.getsource(cls).splitlines():
-        match = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
-        if match:
-            comments[match.group(1)] = match.group(2)
-    return comments
-
-
 def parse_config(argv) -> SampleConfig:
-    parser = config_to_parser(SampleConfig(), __doc__.strip().split("\n\n")[0], field_comments(SampleConfig))
+    parser = config_to_parser(SampleConfig(), __doc__.strip().split("\n\n")[0])
     parser.add_argument("--n", dest="num_samples", type=int, default=argparse.SUPPRESS, metavar="N",
                         help="short for --num-samples (not under torchrun, which takes --n for one of its own flags)")
     return SampleConfig(**vars(parser.parse_args(argv)))
@@ -272,12 +262,6 @@ class Chunk(NamedTuple):
     positions: torch.Tensor     # (B, N) int64 raster positions, CPU
     token_seconds: float        # generate() alone
     decode_seconds: float       # de-mask + decoder + conversion to uint8
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images (B, 3, H, W) in [-1, 1] (not clamped) -> (B, H, W, 3) uint8, round((x + 1)·127.5)."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).contiguous()
 
 
 def sampling_kwargs(cfg: SampleConfig) -> dict:

@@ -1895,6 +1895,15 @@ def test_data_export_writes_the_eval_images_as_uint8(tmp_path):
     assert np.array_equal(images[3], expected)
 
 
+def test_every_script_help_lists_its_flags_with_their_comments():
+    for module, config in ((train_mqvae, train_mqvae.TrainConfig), (train_stackformer, train_stackformer.TrainConfig),
+                           (sample, sample.SampleConfig)):
+        text = mqvae.config_to_parser(config(), "x").format_help()
+        comments = mqvae.field_comments(config)
+        assert len(comments) == len(dataclasses.fields(config))      # every field documented
+        assert "--batch-size" in text and comments["batch_size"].split()[0] in text
+
+
 def test_bench_cpu_smoke_runs_every_case(tmp_path):
     path = str(tmp_path / "bench.json")
     results = bench.main(["--cpu-smoke", "--json", path])

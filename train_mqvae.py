@@ -41,9 +41,9 @@ from torch.utils.data import DataLoader
 
 import data
 from mqvae import (MQVAE, MQVAEConfig, NonFiniteGuard, PRESETS, PatchDiscriminator, UserError, atomic_path,
-                   check, compile_for_training, gather_rng_states, launch, load_checkpoint, restore_rng_state,
-                   resumed_config, run_main, save_checkpoint, save_grid, strip_compile_prefix,
-                   warmup_cosine_lr, write_json)
+                   check, check_positive, compile_for_training, gather_rng_states, launch, load_checkpoint,
+                   restore_rng_state, resumed_config, run_main, save_checkpoint, save_grid,
+                   strip_compile_prefix, warmup_cosine_lr, write_json)
 
 
 # -----------------------------------------------------------------------------
@@ -75,7 +75,7 @@ class TrainConfig:
     lpips_vgg: Optional[str] = None       # path of torchvision's vgg16-397923af.pth (default: torch hub cache)
     # optimisation
     batch_size: Optional[int] = None      # per GPU (8; 16 for the demo)
-    grad_accum: int = 1
+    grad_accum: int = 1                   # micro-batches per optimizer step
     base_lr: float = 4.5e-6               # lr = base_lr × global batch (batch × GPUs × accumulation)
     lr: Optional[float] = None            # set to override the scaled lr
     min_lr: float = 0.0                   # end of the cosine
@@ -85,14 +85,14 @@ class TrainConfig:
     stop_after: Optional[int] = None      # leave (with a checkpoint) after this many steps in this run; for time-limited jobs
     # run
     out_dir: Optional[str] = None         # default out/mqvae-<data>
-    seed: int = 2021
+    seed: int = 2021                      # model init and data order
     dtype: str = "bf16"                   # bf16 | fp32 (autocast dtype on CUDA; CPU runs fp32)
     compile: bool = False                 # torch.compile encoder, de-mask, decoder and discriminator
     channels_last: bool = False           # NHWC memory layout for the convolutional networks (CUDA)
-    log_every: int = 50
+    log_every: int = 50                   # steps between log lines
     eval_every: Optional[int] = None      # steps between evaluations (default 2000; demo 250)
     eval_images: Optional[int] = None     # validation images per evaluation (1000; 256 for the demo)
-    ckpt_every: int = 1000
+    ckpt_every: int = 1000                # steps between checkpoints (also written at the end)
     usage_window: int = 100               # codebook usage = distinct codes over the last this many steps
     resume: bool = False                  # continue from out_dir/ckpt.pt
 
@@ -116,9 +116,6 @@ COMMON_DEFAULTS = dict(image_size=256, preset="f8", batch_size=8, perceptual_wei
 RUN_CONTROL = {"max_steps", "stop_after", "epochs", "num_workers", "log_every", "eval_every", "eval_images", "ckpt_every",
                "compile", "channels_last", "usage_window", "resume", "data_dir", "lpips_vgg", "out_dir"}
 
-HELP = {f.name: "" for f in dataclasses.fields(TrainConfig)}
-
-
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     kind = cfg.data if cfg.data in DATA_DEFAULTS else "folder"
     for key, value in {**COMMON_DEFAULTS, **DATA_DEFAULTS[kind]}.items():
@@ -131,16 +128,11 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
 
 def validate(cfg: TrainConfig):
     check(cfg.preset in PRESETS, f"unknown preset {cfg.preset!r}: choose one of {', '.join(PRESETS)}")
-    check(cfg.image_size > 0, f"--image-size must be positive, got {cfg.image_size}")
-    check(cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}")
-    check(cfg.grad_accum > 0, f"--grad-accum must be positive, got {cfg.grad_accum}")
+    check_positive(cfg, "image_size", "batch_size", "grad_accum", "max_steps", "epochs", "log_every", "eval_every",
+                   "ckpt_every", "eval_images", "usage_window")
     check(cfg.rec_loss in ("l1", "l2"), f"--rec-loss must be l1 or l2, got {cfg.rec_loss!r}")
     check(cfg.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
     check(cfg.perceptual_weight >= 0 and cfg.disc_weight >= 0, "loss weights must be non-negative")
-    check(cfg.max_steps is None or cfg.max_steps > 0, f"--max-steps must be positive, got {cfg.max_steps}")
-    check(cfg.epochs > 0, f"--epochs must be positive, got {cfg.epochs}")
-    for name in ("log_every", "eval_every", "ckpt_every", "eval_images", "usage_window"):
-        check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     check(cfg.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.num_workers}")
     check(cfg.disc_layers >= 1, f"--disc-layers must be >= 1, got {cfg.disc_layers}")
     min_size = 2 ** cfg.disc_layers * 3  # the last two 4x4 convs need a map of at least 3x3 after the strided ones
@@ -355,7 +347,7 @@ def evaluate(model, val_set, cfg, device, autocast, lpips_fn, rank, world):
 # Training
 
 def main(argv=None):
-    launch(TrainConfig, train, __doc__.split("\n\n")[0].strip(), HELP, argv)
+    launch(TrainConfig, train, __doc__.split("\n\n")[0].strip(), argv)
 
 
 def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.device):

@@ -44,9 +44,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from mqvae import (NonFiniteGuard, UserError, atomic_path, check, gather_rng_states, launch, load_checkpoint,
-                   mqvae_from_checkpoint, restore_rng_state, resumed_config, run_main, save_checkpoint,
-                   save_grid, strip_compile_prefix, warmup_cosine_lr, write_json)
+from mqvae import (NonFiniteGuard, UserError, atomic_path, check, check_positive, gather_rng_states, launch,
+                   load_checkpoint, mqvae_from_checkpoint, restore_rng_state, resumed_config, run_main,
+                   save_checkpoint, save_grid, strip_compile_prefix, warmup_cosine_lr, write_json)
 from stackformer import PRESETS, Stackformer, StackformerConfig, WordTokenizer, configure_optimizer
 
 
@@ -55,7 +55,7 @@ class TrainConfig:
     stage1: str = "out/mqvae-shapes/ckpt.pt"  # the frozen MQ-VAE checkpoint (train_mqvae.py)
     # data (default: the dataset stage 1 was trained on)
     data: Optional[str] = None            # shapes | ffhq | imagenet | coco | PATH
-    data_dir: Optional[str] = None
+    data_dir: Optional[str] = None        # root of ffhq/imagenet/coco (default: stage 1's)
     cond: Optional[str] = None            # none | class | text (default: class for imagenet, text for coco, else none)
     flip: bool = True                     # also encode a horizontally flipped copy of the training set
     text_min_count: int = 1               # tokenizer: keep words seen at least this often in the training captions
@@ -64,38 +64,37 @@ class TrainConfig:
     order: str = "raster"                 # raster | importance (supp. Table 3)
     abs_pos: bool = True                  # the absolute sequence embedding a_t (--no-abs-pos: supp. Table 3)
     variant: str = "code-first"           # code-first | position-first (Stackformer_r)
-    dropout: float = 0.1
+    dropout: float = 0.1                  # embeddings, residuals and attention (supp.: 0.1)
     # optimisation
     batch_size: Optional[int] = None      # per GPU (10; 32 for the demo)
-    grad_accum: int = 1
+    grad_accum: int = 1                   # micro-batches per optimizer step
     lr: Optional[float] = None            # peak (5e-4; 1e-3 for the demo)
-    min_lr: float = 0.0
-    weight_decay: float = 0.01
+    min_lr: float = 0.0                   # end of the cosine
+    weight_decay: float = 0.01            # on Linear weights only
     grad_clip: float = 1.0                # 0 disables
     warmup_steps: Optional[int] = None    # default: 2% of training, at most 5000 steps
     epochs: Optional[float] = None        # 100 (120 for coco; 4 for the demo)
-    max_steps: Optional[int] = None
+    max_steps: Optional[int] = None       # overrides epochs
     stop_after: Optional[int] = None      # leave (with a checkpoint) after this many steps in this run
     # run
     out_dir: Optional[str] = None         # default out/stackformer-<data>
-    seed: int = 0
+    seed: int = 0                         # model init and data order
     dtype: str = "bf16"                   # bf16 | fp32 on CUDA; CPU runs fp32
-    compile: bool = False
+    compile: bool = False                 # torch.compile the Stackformer
     peak_tflops: float = 989.0            # for MFU: dense bf16 TFLOP/s of one GPU (H100/H200 datasheet)
-    log_every: int = 50
+    log_every: int = 50                   # steps between log lines
     eval_every: Optional[int] = None      # default 2000 (demo 500)
     eval_batches: int = 20                # validation batches per evaluation
     num_samples: int = 16                 # images in samples_<step>.png
-    ckpt_every: int = 1000
+    ckpt_every: int = 1000                # steps between checkpoints (also written at the end)
     encode_batch_size: int = 64           # batch size of the token pre-extraction
-    num_workers: int = 8
-    resume: bool = False
+    num_workers: int = 8                  # data loader processes for the token extraction
+    resume: bool = False                  # continue from out_dir/ckpt.pt
 
 
 RUN_CONTROL = {"max_steps", "stop_after", "epochs", "log_every", "eval_every", "eval_batches", "num_samples",
                "ckpt_every", "compile", "resume", "data_dir", "out_dir", "encode_batch_size", "num_workers",
                "peak_tflops", "stage1"}
-HELP = {}
 
 
 def resolve_defaults(cfg: TrainConfig, stage1_train: dict) -> TrainConfig:
@@ -120,11 +119,9 @@ def validate(cfg: TrainConfig):
     check(cfg.order in ("raster", "importance"), f"--order must be raster or importance, got {cfg.order!r}")
     check(cfg.variant in ("code-first", "position-first"), f"--variant must be code-first or position-first, got {cfg.variant!r}")
     check(cfg.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
-    for name in ("batch_size", "grad_accum", "log_every", "eval_every", "eval_batches", "ckpt_every", "encode_batch_size"):
-        check(getattr(cfg, name) > 0, f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
-    check(cfg.lr > 0 and cfg.epochs > 0, "--lr and --epochs must be positive")
+    check_positive(cfg, "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches", "ckpt_every",
+                   "encode_batch_size", "lr", "epochs", "max_steps")
     check(0.0 <= cfg.dropout < 1.0, f"--dropout must be in [0, 1), got {cfg.dropout}")
-    check(cfg.max_steps is None or cfg.max_steps > 0, f"--max-steps must be positive, got {cfg.max_steps}")
 
 
 def file_sha256(path: str) -> str:
@@ -296,7 +293,7 @@ def condition(cfg_cond: str, labels, captions):
 # Training
 
 def main(argv=None):
-    launch(TrainConfig, train, __doc__.split("\n\n")[0].strip(), HELP, argv)
+    launch(TrainConfig, train, __doc__.split("\n\n")[0].strip(), argv)
 
 
 def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.device):
