@@ -6,6 +6,8 @@ Speed benchmarks for every stage, on one GPU (CUDA-synchronised timing after war
                                         # training, 4 sampling, 5 FID features
     python bench.py --compile           # cases 1 and 3 also with torch.compile
     python bench.py --cpu-smoke         # every case once with tiny models on the CPU (what the tests run)
+    torchrun --standalone --nproc_per_node=2 bench.py --ddp
+                                        # case 6: cases 1 and 3 with DDP on every GPU, against one GPU
 
 Random data and random weights throughout (speed does not depend on them); LPIPS uses a random
 VGG trunk of the real shape. Case 1 also runs one training step under
@@ -15,6 +17,7 @@ torch.cuda.set_sync_debug_mode("error"), which raises on any host-device synchro
 import argparse
 import gc
 import json
+import os
 import time
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -22,6 +25,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fid
 import mqvae
@@ -85,8 +89,14 @@ def random_lpips(device):
         return lpips.LPIPS(net="vgg", pretrained=False, pnet_rand=True, verbose=False).to(device).eval().requires_grad_(False)
 
 
+def ddp_device_ids(device):
+    return [device.index] if device.type == "cuda" else None
+
+
 def mqvae_step_bench(cfg, batch, device, plain=False, gan=True, use_lpips=True, compile=False, check_sync=False,
-                     channels_last=False, warmup=3, iters=10):
+                     channels_last=False, ddp=False, warmup=3, iters=10):
+    """A full training iteration (both optimizers and the EMA step). ddp: wrap as train_mqvae.py does under
+    torchrun (images/s is then per GPU)."""
     torch.manual_seed(0)
     model = (PlainAutoencoder(cfg) if plain else mqvae.MQVAE(cfg)).to(device).train()
     disc = mqvae.PatchDiscriminator().to(device).train()
@@ -101,6 +111,11 @@ def mqvae_step_bench(cfg, batch, device, plain=False, gan=True, use_lpips=True, 
         else:
             mqvae.compile_for_training(model)
         disc = torch.compile(disc)
+    train_model, train_disc = model, disc
+    if ddp:
+        train_model = DDP(model, device_ids=ddp_device_ids(device),
+                          find_unused_parameters=not plain and cfg.keep_ratio >= 1.0)
+        train_disc = DDP(disc, device_ids=ddp_device_ids(device), broadcast_buffers=False)
     fused = {"fused": True} if device.type == "cuda" else {}
     opt_ae = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.5, 0.9), **fused)
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-5, betas=(0.5, 0.9), **fused)
@@ -110,7 +125,7 @@ def mqvae_step_bench(cfg, batch, device, plain=False, gan=True, use_lpips=True, 
     x = (torch.rand(batch, 3, cfg.resolution, cfg.resolution, device=device) * 2 - 1).contiguous(memory_format=memory_format)
 
     def step():
-        train_mqvae.losses_and_backward(model, disc, model, disc, lp, x, tcfg, gan, autocast)
+        train_mqvae.losses_and_backward(train_model, train_disc, model, disc, lp, x, tcfg, gan, autocast)
         opt_ae.step()
         opt_ae.zero_grad(set_to_none=True)
         model.quantizer.ema_step()
@@ -188,17 +203,26 @@ def random_sequences(batch, seq_len, num_positions, codebook_size, device):
     return codes, positions
 
 
-def stackformer_train_bench(preset, seq_len, num_positions, batch, device, compile=False, warmup=3, iters=10):
+def stackformer_train_bench(preset, seq_len, num_positions, batch, device, compile=False, ddp=False, warmup=3, iters=10,
+                            compile_mode="default"):
+    """A training step as in train_stackformer.py (bf16 autocast, grad clip, fused AdamW); ddp: wrapped as
+    there under torchrun (tokens/s and MFU are then per GPU)."""
     torch.manual_seed(0)
     cfg = stackformer.StackformerConfig(**stackformer.PRESETS[preset], codebook_size=1024 if preset != "tiny" else 64,
                                         num_positions=num_positions, seq_len=seq_len)
     model = stackformer.Stackformer(cfg).to(device).train()
     optimizer = stackformer.configure_optimizer(model, 5e-4, 0.01, (0.9, 0.95), device.type)
-    step_model = torch.compile(model) if compile else model
+    if compile:
+        torch._dynamo.reset()
+    step_model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode) if compile else model
+    if ddp:
+        step_model = DDP(step_model, device_ids=ddp_device_ids(device))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     codes, positions = random_sequences(batch, seq_len, num_positions, cfg.codebook_size, device)
 
     def step():
+        if compile and compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             code_logits, pos_logits = step_model(codes, positions)
         loss = (F.cross_entropy(code_logits.flatten(0, 1).float(), codes.flatten())
@@ -218,14 +242,15 @@ def stackformer_train_bench(preset, seq_len, num_positions, batch, device, compi
 
 
 def sampling_bench(preset, seq_len, num_positions, batch, device, mode, decoder=None, iters=2):
-    """mode: "graph" (KV cache, steps replayed as a CUDA graph), "kv" (KV cache, eager), "no-cache"."""
+    """mode: "graph" (KV cache, steps replayed as a CUDA graph), "graph+compile" (the step compiled first),
+    "kv" (KV cache, eager), "no-cache"."""
     torch.manual_seed(0)
     cfg = stackformer.StackformerConfig(**stackformer.PRESETS[preset], codebook_size=1024 if preset != "tiny" else 64,
                                         num_positions=num_positions, seq_len=seq_len)
     model = stackformer.Stackformer(cfg).to(device).eval()
     if device.type == "cuda":
         model.to(torch.bfloat16)
-    kwargs = dict(use_kv_cache=mode != "no-cache", cuda_graph=mode == "graph")
+    kwargs = dict(use_kv_cache=mode != "no-cache", cuda_graph=mode.startswith("graph"), compile=mode == "graph+compile")
 
     def run():
         codes, positions = model.generate(batch_size=batch, **kwargs)
@@ -234,7 +259,7 @@ def sampling_bench(preset, seq_len, num_positions, batch, device, mode, decoder=
                 for i in range(0, batch, 64):
                     decoder.decode(codes[i:i + 64], positions[i:i + 64])
 
-    seconds = timed(run, device, warmup=1 if mode == "graph" else 0, iters=iters)
+    seconds = timed(run, device, warmup=1 if mode.startswith("graph") else 0, iters=iters)
     return dict(images_per_s=batch / seconds, seconds_per_batch=seconds)
 
 
@@ -265,14 +290,57 @@ def fid_bench(batch, device, iters=5):
 
 
 # -----------------------------------------------------------------------------
+# Case 6: scaling over GPUs
+
+def ddp_scaling(compile: bool, smoke: bool, json_path: str) -> dict:
+    """Cases 1 (MQ-VAE step, batch 8 per GPU) and 3 (Stackformer base, N=256, batch 10 and 64 per GPU) on one GPU,
+    then with DDP on all of them. Rank 0 measures one GPU alone before the process group exists (the
+    EMA codebook would otherwise wait for the other ranks); the others wait for it in the rendezvous."""
+    mqvae.check("RANK" in os.environ, "--ddp runs under torchrun: torchrun --standalone --nproc_per_node=2 bench.py --ddp")
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    cuda = torch.cuda.is_available() and not smoke
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    fast = dict(warmup=1, iters=1) if smoke else {}
+    f8 = (mqvae.MQVAEConfig(**mqvae.PRESETS["tiny"], resolution=32) if smoke else
+          mqvae.MQVAEConfig(**mqvae.PRESETS["f8"], resolution=256, keep_ratio=0.25))
+    sf = ("tiny", 16, 64) if smoke else ("base", 256, 1024)
+    cases = [("1 MQ-VAE train step, LPIPS+GAN, batch 8/GPU", "images_per_s", "img/s",
+              lambda ddp: mqvae_step_bench(f8, 8, device, compile=compile, ddp=ddp, **fast)),
+             *((f"3 Stackformer {sf[0]} train, N={sf[1]}, batch {b}/GPU", "tokens_per_s", "tok/s",
+                lambda ddp, b=b: stackformer_train_bench(*sf, b, device, compile=compile, ddp=ddp, **fast))
+               for b in (10, 64))]
+    single = [run(False)[key] for _, key, _, run in cases] if rank == 0 else None
+    _, world, _, device = mqvae.setup_distributed()
+    results = dict(world_size=world, compiled=compile)
+    for i, (name, key, unit, run) in enumerate(cases):
+        total = run(True)[key] * world   # every rank runs the same step in lockstep
+        if rank == 0:
+            scaling = total / single[i]
+            results[name] = dict(one_gpu=single[i], all_gpus=total, scaling=scaling, efficiency=scaling / world)
+            print(f"6 {name}{', compiled' if compile else ''}: 1 GPU {single[i]:.1f} {unit}, {world} GPUs "
+                  f"{total:.1f} {unit}: {scaling:.2f}x ({scaling / world:.0%} efficiency)", flush=True)
+            with open(json_path, "w") as fh:
+                json.dump(results, fh, indent=2)
+    mqvae.cleanup_distributed()
+    return results
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--cases", default="1,2,3,4,5", help="comma-separated case numbers")
     parser.add_argument("--cpu-smoke", action="store_true", help="each case once, tiny models, CPU")
     parser.add_argument("--compile", action="store_true", help="cases 1 and 3 also with torch.compile")
+    parser.add_argument("--ddp", action="store_true",
+                        help="case 6 only, under torchrun: cases 1 and 3 with DDP on every GPU against one GPU")
     parser.add_argument("--json", default="bench.json", help="where to write the results")
     args = parser.parse_args(argv)
+    if args.ddp:
+        return ddp_scaling(args.compile, args.cpu_smoke, args.json)
     cases = {int(c) for c in args.cases.split(",")}
     smoke = args.cpu_smoke
     device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
@@ -343,7 +411,7 @@ def main(argv=None):
         results["sampling_greedy_paths_agree"] = greedy_paths_agree(device)
         rows.append(("4 greedy tokens equal: graph / KV / no-cache", str(results["sampling_greedy_paths_agree"]), ""))
         for batch in ([2] if smoke else [64, 256]):
-            modes = ["kv", "no-cache"] if smoke else (["graph", "kv", "no-cache"] if batch == 64 else ["graph", "kv"])
+            modes = ["kv", "no-cache"] if smoke else ["graph", "kv", "no-cache"]
             for mode in modes:
                 r = sampling_bench(sf_preset, seq_len, num_positions, batch, device, mode,
                                    iters=1 if smoke or mode == "no-cache" else 2)
@@ -362,6 +430,13 @@ def main(argv=None):
         rows.append(("5 FID Inception features (fp32, no TF32)", f"{r['images_per_s']:.0f} img/s", "batch 200"))
 
     if args.compile and not smoke:  # last, since compiling takes a while
+        if 4 in cases:
+            seq_len, num_positions = lengths[0]
+            for batch in (64, 256):
+                r = sampling_bench(sf_preset, seq_len, num_positions, batch, device, "graph+compile")
+                results[f"sampling_b{batch}_graph_compiled"] = r
+                rows.append((f"4 sampling {sf_preset}, N={seq_len}, batch {batch}, graph, compiled step, tokens only",
+                             f"{r['images_per_s']:.1f} img/s", f"{r['seconds_per_batch']:.2f} s/batch"))
         if 1 in cases:
             r = mqvae_step_bench(f8, 8, device, channels_last=True, compile=True)
             results["mqvae_step_b8_channels_last_compiled"] = r
@@ -369,10 +444,10 @@ def main(argv=None):
                          f"{r['images_per_s']:.1f} img/s", f"{r['peak_memory_gb']:.1f} GB peak"))
         if 3 in cases:
             seq_len, num_positions = lengths[0]
-            for batch in (10, 64):
-                r = stackformer_train_bench(sf_preset, seq_len, num_positions, batch, device, compile=True)
-                results[f"stackformer_train_L{seq_len}_b{batch}_compiled"] = r
-                rows.append((f"3 Stackformer {sf_preset} train, N={seq_len}, batch {batch}, compiled",
+            for batch, mode in ((10, "reduce-overhead"), (10, "default"), (128, "default")):
+                r = stackformer_train_bench(sf_preset, seq_len, num_positions, batch, device, compile=True, compile_mode=mode)
+                results[f"stackformer_train_L{seq_len}_b{batch}_compiled_{mode}"] = r
+                rows.append((f"3 Stackformer {sf_preset} train, N={seq_len}, batch {batch}, compiled ({mode})",
                              f"{r['tokens_per_s'] / 1e3:.1f}k tok/s", f"MFU {r['mfu']:.1%}, {r['peak_memory_gb']:.1f} GB"))
     return results
 

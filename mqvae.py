@@ -175,8 +175,13 @@ class AttnBlock(nn.Module):
 
     def forward(self, x, mu=None, key_mask=None):
         B, C, H, W = x.shape
-        h = self.norm(x)
-        q, k, v = (conv(h).flatten(2).transpose(1, 2).unsqueeze(1) for conv in (self.q, self.k, self.v))  # (B,1,T,C)
+        h = self.norm(x).flatten(2).transpose(1, 2)                                  # (B,T,C) tokens
+        # The q, k, v 1x1 convs as one matmul over tokens. Laid out (B,T,3C), q, k and v have unit
+        # stride along C, which the fused (flash) attention kernels need; the convs' (B,C,T) output
+        # would make SDPA fall back to its unfused path, several times slower here.
+        w = torch.cat([self.q.weight, self.k.weight, self.v.weight]).flatten(1)   # (3C, C)
+        b = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        q, k, v = F.linear(h, w, b).unsqueeze(1).chunk(3, dim=-1)                  # (B,1,T,C) each
         if mu is not None:
             # softmax(q·kᵀ/√C)_ij · μ_j · v_j  ==  softmax(q·kᵀ/√C) @ (μ ⊙ v): scaling the values by μ
             # is the official post-softmax key multiplication (rows left unnormalised), and it keeps
@@ -184,8 +189,8 @@ class AttnBlock(nn.Module):
             v = v * mu[:, None, :, None].to(v.dtype)
         attn_mask = key_mask[:, None, None, :] if key_mask is not None else None  # (B,1,1,T), True = attend
         h = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)        # (B,1,T,C)
-        h = h.squeeze(1).transpose(1, 2).reshape(B, C, H, W)
-        return x + self.proj_out(h)
+        h = F.linear(h.squeeze(1), self.proj_out.weight.flatten(1), self.proj_out.bias)  # proj_out, (B,T,C)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
 class Downsample(nn.Module):

@@ -872,6 +872,35 @@ def test_class_and_text_conditions_change_greedy_samples():
     assert distinct_rows(codes, positions) >= 4
 
 
+def test_generate_runs_only_reproducible_attention_kernels(monkeypatch):
+    # cuDNN attention made CUDA sampling irreproducible; generate() must switch it off, then restore it.
+    seen = []
+    forward = stackformer.CausalSelfAttention.forward
+    def spy(self, *args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(stackformer.CausalSelfAttention, "forward", spy)
+    model = sf_model(seq_len=6)
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    for use_kv_cache in (True, False):
+        model.generate(batch_size=2, use_kv_cache=use_kv_cache)
+    assert len(seen) > 10 and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before
+    seen.clear()
+    model(*sf_batch(model.config, batch_size=2)[:2])      # training keeps the default kernels
+    assert seen and all(s == before for s in seen)
+
+
+def test_compiled_sampling_step_draws_the_same_tokens():
+    # generate(compile=True) compiles the per-step function that the CUDA graph replays; on the CPU it
+    # runs compiled but without a graph. Same noise, same (fp32, tie-free) arithmetic up to rounding.
+    model = sf_model(cond="class", seq_len=8)
+    labels = torch.arange(4) % NUM_CLASSES
+    eager = model.generate(cond=labels, generator=torch.Generator().manual_seed(5))
+    compiled = model.generate(cond=labels, generator=torch.Generator().manual_seed(5), compile=True)
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+
+
 def test_generate_restores_training_mode():
     model = sf_model().train()
     model.generate(batch_size=2)
@@ -1916,6 +1945,28 @@ def test_bench_cpu_smoke_runs_every_case(tmp_path):
     assert abs(sum(v["share"] for v in saved["mqvae_component_shares_b8"].values()) - 1.0) < 1e-6
 
 
+def test_bench_ddp_case_runs_under_torchrun_and_reports_scaling(tmp_path):
+    path = tmp_path / "ddp.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "bench.py", "--ddp", "--cpu-smoke", "--json", str(path)],
+                            cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    saved = json.load(open(path))
+    assert saved["world_size"] == 2
+    rows = [v for v in saved.values() if isinstance(v, dict)]
+    assert len(rows) == 3 and all(r["one_gpu"] > 0 and r["all_gpus"] > 0 for r in rows)
+    assert all(abs(r["scaling"] - r["all_gpus"] / r["one_gpu"]) < 1e-9 and abs(r["efficiency"] - r["scaling"] / 2) < 1e-9
+               for r in rows)
+    assert result.stdout.count("\n6 ") + result.stdout.startswith("6 ") == 3     # rank 0 prints each row once
+
+
+def test_bench_ddp_needs_torchrun(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(mqvae.UserError, match="torchrun"):
+        bench.main(["--ddp", "--cpu-smoke"])
+
+
 # -----------------------------------------------------------------------------
 # Nothing lost: hostile files, failed writes, bad flags, kills
 
@@ -2007,6 +2058,7 @@ def test_every_script_rejects_bad_flags_with_one_line_and_no_traceback(both_chec
         (["train_stackformer.py", "--stage1", missing], "not found"),
         (["train_stackformer.py", "--stage1", stage1, "--dropout", "1.5"], "--dropout"),
         (["train_stackformer.py", "--stage1", stage1, "--order", "random"], "--order"),
+        (["train_stackformer.py", "--stage1", stage1, "--compile", "--compile-mode", "fast"], "--compile-mode"),
         (["sample.py", "--ckpt", stage1, "--device", "cpu"], "MQ-VAE"),
         (["sample.py", "--ckpt", missing, "--device", "cpu"], "not found"),
         (["sample.py", "--ckpt", stage2, "--n", "-3", "--device", "cpu"], "must be positive"),

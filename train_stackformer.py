@@ -81,6 +81,7 @@ class TrainConfig:
     seed: int = 0                         # model init and data order
     dtype: str = "bf16"                   # bf16 | fp32 on CUDA; CPU runs fp32
     compile: bool = False                 # torch.compile the Stackformer
+    compile_mode: str = "default"         # with --compile: default | reduce-overhead (CUDA graphs, best at small batches) | max-autotune
     peak_tflops: float = 989.0            # for MFU: dense bf16 TFLOP/s of one GPU (H100/H200 datasheet)
     log_every: int = 50                   # steps between log lines
     eval_every: Optional[int] = None      # default 2000 (demo 500)
@@ -93,7 +94,7 @@ class TrainConfig:
 
 
 RUN_CONTROL = {"max_steps", "stop_after", "epochs", "log_every", "eval_every", "eval_batches", "num_samples",
-               "ckpt_every", "compile", "resume", "data_dir", "out_dir", "encode_batch_size", "num_workers",
+               "ckpt_every", "compile", "compile_mode", "resume", "data_dir", "out_dir", "encode_batch_size", "num_workers",
                "peak_tflops", "stage1"}
 
 
@@ -113,12 +114,16 @@ def resolve_defaults(cfg: TrainConfig, stage1_train: dict) -> TrainConfig:
     return cfg
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+
+
 def validate(cfg: TrainConfig):
     check(cfg.preset in PRESETS, f"unknown preset {cfg.preset!r}: choose one of {', '.join(PRESETS)}")
     check(cfg.cond in ("none", "class", "text"), f"--cond must be none, class or text, got {cfg.cond!r}")
     check(cfg.order in ("raster", "importance"), f"--order must be raster or importance, got {cfg.order!r}")
     check(cfg.variant in ("code-first", "position-first"), f"--variant must be code-first or position-first, got {cfg.variant!r}")
     check(cfg.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
+    check(cfg.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     check_positive(cfg, "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches", "ckpt_every",
                    "encode_batch_size", "lr", "epochs", "max_steps")
     check(0.0 <= cfg.dropout < 1.0, f"--dropout must be in [0, 1), got {cfg.dropout}")
@@ -371,8 +376,11 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     else:
         torch.manual_seed(cfg.seed + rank)  # per-rank dropout from here on
     raw_model = model
+    graphed = cfg.compile and cfg.compile_mode == "reduce-overhead"
     if cfg.compile:
-        model = torch.compile(model)
+        # reduce-overhead replays forward and backward as CUDA graphs: at small batches a step is
+        # otherwise bound by the CPU launching ~2000 kernels, not by the GPU.
+        model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     if world > 1:
         model = DDP(model, device_ids=[device.index] if cuda else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.dtype == "bf16" else nullcontext()
@@ -480,6 +488,8 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
             codes, positions, labels, captions = (t.to(device, non_blocking=True) if t is not None else None
                                                   for t in train_tokens.batch(rows, gen))
             sync = nullcontext() if (world == 1 or micro == cfg.grad_accum - 1) else model.no_sync()
+            if graphed:
+                torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are no longer read
             with sync:
                 with autocast:
                     code_logits, pos_logits = model(codes, positions, condition(cfg.cond, labels, captions))
