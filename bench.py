@@ -4,7 +4,7 @@ Speed benchmarks for every stage, on one GPU (CUDA-synchronised timing after war
     python bench.py                     # all cases, prints a table, writes bench.json
     python bench.py --cases 1,2         # only some: 1 MQ-VAE step, 2 cost of masking, 3 Stackformer
                                         # training, 4 sampling, 5 FID features
-    python bench.py --compile           # cases 1 and 3 also with torch.compile
+    python bench.py --compile           # cases 1-4 also with torch.compile (case 3: CUDA graphs at batch 10)
     python bench.py --cpu-smoke         # every case once with tiny models on the CPU (what the tests run)
     torchrun --standalone --nproc_per_node=2 bench.py --ddp
                                         # case 6: cases 1 and 3 with DDP on every GPU, against one GPU
@@ -334,7 +334,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--cases", default="1,2,3,4,5", help="comma-separated case numbers")
     parser.add_argument("--cpu-smoke", action="store_true", help="each case once, tiny models, CPU")
-    parser.add_argument("--compile", action="store_true", help="cases 1 and 3 also with torch.compile")
+    parser.add_argument("--compile", action="store_true", help="cases 1-4 also with torch.compile")
     parser.add_argument("--ddp", action="store_true",
                         help="case 6 only, under torchrun: cases 1 and 3 with DDP on every GPU against one GPU")
     parser.add_argument("--json", default="bench.json", help="where to write the results")
@@ -438,10 +438,23 @@ def main(argv=None):
                 rows.append((f"4 sampling {sf_preset}, N={seq_len}, batch {batch}, graph, compiled step, tokens only",
                              f"{r['images_per_s']:.1f} img/s", f"{r['seconds_per_batch']:.2f} s/batch"))
         if 1 in cases:
-            r = mqvae_step_bench(f8, 8, device, channels_last=True, compile=True)
-            results["mqvae_step_b8_channels_last_compiled"] = r
-            rows.append(("1 MQ-VAE train step, LPIPS+GAN, batch 8, channels_last, compiled",
-                         f"{r['images_per_s']:.1f} img/s", f"{r['peak_memory_gb']:.1f} GB peak"))
+            for channels_last in (False, True):
+                torch._dynamo.reset()
+                r = mqvae_step_bench(f8, 8, device, channels_last=channels_last, compile=True)
+                name = "_channels_last" if channels_last else ""
+                results[f"mqvae_step_b8{name}_compiled"] = r
+                rows.append((f"1 MQ-VAE train step, LPIPS+GAN, batch 8{', channels_last' if channels_last else ''}, compiled",
+                             f"{r['images_per_s']:.1f} img/s", f"{r['peak_memory_gb']:.1f} GB peak"))
+        if 2 in cases:
+            torch._dynamo.reset()
+            full = mqvae_step_bench(f8, 8, device, gan=False, use_lpips=False, compile=True)
+            torch._dynamo.reset()
+            plain = mqvae_step_bench(f8, 8, device, plain=True, gan=False, use_lpips=False, compile=True)
+            results["masking_cost_b8_compiled"] = dict(masked=full, plain=plain,
+                                                       overhead=plain["images_per_s"] / full["images_per_s"])
+            rows.append(("2 autoencoder step, batch 8, compiled: MQ-VAE keep 25% / plain",
+                         f"{full['images_per_s']:.1f} / {plain['images_per_s']:.1f} img/s",
+                         f"masking overhead {plain['images_per_s'] / full['images_per_s']:.2f}x"))
         if 3 in cases:
             seq_len, num_positions = lengths[0]
             for batch, mode in ((10, "reduce-overhead"), (10, "default"), (128, "default")):
