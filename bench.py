@@ -11,7 +11,9 @@ Speed benchmarks for every stage, on one GPU (CUDA-synchronised timing after war
 
 Random data and random weights throughout (speed does not depend on them); LPIPS uses a random
 VGG trunk of the real shape. Case 1 also runs one training step under
-torch.cuda.set_sync_debug_mode("error"), which raises on any host-device synchronisation.
+torch.cuda.set_sync_debug_mode("error"), which raises on any host-device synchronisation. Case 5 also
+times pytorch-fid's network with the same weights and compares the features, when pytorch-fid is
+installed (it is not a dependency: `pip install pytorch-fid` for the comparison).
 """
 
 import argparse
@@ -276,17 +278,43 @@ def greedy_paths_agree(device):
 # -----------------------------------------------------------------------------
 # Case 5: FID features
 
+def pytorch_fid_with_weights(state_dict, device):
+    """pytorch-fid's own InceptionV3 (2048-d pool features) holding the given weights, or None when the
+    pytorch-fid package is not installed. Its loader would download the weights file; it is handed ours
+    instead (the key names are the same), so the two networks can be compared on one machine."""
+    try:
+        from pytorch_fid import inception as pf
+    except ImportError:
+        return None
+    download = pf.load_state_dict_from_url
+    pf.load_state_dict_from_url = lambda *args, **kwargs: state_dict
+    try:
+        model = pf.InceptionV3([pf.InceptionV3.BLOCK_INDEX_BY_DIM[2048]])
+    finally:
+        pf.load_state_dict_from_url = download
+    return model.to(device).eval()
+
+
 def fid_bench(batch, device, iters=5):
+    """Our FID Inception, and pytorch-fid's with the same random weights when it is installed: images/s
+    and the largest feature difference on the same uint8 images."""
     torch.manual_seed(0)
     model = fid.FIDInception().to(device).eval()
     images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)
 
-    def run():
+    def ours():
         with torch.inference_mode(), fid.exact_fp32():
-            model(images.float() / 255.0)
+            return model(images.float() / 255.0)
 
-    seconds = timed(run, device, warmup=2, iters=iters)
-    return dict(images_per_s=batch / seconds)
+    result = dict(images_per_s=batch / timed(ours, device, warmup=2, iters=iters))
+    reference = pytorch_fid_with_weights(model.state_dict(), device)
+    if reference is not None:
+        def theirs():
+            with torch.inference_mode(), fid.exact_fp32():
+                return reference(images.float() / 255.0)[0].flatten(1)
+        result["pytorch_fid_images_per_s"] = batch / timed(theirs, device, warmup=2, iters=iters)
+        result["max_feature_difference"] = (ours() - theirs()).abs().max().item()
+    return result
 
 
 # -----------------------------------------------------------------------------
@@ -399,12 +427,10 @@ def main(argv=None):
     if 3 in cases:
         for seq_len, num_positions in lengths:
             for batch in ([2] if smoke else [10, 64, 128]):
-                for compiled in [False]:
-                    r = stackformer_train_bench(sf_preset, seq_len, num_positions, batch, device, compiled, **fast)
-                    results[f"stackformer_train_L{seq_len}_b{batch}{'_compiled' if compiled else ''}"] = r
-                    rows.append((f"3 Stackformer {sf_preset} ({r['params_m']:.0f}M) train, N={seq_len}, batch {batch}"
-                                 f"{', compiled' if compiled else ''}",
-                                 f"{r['tokens_per_s'] / 1e3:.1f}k tok/s", f"MFU {r['mfu']:.1%}, {r['peak_memory_gb']:.1f} GB"))
+                r = stackformer_train_bench(sf_preset, seq_len, num_positions, batch, device, **fast)
+                results[f"stackformer_train_L{seq_len}_b{batch}"] = r
+                rows.append((f"3 Stackformer {sf_preset} ({r['params_m']:.0f}M) train, N={seq_len}, batch {batch}",
+                             f"{r['tokens_per_s'] / 1e3:.1f}k tok/s", f"MFU {r['mfu']:.1%}, {r['peak_memory_gb']:.1f} GB"))
     if 4 in cases:
         seq_len, num_positions = lengths[0]
         decoder = mqvae.MQVAE(f8).to(device).eval()
@@ -425,9 +451,13 @@ def main(argv=None):
                 results[f"sampling_b{batch}_{mode}_with_decoding"] = r
                 rows.append((f"4 sampling batch {batch}, {mode}, with MQ-VAE decoding", f"{r['images_per_s']:.1f} img/s", ""))
     if 5 in cases:
-        r = fid_bench(2 if smoke else 200, device, iters=1 if smoke else 5)
+        fid_batch = 2 if smoke else 200
+        r = fid_bench(fid_batch, device, iters=1 if smoke else 5)
         results["fid_features_b200"] = r
-        rows.append(("5 FID Inception features (fp32, no TF32)", f"{r['images_per_s']:.0f} img/s", "batch 200"))
+        rows.append(("5 FID Inception features (fp32, no TF32)", f"{r['images_per_s']:.0f} img/s",
+                     f"batch {fid_batch}; pytorch-fid, same weights: {r['pytorch_fid_images_per_s']:.0f} img/s, largest feature "
+                     f"difference {r['max_feature_difference']:.1e}" if "pytorch_fid_images_per_s" in r
+                     else f"batch {fid_batch}; pytorch-fid not installed, no comparison"))
 
     if args.compile and not smoke:  # last, since compiling takes a while
         if 4 in cases:
