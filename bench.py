@@ -96,9 +96,10 @@ def ddp_device_ids(device):
 
 
 def mqvae_step_bench(cfg, batch, device, plain=False, gan=True, use_lpips=True, compile=False, check_sync=False,
-                     channels_last=False, ddp=False, warmup=3, iters=10):
+                     channels_last=False, ddp=False, warmup=3, iters=10, compile_mode="default"):
     """A full training iteration (both optimizers and the EMA step). ddp: wrap as train_mqvae.py does under
-    torchrun (images/s is then per GPU)."""
+    torchrun (images/s is then per GPU). compile_mode "reduce-overhead" replays the compiled autoencoder
+    parts as CUDA graphs (an experiment: train_mqvae.py has no such option yet)."""
     torch.manual_seed(0)
     model = (PlainAutoencoder(cfg) if plain else mqvae.MQVAE(cfg)).to(device).train()
     disc = mqvae.PatchDiscriminator().to(device).train()
@@ -108,11 +109,12 @@ def mqvae_step_bench(cfg, batch, device, plain=False, gan=True, use_lpips=True, 
         if m is not None:
             m.to(memory_format=memory_format)
     if compile:
+        mode = None if compile_mode == "default" else compile_mode
         if plain:
-            model.encoder, model.decoder = torch.compile(model.encoder), torch.compile(model.decoder)
+            model.encoder, model.decoder = torch.compile(model.encoder, mode=mode), torch.compile(model.decoder, mode=mode)
         else:
-            mqvae.compile_for_training(model)
-        disc = torch.compile(disc)
+            mqvae.compile_for_training(model, mode)
+        disc = torch.compile(disc)   # default mode: D is differentiated twice per step (λ, then the loss)
     train_model, train_disc = model, disc
     if ddp:
         train_model = DDP(model, device_ids=ddp_device_ids(device),
@@ -127,6 +129,8 @@ def mqvae_step_bench(cfg, batch, device, plain=False, gan=True, use_lpips=True, 
     x = (torch.rand(batch, 3, cfg.resolution, cfg.resolution, device=device) * 2 - 1).contiguous(memory_format=memory_format)
 
     def step():
+        if compile and compile_mode == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
         train_mqvae.losses_and_backward(train_model, train_disc, model, disc, lp, x, tcfg, gan, autocast)
         opt_ae.step()
         opt_ae.zero_grad(set_to_none=True)
@@ -475,6 +479,15 @@ def main(argv=None):
                 results[f"mqvae_step_b8{name}_compiled"] = r
                 rows.append((f"1 MQ-VAE train step, LPIPS+GAN, batch 8{', channels_last' if channels_last else ''}, compiled",
                              f"{r['images_per_s']:.1f} img/s", f"{r['peak_memory_gb']:.1f} GB peak"))
+            torch._dynamo.reset()
+            try:  # an experiment: at batch 8 the eager step is bound by kernel launches
+                r = mqvae_step_bench(f8, 8, device, compile=True, compile_mode="reduce-overhead")
+                results["mqvae_step_b8_compiled_reduce_overhead"] = r
+                value, note = f"{r['images_per_s']:.1f} img/s", f"{r['peak_memory_gb']:.1f} GB peak"
+            except Exception as e:
+                results["mqvae_step_b8_compiled_reduce_overhead"] = dict(error=str(e).splitlines()[0][:300])
+                value, note = "failed", str(e).splitlines()[0][:120]
+            rows.append(("1 MQ-VAE train step, LPIPS+GAN, batch 8, compiled (reduce-overhead)", value, note))
         if 2 in cases:
             torch._dynamo.reset()
             full = mqvae_step_bench(f8, 8, device, gan=False, use_lpips=False, compile=True)

@@ -130,13 +130,13 @@ def check_positive(cfg, *names: str):
 # -----------------------------------------------------------------------------
 # VQGAN building blocks (taming-transformers' layout and parameter names)
 
-def compile_for_training(model: "MQVAE"):
-    """torch.compile the convolutional parts in place. The decoder's last conv stays eager: the adaptive
-    GAN weight takes two gradients at its weight every step, and through a compiled region each of
-    those would run the whole decoder backward instead of one conv's."""
-    model.encoder = torch.compile(model.encoder)
-    model.demask = torch.compile(model.demask)
-    model.decoder.features = torch.compile(model.decoder.features)
+def compile_for_training(model: "MQVAE", mode: Optional[str] = None):
+    """torch.compile the convolutional parts in place (mode: torch.compile's). The decoder's last conv
+    stays eager: the adaptive GAN weight takes two gradients at its weight every step, and through a
+    compiled region each of those would run the whole decoder backward instead of one conv's."""
+    model.encoder = torch.compile(model.encoder, mode=mode)
+    model.demask = torch.compile(model.demask, mode=mode)
+    model.decoder.features = torch.compile(model.decoder.features, mode=mode)
 
 
 def Normalize(channels: int) -> nn.GroupNorm:
