@@ -119,7 +119,7 @@ def mqvae_step_bench(cfg, batch, device, plain=False, gan=True, use_lpips=True, 
     if ddp:
         train_model = DDP(model, device_ids=ddp_device_ids(device),
                           find_unused_parameters=not plain and cfg.keep_ratio >= 1.0)
-        train_disc = DDP(disc, device_ids=ddp_device_ids(device), broadcast_buffers=False)
+        train_disc = train_mqvae.ddp_discriminator(disc, ddp_device_ids(device))
     fused = {"fused": True} if device.type == "cuda" else {}
     opt_ae = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.5, 0.9), **fused)
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-5, betas=(0.5, 0.9), **fused)

@@ -229,6 +229,16 @@ def adaptive_gan_weight(grad_rec, grad_gan, disc_weight: float, max_weight: floa
     return (weight.clamp(0.0, 1e4) * disc_weight).clamp(max=max_weight).detach()
 
 
+def ddp_discriminator(disc, device_ids):
+    """D under DDP without buffer broadcasts. D is always in training mode, so its BatchNorm running
+    statistics are never used; not broadcasting them also lets D run twice (real, fake) before one
+    backward. torch ≥ 2.14 calls the flag deprecated but says to keep it for exactly this use (rank-local
+    buffers) until its replacement exists, so that warning is silenced here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return DDP(disc, device_ids=device_ids, broadcast_buffers=False)
+
+
 def losses_and_backward(model, disc, raw_model, raw_disc, lpips_fn, x, cfg, gan_on: bool, autocast) -> dict:
     """One micro-batch: the autoencoder's losses and backward, then the discriminator's, on the same
     reconstruction (the official code re-runs the whole autoencoder for the discriminator step).
@@ -422,9 +432,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     if world > 1:
         ddp_args = dict(device_ids=[device.index] if cuda else None,
                         find_unused_parameters=mcfg.keep_ratio >= 1.0)  # keep 100%: the mask token is unused
-        # D is always in training mode, so its BatchNorm running statistics are never used; not
-        # broadcasting them also lets D run twice (real, fake) before one backward under DDP.
-        model, disc = DDP(model, **ddp_args), DDP(disc, device_ids=ddp_args["device_ids"], broadcast_buffers=False)
+        model, disc = DDP(model, **ddp_args), ddp_discriminator(disc, ddp_args["device_ids"])
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.dtype == "bf16" else nullcontext())
 
     if master:
