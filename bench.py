@@ -321,6 +321,20 @@ def fid_bench(batch, device, iters=5):
     return result
 
 
+def settings(device, smoke: bool):
+    """TF32 and cuDNN autotuning on CUDA, as the training scripts set them. Returns the timing arguments
+    (one step each for the smoke run) and the stage-1 configuration: the official one (f=8, 256x256,
+    keep 25%, codebook 1024x256), or a tiny stand-in for the smoke run."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    fast = dict(warmup=1, iters=1) if smoke else {}
+    f8 = (mqvae.MQVAEConfig(**mqvae.PRESETS["tiny"], resolution=32) if smoke else
+          mqvae.MQVAEConfig(**mqvae.PRESETS["f8"], resolution=256, keep_ratio=0.25))
+    return fast, f8
+
+
 # -----------------------------------------------------------------------------
 # Case 6: scaling over GPUs
 
@@ -334,12 +348,7 @@ def ddp_scaling(compile: bool, smoke: bool, json_path: str) -> dict:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    fast = dict(warmup=1, iters=1) if smoke else {}
-    f8 = (mqvae.MQVAEConfig(**mqvae.PRESETS["tiny"], resolution=32) if smoke else
-          mqvae.MQVAEConfig(**mqvae.PRESETS["f8"], resolution=256, keep_ratio=0.25))
+    fast, f8 = settings(device, smoke)
     sf = ("tiny", 16, 64) if smoke else ("base", 256, 1024)
     cases = [("1 MQ-VAE train step, LPIPS+GAN, batch 8/GPU", "images_per_s", "img/s",
               lambda ddp: mqvae_step_bench(f8, 8, device, compile=compile, ddp=ddp, **fast)),
@@ -376,14 +385,7 @@ def main(argv=None):
     cases = {int(c) for c in args.cases.split(",")}
     smoke = args.cpu_smoke
     device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    fast = dict(warmup=1, iters=1) if smoke else {}
-    # the official configuration (f=8, 256x256, keep 25%, codebook 1024x256), or a tiny stand-in
-    f8 = (mqvae.MQVAEConfig(**mqvae.PRESETS["tiny"], resolution=32) if smoke else
-          mqvae.MQVAEConfig(**mqvae.PRESETS["f8"], resolution=256, keep_ratio=0.25))
+    fast, f8 = settings(device, smoke)
     sf_preset, lengths = ("tiny", [(16, 64)]) if smoke else ("base", [(256, 1024), (128, 256)])
     results = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                    torch=torch.__version__)
