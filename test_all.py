@@ -891,6 +891,18 @@ def test_generate_runs_only_reproducible_attention_kernels(monkeypatch):
     assert seen and all(s == before for s in seen)
 
 
+def test_token_extraction_runs_only_reproducible_attention_kernels(monkeypatch):
+    seen = []
+    forward = mqvae.AttnBlock.forward
+    def spy(self, *args, **kwargs):
+        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return forward(self, *args, **kwargs)
+    monkeypatch.setattr(mqvae.AttnBlock, "forward", spy)
+    model = mqvae.MQVAE(MQVAEConfig(**mqvae.PRESETS["tiny"], resolution=16)).eval()
+    out = train_stackformer.encode_split(model, data.ShapesDataset(16, 6, "val"), True, 4, 0, torch.device("cpu"), 0, 1)
+    assert len(out["codes"]) == 12 and seen and not any(seen)
+
+
 def test_compiled_sampling_step_draws_the_same_tokens():
     # generate(compile=True) compiles the per-step function that the CUDA graph replays; on the CPU it
     # runs compiled but without a graph. Same noise, same (fp32, tie-free) arithmetic up to rounding.

@@ -47,7 +47,8 @@ import data
 from mqvae import (NonFiniteGuard, UserError, atomic_path, check, check_positive, gather_rng_states, launch,
                    load_checkpoint, mqvae_from_checkpoint, restore_rng_state, resumed_config, run_main,
                    save_checkpoint, save_grid, strip_compile_prefix, warmup_cosine_lr, write_json)
-from stackformer import PRESETS, Stackformer, StackformerConfig, WordTokenizer, configure_optimizer
+from stackformer import (PRESETS, Stackformer, StackformerConfig, WordTokenizer, configure_optimizer,
+                         reproducible_attention)
 
 
 @dataclass
@@ -164,7 +165,7 @@ def encode_split(mqvae, dataset, flip: bool, batch_size: int, num_workers: int, 
     for batch in loader:
         x = batch["image"].to(device, non_blocking=True)
         for mirrored in ((False, True) if flip else (False,)):
-            with autocast:
+            with autocast, reproducible_attention():   # the same images give the same token cache, run after run
                 codes, positions, _ = mqvae.encode(x.flip(3) if mirrored else x)
             out["codes"].append((codes.cpu().numpy().astype(np.uint16), mirrored))   # uint16 at once: 4x less host memory
             out["positions"].append((positions.cpu().numpy().astype(np.uint16), mirrored))
