@@ -394,12 +394,12 @@ class Stackformer(nn.Module):
 
     @torch.no_grad()
     def _generate(self, batch_size: Optional[int] = None, cond: Optional[torch.Tensor] = None,
-                 temperature: float = 1.0, top_k: Optional[int] = 100, top_p: Optional[float] = 0.95,
-                 pos_temperature: Optional[float] = None, pos_top_k: Optional[int] = 10,
-                 pos_top_p: Optional[float] = 0.95, position_rule: Optional[str] = None,
-                 greedy: bool = False, use_kv_cache: bool = True,
-                 generator: Optional[torch.Generator] = None,
-                 cuda_graph: Optional[bool] = None, compile: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                  temperature: float = 1.0, top_k: Optional[int] = 100, top_p: Optional[float] = 0.95,
+                  pos_temperature: Optional[float] = None, pos_top_k: Optional[int] = 10,
+                  pos_top_p: Optional[float] = 0.95, position_rule: Optional[str] = None,
+                  greedy: bool = False, use_kv_cache: bool = True,
+                  generator: Optional[torch.Generator] = None,
+                  cuda_graph: Optional[bool] = None, compile: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """Sample N (code, position) pairs per image: codes (B, N), positions (B, N).
 
         Each step samples the code, then its position (the reverse for Stackformer_r). Logits are
@@ -554,8 +554,9 @@ def reproducible_attention():
     """Restrict scaled_dot_product_attention to backends whose forward pass is bitwise reproducible.
 
     With the default choice, torch 2.11 on an H200 ran the KV-cache attention (bf16, boolean mask)
-    on cuDNN, and two identical sampling runs drew different codes after about 70 steps. Under the
-    memory-efficient and math backends, the tokens were identical run after run. cuDNN is left out.
+    on cuDNN, and two identical sampling runs drew different codes after about 70 steps. Restricted
+    to the memory-efficient or the math backend, the tokens were identical run after run. Flash
+    attention, which takes no mask, stays allowed for the unmasked causal passes. cuDNN is left out.
     """
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
