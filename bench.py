@@ -8,6 +8,7 @@ Speed benchmarks for every stage, on one GPU (CUDA-synchronised timing after war
     python bench.py --cpu-smoke         # every case once with tiny models on the CPU (what the tests run)
     torchrun --standalone --nproc_per_node=2 bench.py --ddp
                                         # case 6: cases 1 and 3 with DDP on every GPU, against one GPU
+    torchrun --standalone --nproc_per_node=2 bench.py --ddp --compile --compile-mode reduce-overhead
 
 Random data and random weights throughout (speed does not depend on them); LPIPS uses a random
 VGG trunk of the real shape. Case 1 also runs one training step under
@@ -338,7 +339,7 @@ def settings(device, smoke: bool):
 # -----------------------------------------------------------------------------
 # Case 6: scaling over GPUs
 
-def ddp_scaling(compile: bool, smoke: bool, json_path: str) -> dict:
+def ddp_scaling(compile: bool, smoke: bool, json_path: str, compile_mode: str = "default") -> dict:
     """Cases 1 (MQ-VAE step, batch 8 per GPU) and 3 (Stackformer base, N=256, batch 10 and 64 per GPU) on one GPU,
     then with DDP on all of them. Rank 0 measures one GPU alone before the process group exists (the
     EMA codebook would otherwise wait for the other ranks); the others wait for it in the rendezvous."""
@@ -353,17 +354,18 @@ def ddp_scaling(compile: bool, smoke: bool, json_path: str) -> dict:
     cases = [("1 MQ-VAE train step, LPIPS+GAN, batch 8/GPU", "images_per_s", "img/s",
               lambda ddp: mqvae_step_bench(f8, 8, device, compile=compile, ddp=ddp, **fast)),
              *((f"3 Stackformer {sf[0]} train, N={sf[1]}, batch {b}/GPU", "tokens_per_s", "tok/s",
-                lambda ddp, b=b: stackformer_train_bench(*sf, b, device, compile=compile, ddp=ddp, **fast))
+                lambda ddp, b=b: stackformer_train_bench(*sf, b, device, compile=compile, ddp=ddp,
+                                                         compile_mode=compile_mode, **fast))
                for b in (10, 64))]
     single = [run(False)[key] for _, key, _, run in cases] if rank == 0 else None
     _, world, _, device = mqvae.setup_distributed()
-    results = dict(world_size=world, compiled=compile)
+    results = dict(world_size=world, compiled=compile, compile_mode=compile_mode if compile else None)
     for i, (name, key, unit, run) in enumerate(cases):
         total = run(True)[key] * world   # every rank runs the same step in lockstep
         if rank == 0:
             scaling = total / single[i]
             results[name] = dict(one_gpu=single[i], all_gpus=total, scaling=scaling, efficiency=scaling / world)
-            print(f"6 {name}{', compiled' if compile else ''}: 1 GPU {single[i]:.1f} {unit}, {world} GPUs "
+            print(f"6 {name}{f', compiled ({compile_mode} for the Stackformer)' if compile else ''}: 1 GPU {single[i]:.1f} {unit}, {world} GPUs "
                   f"{total:.1f} {unit}: {scaling:.2f}x ({scaling / world:.0%} efficiency)", flush=True)
             with open(json_path, "w") as fh:
                 json.dump(results, fh, indent=2)
@@ -376,12 +378,14 @@ def main(argv=None):
     parser.add_argument("--cases", default="1,2,3,4,5", help="comma-separated case numbers")
     parser.add_argument("--cpu-smoke", action="store_true", help="each case once, tiny models, CPU")
     parser.add_argument("--compile", action="store_true", help="cases 1-4 also with torch.compile")
+    parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="with --ddp --compile: torch.compile mode of the Stackformer case")
     parser.add_argument("--ddp", action="store_true",
                         help="case 6 only, under torchrun: cases 1 and 3 with DDP on every GPU against one GPU")
     parser.add_argument("--json", default="bench.json", help="where to write the results")
     args = parser.parse_args(argv)
     if args.ddp:
-        return ddp_scaling(args.compile, args.cpu_smoke, args.json)
+        return ddp_scaling(args.compile, args.cpu_smoke, args.json, args.compile_mode)
     cases = {int(c) for c in args.cases.split(",")}
     smoke = args.cpu_smoke
     device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
