@@ -765,6 +765,29 @@ def resumed_config(cfg, saved: dict, explicit: set, run_control: set):
     return resumed
 
 
+def resume_from(cfg, kind: str, explicit: set, run_control: set, log):
+    """-> (checkpoint path out_dir/ckpt.pt, the checkpoint or None, the run's configuration). With --resume and
+    a checkpoint there, the checkpoint's configuration as resumed_config merges it; otherwise cfg unchanged."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume and os.path.isfile(path):
+        ckpt = load_checkpoint(path, kind)
+        return path, ckpt, resumed_config(cfg, ckpt["train_config"], explicit, run_control)
+    if cfg.resume:
+        log(f"--resume: no checkpoint at {path}, starting from scratch")
+    return path, None, cfg
+
+
+def check_identical_across_ranks(tensors, world: int, what: str) -> str:
+    """Gather a sum and an absolute sum (float64) of each tensor from every rank and raise a UserError
+    unless all ranks agree; DDP and the all-reduced codebook update must keep them identical."""
+    local = torch.stack([t.detach().double().sum() for t in tensors] + [t.detach().double().abs().sum() for t in tensors])
+    gathered = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
+        raise UserError(f"ranks diverged: {what} checksums differ across {world} ranks")
+    return f"rank consistency: all {len(tensors)} {what} identical across {world} ranks"
+
+
 def warmup_cosine_lr(step: int, peak: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
     """Linear warmup to `peak` over warmup_steps, then cosine decay to min_lr at total_steps."""
     if step < warmup_steps:
@@ -783,14 +806,24 @@ def gather_rng_states(device: torch.device, world: int) -> list:
     return states
 
 
-def restore_rng_state(states: list, rank: int, world: int, device: torch.device) -> bool:
-    """Restore this rank's RNG state saved by gather_rng_states; False when the world size changed."""
-    if len(states) != world:
-        return False
-    torch.set_rng_state(states[rank]["cpu"])
-    if device.type == "cuda" and states[rank].get("cuda") is not None:
-        torch.cuda.set_rng_state(states[rank]["cuda"], device)
-    return True
+def seed_or_restore_rng(ckpt: Optional[dict], seed: int, rank: int, world: int, device: torch.device, log,
+                        changes: str) -> int:
+    """Per-rank random streams: a fresh run seeds seed + rank; a resumed one restores this rank's state
+    saved by gather_rng_states. If the world size changed, there is no state to restore: it re-seeds and
+    warns that `changes` (what differs from the uninterrupted run). Returns the step to start from."""
+    if ckpt is None:
+        torch.manual_seed(seed + rank)
+        return 0
+    states, start_step = ckpt["rng"], ckpt["step"]
+    if len(states) == world:
+        torch.set_rng_state(states[rank]["cpu"])
+        if device.type == "cuda" and states[rank].get("cuda") is not None:
+            torch.cuda.set_rng_state(states[rank]["cuda"], device)
+    else:
+        torch.manual_seed(seed + rank + start_step)
+        log(f"warning: the checkpoint was written by {len(states)} processes, this run has {world}: {changes} "
+            f"from here on")
+    return start_step
 
 
 def save_grid(images, path: str, nrow: int):

@@ -41,8 +41,8 @@ from torch.utils.data import DataLoader
 
 import data
 from mqvae import (MQVAE, MQVAEConfig, NonFiniteGuard, PRESETS, PatchDiscriminator, UserError, atomic_path,
-                   check, check_positive, compile_for_training, gather_rng_states, launch, load_checkpoint,
-                   restore_rng_state, resumed_config, run_main, save_checkpoint, save_grid,
+                   check, check_identical_across_ranks, check_positive, compile_for_training, gather_rng_states,
+                   launch, resume_from, run_main, save_checkpoint, save_grid, seed_or_restore_rng,
                    strip_compile_prefix, warmup_cosine_lr, write_json)
 
 
@@ -364,13 +364,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     cfg = resolve_defaults(cfg)
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = None
-    if cfg.resume and os.path.isfile(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, "mqvae")
-        cfg = resumed_config(cfg, ckpt["train_config"], explicit, RUN_CONTROL)
-    elif cfg.resume:
-        log(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
+    ckpt_path, ckpt, cfg = resume_from(cfg, "mqvae", explicit, RUN_CONTROL, log)
     validate(cfg)
     mcfg = model_config(cfg)
 
@@ -403,20 +397,16 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     cuda = device.type == "cuda"
     opt_ae = torch.optim.Adam(model.parameters(), lr=peak_lr, betas=(0.5, 0.9), **({"fused": True} if cuda else {}))
     opt_d = torch.optim.Adam(disc.parameters(), lr=peak_lr, betas=(0.5, 0.9), **({"fused": True} if cuda else {}))
-    start_step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["mqvae"], strict=True)
         disc.load_state_dict(ckpt["disc"], strict=True)
         opt_ae.load_state_dict(ckpt["opt_ae"])
         opt_d.load_state_dict(ckpt["opt_disc"])
-        start_step = ckpt["step"]
-        if not restore_rng_state(ckpt["rng"], rank, world, device):
-            torch.manual_seed(cfg.seed + rank + start_step)
-            log(f"warning: the checkpoint was written by {len(ckpt['rng'])} processes, this run has {world}: the "
-                f"global batch, the lr it scales, the data order and the random streams all change from here on")
+    # per-rank randomness (random masker) from here on
+    start_step = seed_or_restore_rng(ckpt, cfg.seed, rank, world, device, log, "the global batch, the lr it "
+                                     "scales, the data order and the random streams all change")
+    if ckpt is not None:
         log(f"resumed from {ckpt_path} at step {start_step}")
-    else:
-        torch.manual_seed(cfg.seed + rank)  # per-rank randomness (random masker) from here on
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -587,19 +577,13 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
 
 
 def rank_consistency(model, disc, world: int) -> str:
-    """Checksums of every parameter and of the codebook buffers (codebook, EMA counts and sums), gathered
-    from all ranks: DDP and the all-reduced codebook update must keep them identical. BatchNorm running
-    statistics are rank-local between forwards (DDP re-broadcasts rank 0's at each one) and left out."""
+    """Every parameter and the codebook buffers (codebook, EMA counts and sums) compared across ranks.
+    BatchNorm running statistics are rank-local between forwards (DDP re-broadcasts rank 0's at each
+    one) and left out."""
     tensors = list(model.parameters()) + list(model.quantizer.buffers()) + list(disc.parameters())
-    local = torch.stack([t.detach().double().sum() for t in tensors] + [t.detach().double().abs().sum() for t in tensors])
-    gathered = [torch.zeros_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local)
-    identical = all(torch.equal(gathered[0], g) for g in gathered[1:])
     codebook = model.quantizer.codebook.detach().double().sum().item()
-    if not identical:
-        raise UserError(f"ranks diverged: parameter/buffer checksums differ across {world} ranks")
-    return (f"rank consistency: all {len(tensors)} parameters and codebook buffers (codebook checksum {codebook:.6f}) "
-            f"identical across {world} ranks")
+    return (check_identical_across_ranks(tensors, world, "parameters and codebook buffers")
+            + f" (codebook checksum {codebook:.6f})")
 
 
 if __name__ == "__main__":

@@ -44,9 +44,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from mqvae import (NonFiniteGuard, UserError, atomic_path, check, check_positive, gather_rng_states, launch,
-                   load_checkpoint, mqvae_from_checkpoint, restore_rng_state, resumed_config, run_main,
-                   save_checkpoint, save_grid, strip_compile_prefix, warmup_cosine_lr, write_json)
+from mqvae import (NonFiniteGuard, UserError, atomic_path, check, check_identical_across_ranks, check_positive,
+                   gather_rng_states, launch, load_checkpoint, mqvae_from_checkpoint, resume_from,
+                   run_main, save_checkpoint, save_grid, seed_or_restore_rng, strip_compile_prefix, warmup_cosine_lr,
+                   write_json)
 from stackformer import (PRESETS, Stackformer, StackformerConfig, WordTokenizer, configure_optimizer,
                          reproducible_attention)
 
@@ -307,13 +308,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     log = print if master else (lambda *a, **k: None)
     stage1 = load_checkpoint(cfg.stage1, "mqvae")
     cfg = resolve_defaults(cfg, stage1["train_config"])
-    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    ckpt = None
-    if cfg.resume and os.path.isfile(ckpt_path):
-        ckpt = load_checkpoint(ckpt_path, "stackformer")
-        cfg = resumed_config(cfg, ckpt["train_config"], explicit, RUN_CONTROL)
-    elif cfg.resume:
-        log(f"--resume: no checkpoint at {ckpt_path}, starting from scratch")
+    ckpt_path, ckpt, cfg = resume_from(cfg, "stackformer", explicit, RUN_CONTROL, log)
     validate(cfg)
     cuda = device.type == "cuda"
     if cuda:
@@ -364,18 +359,14 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     check(steps_per_epoch > 0, f"{train_tokens.num_images} training images are fewer than one global batch ({global_batch})")
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     warmup_steps = cfg.warmup_steps if cfg.warmup_steps is not None else min(5000, total_steps // 50)
-    start_step = 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
-        start_step = ckpt["step"]
-        if not restore_rng_state(ckpt["rng"], rank, world, device):
-            torch.manual_seed(cfg.seed + rank + start_step)
-            log(f"warning: the checkpoint was written by {len(ckpt['rng'])} processes, this run has {world}: the "
-                f"global batch, the data order and the random streams change from here on")
+    # per-rank dropout from here on
+    start_step = seed_or_restore_rng(ckpt, cfg.seed, rank, world, device, log,
+                                     "the global batch, the data order and the random streams change")
+    if ckpt is not None:
         log(f"resumed from {ckpt_path} at step {start_step}")
-    else:
-        torch.manual_seed(cfg.seed + rank)  # per-rank dropout from here on
     raw_model = model
     graphed = cfg.compile and cfg.compile_mode == "reduce-overhead"
     if cfg.compile:
@@ -542,20 +533,11 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
             log(f"stopping after {cfg.stop_after} steps (--stop-after) at step {done}; continue with --resume")
             break
     if world > 1:
-        log(rank_consistency(raw_model, world))
+        log(check_identical_across_ranks(list(raw_model.parameters()), world, "parameters"))
     if start_step >= total_steps:
         log(f"nothing to do: the checkpoint is at step {start_step} of {total_steps}")
     elif step + 1 == total_steps:
         log(f"done: {total_steps} steps; checkpoint {ckpt_path}; sample with: python sample.py --ckpt {ckpt_path}")
-
-
-def rank_consistency(model, world: int) -> str:
-    local = torch.stack([p.detach().double().sum() for p in model.parameters()])
-    gathered = [torch.zeros_like(local) for _ in range(world)]
-    dist.all_gather(gathered, local)
-    if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
-        raise UserError(f"ranks diverged: parameter checksums differ across {world} ranks")
-    return f"rank consistency: all {len(local)} parameters identical across {world} ranks"
 
 
 if __name__ == "__main__":
