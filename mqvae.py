@@ -130,6 +130,9 @@ def check_positive(cfg, *names: str):
 # -----------------------------------------------------------------------------
 # VQGAN building blocks (taming-transformers' layout and parameter names)
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes the trainers accept
+
+
 def compile_for_training(model: "MQVAE", mode: Optional[str] = None):
     """torch.compile the convolutional parts in place (mode: torch.compile's). The decoder's last conv
     stays eager: the adaptive GAN weight takes two gradients at its weight every step, and through a

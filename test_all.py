@@ -691,6 +691,17 @@ def test_kv_cache_logits_match_full_forward(variant, cond):
             assert torch.allclose(model.upper_head(g), upper_logits_full[:, t], atol=1e-5)
 
 
+def test_one_query_attention_equals_masked_sdpa_and_ignores_masked_slots():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 4, 1, 8), torch.randn(3, 4, 10, 8), torch.randn(3, 4, 10, 8)
+    mask = torch.arange(10)[None] <= 6                               # slots 0..6 written, 7..9 not yet
+    out = stackformer.attend_one_query(q, k, v, mask)
+    assert (out - F.scaled_dot_product_attention(q, k, v, attn_mask=mask)).abs().max() < 1e-5
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 7:], v2[:, :, 7:] = 1e4, -1e4                           # garbage in the unwritten slots
+    assert torch.equal(stackformer.attend_one_query(q, k2, v2, mask), out)
+
+
 # ---------------------------------------------------------------------------- text conditioning
 
 def test_first_code_depends_on_caption_and_its_last_token():
@@ -2066,6 +2077,7 @@ def test_every_script_rejects_bad_flags_with_one_line_and_no_traceback(both_chec
         (TINY_TRAIN + ["--data", "celeba"], "unknown dataset"),
         (TINY_TRAIN + ["--data", "ffhq", "--data-dir", missing], "not found"),
         (TINY_TRAIN + ["--image-size", "-16"], "--image-size must be positive"),
+        (TINY_TRAIN + ["--compile", "--compile-mode", "graphs"], "--compile-mode"),
         (["train_stackformer.py", "--stage1", stage2], "Stackformer"),
         (["train_stackformer.py", "--stage1", missing], "not found"),
         (["train_stackformer.py", "--stage1", stage1, "--dropout", "1.5"], "--dropout"),

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from mqvae import (MQVAE, MQVAEConfig, NonFiniteGuard, PRESETS, PatchDiscriminator, UserError, atomic_path,
+from mqvae import (COMPILE_MODES, MQVAE, MQVAEConfig, NonFiniteGuard, PRESETS, PatchDiscriminator, UserError, atomic_path,
                    check, check_identical_across_ranks, check_positive, compile_for_training, gather_rng_states,
                    launch, resume_from, run_main, save_checkpoint, save_grid, seed_or_restore_rng,
                    strip_compile_prefix, warmup_cosine_lr, write_json)
@@ -88,6 +88,7 @@ class TrainConfig:
     seed: int = 2021                      # model init and data order
     dtype: str = "bf16"                   # bf16 | fp32 (autocast dtype on CUDA; CPU runs fp32)
     compile: bool = False                 # torch.compile encoder, de-mask, decoder and discriminator
+    compile_mode: str = "default"         # with --compile: default | reduce-overhead (encoder, de-mask, decoder as CUDA graphs) | max-autotune
     channels_last: bool = False           # NHWC memory layout for the convolutional networks (CUDA)
     log_every: int = 50                   # steps between log lines
     eval_every: Optional[int] = None      # steps between evaluations (default 2000; demo 250)
@@ -114,7 +115,7 @@ COMMON_DEFAULTS = dict(image_size=256, preset="f8", batch_size=8, perceptual_wei
 
 # Flags that may change when resuming; the others (model, data, optimiser) come from the checkpoint.
 RUN_CONTROL = {"max_steps", "stop_after", "epochs", "num_workers", "log_every", "eval_every", "eval_images", "ckpt_every",
-               "compile", "channels_last", "usage_window", "resume", "data_dir", "lpips_vgg", "out_dir"}
+               "compile", "compile_mode", "channels_last", "usage_window", "resume", "data_dir", "lpips_vgg", "out_dir"}
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     kind = cfg.data if cfg.data in DATA_DEFAULTS else "folder"
@@ -132,6 +133,7 @@ def validate(cfg: TrainConfig):
                    "ckpt_every", "eval_images", "usage_window")
     check(cfg.rec_loss in ("l1", "l2"), f"--rec-loss must be l1 or l2, got {cfg.rec_loss!r}")
     check(cfg.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
+    check(cfg.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     check(cfg.perceptual_weight >= 0 and cfg.disc_weight >= 0, "loss weights must be non-negative")
     check(cfg.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.num_workers}")
     check(cfg.disc_layers >= 1, f"--disc-layers must be >= 1, got {cfg.disc_layers}")
@@ -315,7 +317,7 @@ def visualisation_grid(x, x_rec, scores, positions):
 # Evaluation
 
 @torch.no_grad()
-def evaluate(model, val_set, cfg, device, autocast, lpips_fn, rank, world):
+def evaluate(model, val_set, cfg, device, autocast, lpips_fn, rank, world, graphed=False):
     """Mean L1, PSNR (on [0,1] images) and LPIPS over the first --eval-images validation images, and
     the number of distinct codes they use. Each rank takes a shard; sums are all-reduced."""
     model.eval()
@@ -329,6 +331,8 @@ def evaluate(model, val_set, cfg, device, autocast, lpips_fn, rank, world):
     shown = []
     for batch in loader:
         x = batch["image"].to(device, non_blocking=True)
+        if graphed:
+            torch.compiler.cudagraph_mark_step_begin()
         with autocast:
             x_rec, aux = model(x)
         x_rec = x_rec.float()
@@ -415,9 +419,12 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     for m in (model, disc, lpips_fn):
         if m is not None:
             m.to(memory_format=memory_format)
+    graphed = cfg.compile and cfg.compile_mode == "reduce-overhead"
     if cfg.compile:
-        compile_for_training(model)
-        disc = torch.compile(disc)
+        # reduce-overhead replays the compiled parts as CUDA graphs: at batch 8 the de-mask stack's
+        # small kernels otherwise leave the GPU waiting for the CPU to launch them.
+        compile_for_training(model, None if cfg.compile_mode == "default" else cfg.compile_mode)
+        disc = torch.compile(disc)  # default mode: D is differentiated twice per step (λ, then its loss)
     raw_model, raw_disc = model, disc
     if world > 1:
         ddp_args = dict(device_ids=[device.index] if cuda else None,
@@ -482,7 +489,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
 
     def run_eval(step):
         check_finite(step)
-        metrics, picture = evaluate(raw_model, val_set, cfg, device, autocast, lpips_fn, rank, world)
+        metrics, picture = evaluate(raw_model, val_set, cfg, device, autocast, lpips_fn, rank, world, graphed)
         if master:
             if picture is not None:
                 save_grid(visualisation_grid(*picture), os.path.join(cfg.out_dir, f"recon_{step:07d}.png"), nrow=4)
@@ -512,6 +519,8 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
             x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
             last_micro = micro == cfg.grad_accum - 1
             sync = world == 1 or last_micro  # DDP all-reduces gradients on the last micro-batch only
+            if graphed:
+                torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are no longer read
             with (nullcontext() if sync else model.no_sync()), (nullcontext() if sync else disc.no_sync()):
                 out = losses_and_backward(model, disc, raw_model, raw_disc, lpips_fn, x, cfg, gan_on, autocast)
             aux = out.pop("aux")

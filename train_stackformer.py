@@ -44,7 +44,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from mqvae import (NonFiniteGuard, UserError, atomic_path, check, check_identical_across_ranks, check_positive,
+from mqvae import (COMPILE_MODES, NonFiniteGuard, UserError, atomic_path, check, check_identical_across_ranks, check_positive,
                    gather_rng_states, launch, load_checkpoint, mqvae_from_checkpoint, resume_from,
                    run_main, save_checkpoint, save_grid, seed_or_restore_rng, strip_compile_prefix, warmup_cosine_lr,
                    write_json)
@@ -114,9 +114,6 @@ def resolve_defaults(cfg: TrainConfig, stage1_train: dict) -> TrainConfig:
     if cfg.out_dir is None:
         cfg.out_dir = os.path.join("out", "stackformer-" + os.path.basename(os.path.normpath(cfg.data)))
     return cfg
-
-
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
 def validate(cfg: TrainConfig):
