@@ -111,8 +111,9 @@ class KVCache:
           (position-first); max_len = N.
     """
 
-    def __init__(self, n_layer: int, max_len: int, batch_size: int, device):
+    def __init__(self, n_layer: int, max_len: int, batch_size: int, device, one_query_matmul: bool = False):
         self.max_len = max_len
+        self.one_query_matmul = one_query_matmul                # single-query steps use attend_one_query
         self.batch_size = batch_size
         self.slot_ids = torch.arange(max_len, device=device)    # (max_len,)
         self.keys: List[Optional[torch.Tensor]] = [None] * n_layer
@@ -160,9 +161,9 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             k, v = cache.store(layer, k, v)                               # (B, nh, max_len, hd)
-            if S == 1:   # a decode step: one new query per sequence
+            if S == 1 and cache.one_query_matmul:   # a decode step, graphed or compiled (see attend_one_query)
                 y = attend_one_query(q, k, v, cache.mask)
-            else:        # the text prefix, prefilled in one pass
+            else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, S, d)                            # (B, S, d)
         return self.resid_drop(self.proj(y))
@@ -174,8 +175,10 @@ def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
     The same attention as scaled_dot_product_attention with that mask, written as two batched
     matrix-vector products. SDPA's fused kernels tile the queries in blocks of 64, so with a single
-    query most of their work is wasted: on an H200 (base model, batch 64, bf16) a compiled decode
-    step took 2.28 ms with SDPA and 2.00 ms with this.
+    query most of their work is wasted. Steps replayed as a CUDA graph or compiled use this: on an
+    H200 (base model, batch 64, bf16, CUDA graph, compiled) a step took 2.28 ms with SDPA and 2.00 ms
+    with this. In a plain eager loop, bound by the CPU launching kernels, its seven kernels cost more
+    than they save, so eager steps keep SDPA's one.
     """
     scores = (q @ k.transpose(-1, -2)).float() * (q.size(-1) ** -0.5)      # (B, nh, 1, L)
     weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
@@ -367,12 +370,12 @@ class Stackformer(nn.Module):
 
     # --- cached generation: one new token per step in each transformer
 
-    def new_kv_caches(self, batch_size: int) -> Tuple[KVCache, KVCache]:
+    def new_kv_caches(self, batch_size: int, one_query_matmul: bool = False) -> Tuple[KVCache, KVCache]:
         """Empty caches for the lower and the upper transformer (slot layout: see KVCache)."""
         device = self.code_emb.weight.device
         N = self.config.seq_len
-        lower = KVCache(len(self.lower.blocks), self.prefix_len + N - 1, batch_size, device)
-        upper = KVCache(len(self.upper.blocks), N, batch_size, device)
+        lower = KVCache(len(self.lower.blocks), self.prefix_len + N - 1, batch_size, device, one_query_matmul)
+        upper = KVCache(len(self.upper.blocks), N, batch_size, device, one_query_matmul)
         return lower, upper
 
     @torch.no_grad()
@@ -432,6 +435,7 @@ class Stackformer(nn.Module):
         cuda_graph: replay steps 2..N as one captured CUDA graph (default: on CUDA with the KV cache,
         when no autocast is active; cast the model to bf16 instead of using autocast). A step launches
         a few hundred small kernels; replaying them as a graph removes the per-kernel CPU cost.
+        Graphed and compiled steps attend with attend_one_query, eager ones with SDPA.
         compile: torch.compile the per-step function of the KV-cache path first (then captured in the
         CUDA graph): fewer, fused kernels per step, at the price of a minute or two of compilation.
         Its arithmetic differs from the eager step's, so the samples differ too.
@@ -491,7 +495,7 @@ class Stackformer(nn.Module):
             self.train(was_training)
             return codes, positions
 
-        lower_cache, upper_cache = self.new_kv_caches(B)
+        lower_cache, upper_cache = self.new_kv_caches(B, one_query_matmul=cuda_graph or compile)
         t_now = torch.zeros(1, dtype=torch.long, device=device)   # the step counter, on the device
 
         def step():

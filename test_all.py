@@ -672,7 +672,8 @@ def test_second_prediction_sees_first_prediction_of_its_step_but_not_vice_versa(
 @pytest.mark.parametrize("variant,cond", [("code-first", "none"), ("code-first", "class"),
                                           ("code-first", "text"), ("position-first", "none"),
                                           ("position-first", "text")])
-def test_kv_cache_logits_match_full_forward(variant, cond):
+@pytest.mark.parametrize("one_query_matmul", [False, True])
+def test_kv_cache_logits_match_full_forward(variant, cond, one_query_matmul):
     model = sf_model(variant=variant, cond=cond)
     codes, positions, c = sf_batch(model.config)
     with torch.no_grad():
@@ -680,7 +681,7 @@ def test_kv_cache_logits_match_full_forward(variant, cond):
     lower_logits_full, upper_logits_full = ((code_logits, pos_logits) if variant == "code-first"
                                             else (pos_logits, code_logits))
     lower_targets = codes if variant == "code-first" else positions
-    lower_cache, upper_cache = model.new_kv_caches(codes.size(0))
+    lower_cache, upper_cache = model.new_kv_caches(codes.size(0), one_query_matmul)
     for t in range(N):
         prev_code = codes[:, t - 1] if t > 0 else None
         prev_position = positions[:, t - 1] if t > 0 else None

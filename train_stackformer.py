@@ -372,6 +372,10 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
     if world > 1:
         model = DDP(model, device_ids=[device.index] if cuda else None)
+        if graphed:
+            log("warning: under DDP, --compile-mode reduce-overhead measured no faster per GPU than the default mode "
+                "(2 H200s, base, 10 sequences per GPU: 94k tok/s in all, against 141k on one GPU without DDP); "
+                "a larger --batch-size per GPU scales better (README, Speed)")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.dtype == "bf16" else nullcontext()
     tokens_per_step = global_batch * scfg.seq_len
     flops_per_step = raw_model.flops_per_token() * tokens_per_step
