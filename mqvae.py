@@ -23,6 +23,7 @@ helper and the one-line `UserError`. The training loop lives in train_mqvae.py.
 import argparse
 import contextlib
 import dataclasses
+import gc
 import inspect
 import json
 import math
@@ -660,7 +661,13 @@ def setup_distributed():
 
 
 def cleanup_distributed():
+    """Leave the process group at the end of a run that succeeded on every rank. What still holds the
+    group (DDP's reducer, kept alive by reference cycles) is collected first, and the ranks meet at a
+    barrier, so none tears the group down while another still uses it. After an error, leave the group
+    to the process exit: destroying it while another rank waits in a collective can hang."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -702,10 +709,9 @@ def launch(config_class, train_fn, description: str, argv=None):
     args = parser.parse_args(argv)
     explicit = explicit_flags(parser, argv if argv is not None else sys.argv[1:])
     rank, world, _, device = setup_distributed()
-    try:
-        return train_fn(config_class(**vars(args)), explicit, rank, world, device)
-    finally:
-        cleanup_distributed()
+    result = train_fn(config_class(**vars(args)), explicit, rank, world, device)
+    cleanup_distributed()
+    return result
 
 
 def explicit_flags(parser: argparse.ArgumentParser, argv) -> set:

@@ -404,10 +404,9 @@ def main(argv=None) -> dict:
     cfg = parse_config(argv)
     validate(cfg)
     rank, world, local_rank, device = setup_distributed()
-    try:
-        return sample(cfg, rank, world, device)
-    finally:
-        cleanup_distributed()
+    result = sample(cfg, rank, world, device)
+    cleanup_distributed()
+    return result
 
 
 def pick_device(cfg: SampleConfig, world: int, device: torch.device) -> torch.device:
