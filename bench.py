@@ -378,7 +378,7 @@ def main(argv=None):
     parser.add_argument("--cases", default="1,2,3,4,5", help="comma-separated case numbers")
     parser.add_argument("--cpu-smoke", action="store_true", help="each case once, tiny models, CPU")
     parser.add_argument("--compile", action="store_true", help="cases 1-4 also with torch.compile")
-    parser.add_argument("--compile-mode", default="default", choices=["default", "reduce-overhead", "max-autotune"],
+    parser.add_argument("--compile-mode", default="default", choices=mqvae.COMPILE_MODES,
                         help="with --ddp --compile: torch.compile mode of both cases")
     parser.add_argument("--ddp", action="store_true",
                         help="case 6 only, under torchrun: cases 1 and 3 with DDP on every GPU against one GPU")

@@ -884,14 +884,20 @@ def test_class_and_text_conditions_change_greedy_samples():
     assert distinct_rows(codes, positions) >= 4
 
 
-def test_generate_runs_only_reproducible_attention_kernels(monkeypatch):
-    # cuDNN attention made CUDA sampling irreproducible; generate() must switch it off, then restore it.
+def record_cudnn_attention_state(monkeypatch, module_class) -> list:
+    """Make every forward of module_class append whether cuDNN attention is enabled at that moment."""
     seen = []
-    forward = stackformer.CausalSelfAttention.forward
+    forward = module_class.forward
     def spy(self, *args, **kwargs):
         seen.append(torch.backends.cuda.cudnn_sdp_enabled())
         return forward(self, *args, **kwargs)
-    monkeypatch.setattr(stackformer.CausalSelfAttention, "forward", spy)
+    monkeypatch.setattr(module_class, "forward", spy)
+    return seen
+
+
+def test_generate_runs_only_reproducible_attention_kernels(monkeypatch):
+    # cuDNN attention made CUDA sampling irreproducible; generate() must switch it off, then restore it.
+    seen = record_cudnn_attention_state(monkeypatch, stackformer.CausalSelfAttention)
     model = sf_model(seq_len=6)
     before = torch.backends.cuda.cudnn_sdp_enabled()
     for use_kv_cache in (True, False):
@@ -904,12 +910,7 @@ def test_generate_runs_only_reproducible_attention_kernels(monkeypatch):
 
 
 def test_token_extraction_runs_only_reproducible_attention_kernels(monkeypatch):
-    seen = []
-    forward = mqvae.AttnBlock.forward
-    def spy(self, *args, **kwargs):
-        seen.append(torch.backends.cuda.cudnn_sdp_enabled())
-        return forward(self, *args, **kwargs)
-    monkeypatch.setattr(mqvae.AttnBlock, "forward", spy)
+    seen = record_cudnn_attention_state(monkeypatch, mqvae.AttnBlock)
     model = mqvae.MQVAE(MQVAEConfig(**mqvae.PRESETS["tiny"], resolution=16)).eval()
     out = train_stackformer.encode_split(model, data.ShapesDataset(16, 6, "val"), True, 4, 0, torch.device("cpu"), 0, 1)
     assert len(out["codes"]) == 12 and seen and not any(seen)
