@@ -473,6 +473,7 @@ def main(argv=None):
         if 4 in cases:
             seq_len, num_positions = lengths[0]
             for batch in (64, 256):
+                torch._dynamo.reset()   # one compilation per cache segment and batch; keep under the recompile limit
                 r = sampling_bench(sf_preset, seq_len, num_positions, batch, device, "graph+compile")
                 results[f"sampling_b{batch}_graph_compiled"] = r
                 rows.append((f"4 sampling {sf_preset}, N={seq_len}, batch {batch}, graph, compiled step, tokens only",

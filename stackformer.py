@@ -98,9 +98,11 @@ class KVCache:
     shapes and the transformers read their slots from a tensor, never from a Python length: no
     host sync, nothing to recompile per length, and a transformer step can be captured in a CUDA
     graph (once the two per-step views taken in Stackformer.lower_step, the slot ids and a_t, are
-    indexed by a device tensor too). The price: every step reads all max_len slots of K and V,
-    written or not. For `base` at batch 64 and N = 256 that is 1.6 GB per step in bf16, against
-    0.6 GB of weights, so a longer cache shows in the sampling speed.
+    indexed by a device tensor too). The price: a step reads every slot it attends over, written
+    or not. For `base` at batch 64 and N = 256 the whole cache is 1.6 GB in bf16, against 0.6 GB
+    of weights. So steps attend over the first `attend_len` slots only, a Python int that
+    Stackformer.generate raises a few times per sample (see its cache_segments): a handful of
+    shapes, one CUDA graph each, and on average little more than half the cache read per step.
 
     Slot layout (filled by Stackformer.lower_step / upper_step):
       lower transformer, cond none/class: slot t holds step t's input E_v(v_t) + E_p(p_t) + a_t,
@@ -116,6 +118,7 @@ class KVCache:
         self.one_query_matmul = one_query_matmul                # single-query steps use attend_one_query
         self.batch_size = batch_size
         self.slot_ids = torch.arange(max_len, device=device)    # (max_len,)
+        self.attend_len = max_len                               # steps attend over slots < attend_len
         self.keys: List[Optional[torch.Tensor]] = [None] * n_layer
         self.values: List[Optional[torch.Tensor]] = [None] * n_layer
         self.slots: Optional[torch.Tensor] = None               # (S,) slots of the current step
@@ -123,10 +126,10 @@ class KVCache:
 
     def begin_step(self, slots: torch.Tensor):
         self.slots = slots
-        self.mask = self.slot_ids[None, :] <= slots[:, None]    # causal over everything written
+        self.mask = self.slot_ids[None, :self.attend_len] <= slots[:, None]   # (S, attend_len), causal
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_head, S, head_dim) into this step's slots; return the layer's full cache."""
+        """Write k, v (B, n_head, S, head_dim) into this step's slots; return the layer's cache, slots < attend_len."""
         if self.keys[layer] is None:
             # Allocated at the first write so the cache takes the dtype autocast gives k and v.
             B, n_head, _, head_dim = k.shape
@@ -134,7 +137,7 @@ class KVCache:
             self.values[layer] = v.new_zeros(B, n_head, self.max_len, head_dim)
         self.keys[layer].index_copy_(2, self.slots, k)
         self.values[layer].index_copy_(2, self.slots, v)
-        return self.keys[layer], self.values[layer]
+        return self.keys[layer][:, :, :self.attend_len], self.values[layer][:, :, :self.attend_len]
 
 
 # -----------------------------------------------------------------------------
@@ -160,7 +163,7 @@ class CausalSelfAttention(nn.Module):
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
-            k, v = cache.store(layer, k, v)                               # (B, nh, max_len, hd)
+            k, v = cache.store(layer, k, v)                               # (B, nh, attend_len, hd)
             if S == 1 and cache.one_query_matmul:   # a decode step, graphed or compiled (see attend_one_query)
                 y = attend_one_query(q, k, v, cache.mask)
             else:
@@ -420,7 +423,8 @@ class Stackformer(nn.Module):
                   pos_top_p: Optional[float] = 0.95, position_rule: Optional[str] = None,
                   greedy: bool = False, use_kv_cache: bool = True,
                   generator: Optional[torch.Generator] = None,
-                  cuda_graph: Optional[bool] = None, compile: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+                  cuda_graph: Optional[bool] = None, compile: bool = False,
+                  cache_segments: int = 4) -> Tuple[torch.Tensor, torch.Tensor]:
         """Sample N (code, position) pairs per image: codes (B, N), positions (B, N).
 
         Each step samples the code, then its position (the reverse for Stackformer_r). Logits are
@@ -439,6 +443,10 @@ class Stackformer(nn.Module):
         compile: torch.compile the per-step function of the KV-cache path first (then captured in the
         CUDA graph): fewer, fused kernels per step, at the price of compiling first (34 s for `base` on an H200).
         Its arithmetic differs from the eager step's, so the samples differ too.
+        cache_segments: with the KV cache, steps 1..N-1 run in this many runs of near-equal length;
+        a run's steps attend over the cache slots written by the run's end, not over all N (each
+        run is one CUDA graph capture, and one compilation with compile). 1 reads the whole cache
+        every step. Changing it changes the order of float sums, so samples can differ in the last bits.
         The model is put in eval mode for sampling and restored afterwards.
         """
         cfg = self.config
@@ -519,23 +527,34 @@ class Stackformer(nn.Module):
         g = self.upper_step(upper_cache, 0, h, lower_token)
         record(pick(self.upper_head(g), 0, 1), 0, 1)
         t_now.fill_(1)
-        if not cuda_graph:
-            for _ in range(1, N):
-                step()
-        else:
-            warmup = min(2, N - 1)  # real steps run on a side stream before capture, as CUDA graphs require
+        # Steps 1..N-1 run in cache_segments runs; during a run the transformers attend over the cache
+        # slots up to the run's last step only (KVCache.attend_len), so the shapes stay fixed per run.
+        first = 1
+        for last in segment_ends(N, cache_segments):
+            lower_cache.attend_len = self.prefix_len + last     # lower slot of step t: prefix_len - 1 + t
+            upper_cache.attend_len = last + 1
+            count = last - first + 1
+            first = last + 1
+            if not cuda_graph:
+                for _ in range(count):
+                    step()
+                continue
+            # Real steps run on a side stream before capture, as CUDA graphs require (this is also
+            # where a compiled step compiles for the run's shapes).
+            warmup = min(2, count)
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(warmup):
                     step()
             torch.cuda.current_stream(device).wait_stream(side)
-            if N - 1 - warmup > 0:
+            if count > warmup:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
                     step()          # recorded, not run: every replay is one more step
-                for _ in range(N - 1 - warmup):
+                for _ in range(count - warmup):
                     graph.replay()
+                del graph
         self.train(was_training)
         return codes, positions
 
@@ -613,6 +632,14 @@ def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional
     # with a host sync; this keeps the step loop sync-free. The clamp guards an E_i of exactly 0.
     race = noise if noise is not None else torch.empty_like(probs).exponential_(1.0, generator=generator)
     return (probs / race.clamp_min(torch.finfo(race.dtype).tiny)).argmax(dim=-1)
+
+
+def segment_ends(num_steps: int, segments: int) -> List[int]:
+    """Last step of each of `segments` near-equal runs of steps 1..num_steps-1 (runs never empty)."""
+    if segments < 1:
+        raise ValueError(f"cache_segments must be at least 1, got {segments}")
+    todo = num_steps - 1
+    return sorted({-(-todo * i // segments) for i in range(1, segments + 1)} - {0})
 
 
 def forbidden_positions(positions: torch.Tensor, t, num_positions: int, rule: str) -> torch.Tensor:
