@@ -443,7 +443,7 @@ class Stackformer(nn.Module):
         compile: torch.compile the per-step function of the KV-cache path first (then captured in the
         CUDA graph): fewer, fused kernels per step, at the price of compiling first (34 s for `base` on an H200).
         Its arithmetic differs from the eager step's, so the samples differ too.
-        cache_segments: with the KV cache, steps 1..N-1 run in this many runs of near-equal length;
+        cache_segments: with the KV cache, steps 1..N-1 run in at most this many runs (cache_runs);
         a run's steps attend over the cache slots written by the run's end, not over all N (each
         run is one CUDA graph capture, and one compilation with compile). 1 reads the whole cache
         every step. Changing it changes the order of float sums, so samples can differ in the last bits.
@@ -530,18 +530,16 @@ class Stackformer(nn.Module):
         # Steps 1..N-1 run in cache_segments runs; during a run the transformers attend over the cache
         # slots up to the run's last step only (KVCache.attend_len), so the shapes stay fixed per run.
         first = 1
-        for last in segment_ends(N, cache_segments):
-            lower_cache.attend_len = self.prefix_len + last     # lower slot of step t: prefix_len - 1 + t
-            upper_cache.attend_len = last + 1
+        for run, (last, lower_cache.attend_len, upper_cache.attend_len) in enumerate(cache_runs(N, self.prefix_len, cache_segments)):
             count = last - first + 1
             first = last + 1
             if not cuda_graph:
                 for _ in range(count):
                     step()
                 continue
-            # Real steps run on a side stream before capture, as CUDA graphs require (this is also
-            # where a compiled step compiles for the run's shapes).
-            warmup = min(2, count)
+            # Real steps run on a side stream before the first capture, as CUDA graphs require; a
+            # compiled step also runs once for each new run's shapes, so it compiles outside capture.
+            warmup = min(2 if run == 0 else int(compile), count)
             side = torch.cuda.Stream(device)
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
@@ -634,12 +632,31 @@ def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional
     return (probs / race.clamp_min(torch.finfo(race.dtype).tiny)).argmax(dim=-1)
 
 
-def segment_ends(num_steps: int, segments: int) -> List[int]:
-    """Last step of each of `segments` near-equal runs of steps 1..num_steps-1 (runs never empty)."""
+ATTEND_QUANTUM = 16     # attended cache lengths are multiples of this (aligned rows for the matmuls)
+
+
+def cache_runs(num_steps: int, prefix_len: int, segments: int) -> List[Tuple[int, int, int]]:
+    """Split steps 1..num_steps-1 of cached generation into at most `segments` runs.
+
+    Returns (last step, lower attend_len, upper attend_len) per run: during the run the lower and
+    the upper transformer attend over that many leading cache slots, enough for every step of the
+    run (lower step t writes slot prefix_len - 1 + t, upper step t slot t). Run ends split the lower
+    cache into near-equal parts, lengths rounded up to ATTEND_QUANTUM, capped at the cache size.
+    """
     if segments < 1:
         raise ValueError(f"cache_segments must be at least 1, got {segments}")
-    todo = num_steps - 1
-    return sorted({-(-todo * i // segments) for i in range(1, segments + 1)} - {0})
+    lower_max = prefix_len + num_steps - 1
+
+    def attend(needed, cap):
+        return min(cap, -(-needed // ATTEND_QUANTUM) * ATTEND_QUANTUM)
+
+    runs, last = [], 0
+    for j in range(1, segments + 1):
+        end = min(num_steps - 1, attend(-(-lower_max * j // segments), lower_max) - prefix_len)
+        if end > last:
+            last = end
+            runs.append((last, attend(prefix_len + last, lower_max), attend(last + 1, num_steps)))
+    return runs
 
 
 def forbidden_positions(positions: torch.Tensor, t, num_positions: int, rule: str) -> torch.Tensor:

@@ -851,22 +851,27 @@ def test_greedy_samples_are_identical_with_and_without_kv_cache(variant, cond, r
     assert torch.equal(cached[0], uncached[0]) and torch.equal(cached[1], uncached[1])
 
 
-def test_segment_ends_split_steps_into_near_equal_nonempty_runs():
-    for num_steps, segments in [(256, 4), (128, 4), (287, 4), (10, 3), (7, 10), (2, 4), (256, 1)]:
-        ends = stackformer.segment_ends(num_steps, segments)
-        runs = torch.tensor(ends).diff(prepend=torch.tensor([0]))
-        assert ends[-1] == num_steps - 1 and (runs > 0).all() and len(ends) == min(segments, num_steps - 1)
-        assert runs.max() - runs.min() <= 1
-    assert stackformer.segment_ends(1, 4) == []
+def test_cache_runs_cover_every_step_with_aligned_lengths():
+    q = stackformer.ATTEND_QUANTUM
+    for num_steps, prefix_len, segments in [(256, 1, 4), (256, 32, 4), (128, 1, 4), (40, 9, 3), (7, 1, 10), (2, 4, 4)]:
+        runs = stackformer.cache_runs(num_steps, prefix_len, segments)
+        lasts = [last for last, _, _ in runs]
+        assert 1 <= len(runs) <= segments and lasts[-1] == num_steps - 1 and lasts == sorted(set(lasts))
+        for last, lower_len, upper_len in runs:
+            assert prefix_len + last <= lower_len <= prefix_len + num_steps - 1 and last + 1 <= upper_len <= num_steps
+            assert lower_len % q == 0 or lower_len == prefix_len + num_steps - 1
+            assert upper_len % q == 0 or upper_len == num_steps
+    assert stackformer.cache_runs(256, 1, 4) == [(63, 64, 64), (127, 128, 128), (191, 192, 192), (255, 256, 256)]
+    assert stackformer.cache_runs(256, 1, 1) == [(255, 256, 256)] and stackformer.cache_runs(1, 1, 4) == []
     with pytest.raises(ValueError, match="cache_segments must be at least 1"):
-        stackformer.segment_ends(10, 0)
+        stackformer.cache_runs(10, 1, 0)
 
 
 @pytest.mark.parametrize("cond", ["none", "text"])
 def test_cached_steps_attend_over_written_slots_and_no_further_than_their_run(monkeypatch, cond):
-    # Step t must see every slot written so far; with cache_segments it reads no further than the
-    # slot of its run's last step, and the samples are those of reading the whole cache.
-    caches, reads = [], []      # reads: (which cache, attend_len, slot written) for steps t >= 1
+    # Step t must see every slot written so far; with cache_segments it reads only the slots its
+    # run attends over (cache_runs), and the samples are those of reading the whole cache.
+    caches, reads = [], []      # reads: (which cache, attend_len, slot written)
     new_kv_caches, store = stackformer.Stackformer.new_kv_caches, stackformer.KVCache.store
     def spy_new(self, *args, **kwargs):
         caches[:] = new_kv_caches(self, *args, **kwargs)
@@ -877,7 +882,7 @@ def test_cached_steps_attend_over_written_slots_and_no_further_than_their_run(mo
         return store(self, layer, k, v)
     monkeypatch.setattr(stackformer.Stackformer, "new_kv_caches", spy_new)
     monkeypatch.setattr(stackformer.KVCache, "store", spy_store)
-    model = sf_model(cond=cond, seq_len=13)
+    model = sf_model(cond=cond, seq_len=40, num_positions=64)
     N, offset = model.config.seq_len, model.prefix_len - 1      # lower slot of step t: offset + t
     _, _, c = sf_batch(model.config, batch_size=2)
     whole = model.generate(batch_size=2, cond=c, greedy=True, cache_segments=1)
@@ -885,11 +890,15 @@ def test_cached_steps_attend_over_written_slots_and_no_further_than_their_run(mo
     reads.clear()
     segmented = model.generate(batch_size=2, cond=c, greedy=True, cache_segments=4)
     assert torch.equal(whole[0], segmented[0]) and torch.equal(whole[1], segmented[1])
-    run_end = {t: next(e for e in stackformer.segment_ends(N, 4) if e >= t) for t in range(1, N)}   # ends 3, 6, 9, 12
+    runs = stackformer.cache_runs(N, model.prefix_len, 4)
+    assert len(runs) == 3
+    run_of = {t: next(r for r in runs if r[0] >= t) for t in range(1, N)}
     lower = [(attend, slot) for i, attend, slot in reads[2:] if i == 0]     # reads[:2]: step 0
     upper = [(attend, slot) for i, attend, slot in reads[2:] if i == 1]
-    assert lower == [(offset + run_end[t] + 1, offset + t) for t in range(1, N)]
-    assert upper == [(run_end[t] + 1, t) for t in range(1, N)]
+    assert lower == [(run_of[t][1], offset + t) for t in range(1, N)]
+    assert upper == [(run_of[t][2], t) for t in range(1, N)]
+    assert all(slot < attend for _, attend, slot in reads)
+    assert sum(a for a, _ in lower) < 0.85 * (N - 1) * caches[0].max_len    # well short of the whole cache
 
 
 def test_top_k_1_equals_greedy():
