@@ -113,9 +113,11 @@ class KVCache:
           (position-first); max_len = N.
     """
 
-    def __init__(self, n_layer: int, max_len: int, batch_size: int, device, one_query_matmul: bool = False):
+    def __init__(self, n_layer: int, max_len: int, batch_size: int, device, one_query: str = "sdpa"):
+        if one_query not in ONE_QUERY_FORMS:
+            raise ValueError(f"one_query must be one of {ONE_QUERY_FORMS}, got {one_query!r}")
         self.max_len = max_len
-        self.one_query_matmul = one_query_matmul                # single-query steps use attend_one_query
+        self.one_query = one_query                              # how single-query steps attend (attend_one_query)
         self.batch_size = batch_size
         self.slot_ids = torch.arange(max_len, device=device)    # (max_len,)
         self.attend_len = max_len                               # steps attend over slots < attend_len
@@ -164,28 +166,44 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:
             k, v = cache.store(layer, k, v)                               # (B, nh, attend_len, hd)
-            if S == 1 and cache.one_query_matmul:   # a decode step, graphed or compiled (see attend_one_query)
-                y = attend_one_query(q, k, v, cache.mask)
+            if S == 1 and cache.one_query != "sdpa":    # a decode step, graphed or compiled (see attend_one_query)
+                y = attend_one_query(q, k, v, cache.mask, cache.one_query)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).reshape(B, S, d)                            # (B, S, d)
         return self.resid_drop(self.proj(y))
 
 
-def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+ONE_QUERY_FORMS = ("sdpa", "matmul", "reduce")
+
+
+def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     form: str = "matmul") -> torch.Tensor:
     """softmax(q·kᵀ/√hd) · v for one query per sequence, q (B, nh, 1, hd), over the cache's slots
     k, v (B, nh, L, hd) where mask (1, L) is True; scores and softmax in fp32.
 
-    The same attention as scaled_dot_product_attention with that mask, written as two batched
-    matrix-vector products. SDPA's fused kernels tile the queries in blocks of 64, so with a single
-    query most of their work is wasted. Steps replayed as a CUDA graph or compiled use this: on an
-    H200 (base model, batch 64, bf16, CUDA graph, compiled) a step took 2.28 ms with SDPA and 2.00 ms
-    with this. In a plain eager loop, bound by the CPU launching kernels, its eight kernels cost more
-    than they save, so eager steps keep SDPA's one.
+    The same attention as scaled_dot_product_attention with that mask. SDPA's fused kernels tile
+    the queries in blocks of 64, so with a single query most of their work is wasted; a decode step
+    mostly streams K and V from memory. Two ways to write it:
+      "matmul": two batched matrix-vector products. For a step replayed as a CUDA graph of eager
+          kernels: on an H200 (base, batch 64, bf16, graph, compiled) a step took 2.28 ms with SDPA
+          and 2.00 ms with this.
+      "reduce": elementwise products summed over hd, then over L. Only for a compiled step, where
+          inductor fuses each into one reduction that reads K (or V) once: 1.77 ms a step against
+          1.92 ms for "matmul" (base, batch 64, N = 256, four cache runs). Run eagerly it would
+          materialise (B, nh, L, hd) fp32 products.
+    In a plain eager loop, bound by the CPU launching kernels, either costs more kernels than it
+    saves, so eager steps keep SDPA's one.
     """
-    scores = (q @ k.transpose(-1, -2)).float() * (q.size(-1) ** -0.5)      # (B, nh, 1, L)
+    scale = q.size(-1) ** -0.5
+    if form == "reduce":
+        scores = (q.float() * k.float()).sum(-1).unsqueeze(-2) * scale                 # (B, nh, 1, L)
+    else:
+        scores = (q @ k.transpose(-1, -2)).float() * scale                             # (B, nh, 1, L)
     weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    return weights.to(v.dtype) @ v                                         # (B, nh, 1, hd)
+    if form == "reduce":
+        return (weights.transpose(-1, -2) * v.float()).sum(-2, keepdim=True).to(v.dtype)   # (B, nh, 1, hd)
+    return weights.to(v.dtype) @ v                                                      # (B, nh, 1, hd)
 
 
 class MLP(nn.Module):
@@ -373,12 +391,12 @@ class Stackformer(nn.Module):
 
     # --- cached generation: one new token per step in each transformer
 
-    def new_kv_caches(self, batch_size: int, one_query_matmul: bool = False) -> Tuple[KVCache, KVCache]:
+    def new_kv_caches(self, batch_size: int, one_query: str = "sdpa") -> Tuple[KVCache, KVCache]:
         """Empty caches for the lower and the upper transformer (slot layout: see KVCache)."""
         device = self.code_emb.weight.device
         N = self.config.seq_len
-        lower = KVCache(len(self.lower.blocks), self.prefix_len + N - 1, batch_size, device, one_query_matmul)
-        upper = KVCache(len(self.upper.blocks), N, batch_size, device, one_query_matmul)
+        lower = KVCache(len(self.lower.blocks), self.prefix_len + N - 1, batch_size, device, one_query)
+        upper = KVCache(len(self.upper.blocks), N, batch_size, device, one_query)
         return lower, upper
 
     @torch.no_grad()
@@ -439,7 +457,8 @@ class Stackformer(nn.Module):
         cuda_graph: replay steps 2..N as one captured CUDA graph (default: on CUDA with the KV cache,
         when no autocast is active; cast the model to bf16 instead of using autocast). A step launches
         a few hundred small kernels; replaying them as a graph removes the per-kernel CPU cost.
-        Graphed and compiled steps attend with attend_one_query, eager ones with SDPA.
+        Eager steps attend with SDPA, graphed ones with attend_one_query's matmul form, compiled ones
+        with its reduce form.
         compile: torch.compile the per-step function of the KV-cache path first (then captured in the
         CUDA graph): fewer, fused kernels per step, at the price of compiling first (34 s for `base` on an H200).
         Its arithmetic differs from the eager step's, so the samples differ too.
@@ -503,7 +522,8 @@ class Stackformer(nn.Module):
             self.train(was_training)
             return codes, positions
 
-        lower_cache, upper_cache = self.new_kv_caches(B, one_query_matmul=cuda_graph or compile)
+        one_query = "reduce" if compile else "matmul" if cuda_graph else "sdpa"   # see attend_one_query
+        lower_cache, upper_cache = self.new_kv_caches(B, one_query)
         t_now = torch.zeros(1, dtype=torch.long, device=device)   # the step counter, on the device
 
         def step():

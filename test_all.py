@@ -672,8 +672,8 @@ def test_second_prediction_sees_first_prediction_of_its_step_but_not_vice_versa(
 @pytest.mark.parametrize("variant,cond", [("code-first", "none"), ("code-first", "class"),
                                           ("code-first", "text"), ("position-first", "none"),
                                           ("position-first", "text")])
-@pytest.mark.parametrize("one_query_matmul", [False, True])
-def test_kv_cache_logits_match_full_forward(variant, cond, one_query_matmul):
+@pytest.mark.parametrize("one_query", stackformer.ONE_QUERY_FORMS)
+def test_kv_cache_logits_match_full_forward(variant, cond, one_query):
     model = sf_model(variant=variant, cond=cond)
     codes, positions, c = sf_batch(model.config)
     with torch.no_grad():
@@ -681,7 +681,7 @@ def test_kv_cache_logits_match_full_forward(variant, cond, one_query_matmul):
     lower_logits_full, upper_logits_full = ((code_logits, pos_logits) if variant == "code-first"
                                             else (pos_logits, code_logits))
     lower_targets = codes if variant == "code-first" else positions
-    lower_cache, upper_cache = model.new_kv_caches(codes.size(0), one_query_matmul)
+    lower_cache, upper_cache = model.new_kv_caches(codes.size(0), one_query)
     for t in range(N):
         prev_code = codes[:, t - 1] if t > 0 else None
         prev_position = positions[:, t - 1] if t > 0 else None
@@ -692,15 +692,18 @@ def test_kv_cache_logits_match_full_forward(variant, cond, one_query_matmul):
             assert torch.allclose(model.upper_head(g), upper_logits_full[:, t], atol=1e-5)
 
 
-def test_one_query_attention_equals_masked_sdpa_and_ignores_masked_slots():
+@pytest.mark.parametrize("form", ["matmul", "reduce"])
+def test_one_query_attention_equals_masked_sdpa_and_ignores_masked_slots(form):
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 4, 1, 8), torch.randn(3, 4, 10, 8), torch.randn(3, 4, 10, 8)
     mask = torch.arange(10)[None] <= 6                               # slots 0..6 written, 7..9 not yet
-    out = stackformer.attend_one_query(q, k, v, mask)
+    out = stackformer.attend_one_query(q, k, v, mask, form)
     assert (out - F.scaled_dot_product_attention(q, k, v, attn_mask=mask)).abs().max() < 1e-5
     k2, v2 = k.clone(), v.clone()
     k2[:, :, 7:], v2[:, :, 7:] = 1e4, -1e4                           # garbage in the unwritten slots
-    assert torch.equal(stackformer.attend_one_query(q, k2, v2, mask), out)
+    assert torch.equal(stackformer.attend_one_query(q, k2, v2, mask, form), out)
+    with pytest.raises(ValueError, match="one_query must be one of"):
+        stackformer.KVCache(1, 10, 3, "cpu", one_query="flash")
 
 
 # ---------------------------------------------------------------------------- text conditioning
