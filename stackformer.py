@@ -442,7 +442,7 @@ class Stackformer(nn.Module):
                   greedy: bool = False, use_kv_cache: bool = True,
                   generator: Optional[torch.Generator] = None,
                   cuda_graph: Optional[bool] = None, compile: bool = False,
-                  cache_segments: int = 4) -> Tuple[torch.Tensor, torch.Tensor]:
+                  cache_segments: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Sample N (code, position) pairs per image: codes (B, N), positions (B, N).
 
         Each step samples the code, then its position (the reverse for Stackformer_r). Logits are
@@ -465,7 +465,10 @@ class Stackformer(nn.Module):
         cache_segments: with the KV cache, steps 1..N-1 run in at most this many runs (cache_runs);
         a run's steps attend over the cache slots written by the run's end, not over all N (each
         run is one CUDA graph capture, and one compilation with compile). 1 reads the whole cache
-        every step. Changing it changes the order of float sums, so samples can differ in the last bits.
+        every step. Default: 4 for graphed or compiled steps (on an H200, base, N = 256, graphed:
+        batch 256 231 img/s against 203 with 1, batch 64 the same 94), 1 for eager ones (a plain loop
+        is bound by the CPU; there runs cost more than they save: 20.5 img/s against 25.1 at batch 64).
+        Changing it changes the order of float sums, so samples can differ in the last bits.
         The model is put in eval mode for sampling and restored afterwards.
         """
         cfg = self.config
@@ -549,6 +552,8 @@ class Stackformer(nn.Module):
         t_now.fill_(1)
         # Steps 1..N-1 run in cache_segments runs; during a run the transformers attend over the cache
         # slots up to the run's last step only (KVCache.attend_len), so the shapes stay fixed per run.
+        if cache_segments is None:
+            cache_segments = 4 if cuda_graph or compile else 1
         first = 1
         for run, (last, lower_cache.attend_len, upper_cache.attend_len) in enumerate(cache_runs(N, self.prefix_len, cache_segments)):
             count = last - first + 1
