@@ -93,8 +93,8 @@ class KVCache:
 
     Every layer owns K and V tensors of shape (B, n_head, max_len, head_dim). A step writes the
     keys/values of its new token(s) into fixed slots with `index_copy_` and then attends over the
-    *whole* preallocated cache, with a boolean mask that admits slot j for a query in slot s iff
-    j ≤ s. We chose this over slicing `[:, :, :s+1]` because then every decode step has the same
+    preallocated cache (its first attend_len slots), with a boolean mask that admits slot j for a
+    query in slot s iff j ≤ s. We chose this over slicing `[:, :, :s+1]` because then every decode step has the same
     shapes and the transformers read their slots from a tensor, never from a Python length: no
     host sync, nothing to recompile per length, and a transformer step can be captured in a CUDA
     graph (once the two per-step views taken in Stackformer.lower_step, the slot ids and a_t, are
@@ -460,7 +460,8 @@ class Stackformer(nn.Module):
         Eager steps attend with SDPA, graphed ones with attend_one_query's matmul form, compiled ones
         with its reduce form.
         compile: torch.compile the per-step function of the KV-cache path first (then captured in the
-        CUDA graph): fewer, fused kernels per step, at the price of compiling first (34 s for `base` on an H200).
+        CUDA graph): fewer, fused kernels per step, at the price of compiling first, once per cache
+        run (75-113 s in all for `base` with four runs on an H200).
         Its arithmetic differs from the eager step's, so the samples differ too.
         cache_segments: with the KV cache, steps 1..N-1 run in at most this many runs (cache_runs);
         a run's steps attend over the cache slots written by the run's end, not over all N (each
