@@ -461,7 +461,9 @@ class Stackformer(nn.Module):
         with its reduce form.
         compile: torch.compile the per-step function of the KV-cache path first (then captured in the
         CUDA graph): fewer, fused kernels per step, at the price of compiling first, once per cache
-        run (75-113 s in all for `base` with four runs on an H200).
+        run (75-113 s in all for `base` with four runs on an H200). Each batch size and run is one entry
+        of torch.compile's cache for the step, which holds 8 by default (torch._dynamo.config); past
+        that the step runs uncompiled, so call torch._dynamo.reset() before sampling at a third batch size.
         Its arithmetic differs from the eager step's, so the samples differ too.
         cache_segments: with the KV cache, steps 1..N-1 run in at most this many runs (cache_runs);
         a run's steps attend over the cache slots written by the run's end, not over all N (each
@@ -551,13 +553,14 @@ class Stackformer(nn.Module):
         g = self.upper_step(upper_cache, 0, h, lower_token)
         record(pick(self.upper_head(g), 0, 1), 0, 1)
         t_now.fill_(1)
-        # Steps 1..N-1 run in cache_segments runs; during a run the transformers attend over the cache
+        # Steps 1..N-1 run in at most cache_segments runs; during a run the transformers attend over the cache
         # slots up to the run's last step only (KVCache.attend_len), so the shapes stay fixed per run.
         if cache_segments is None:
             cache_segments = 4 if cuda_graph or compile else 1
         first = 1
-        for run, (last, lower_cache.attend_len, upper_cache.attend_len) in enumerate(cache_runs(N, self.prefix_len, cache_segments)):
-            count = last - first + 1
+        for run, (last, lower_len, upper_len) in enumerate(cache_runs(N, self.prefix_len, cache_segments)):
+            lower_cache.attend_len, upper_cache.attend_len = lower_len, upper_len
+            count = last - first + 1        # steps first..last
             first = last + 1
             if not cuda_graph:
                 for _ in range(count):
