@@ -431,7 +431,7 @@ class Stackformer(nn.Module):
 
         Runs with reproducible attention kernels only (see reproducible_attention): the same
         generator seed gives the same tokens, run after run."""
-        with reproducible_attention():
+        with reproducible_attention(), room_for_compiled_steps():
             return self._generate(*args, **kwargs)
 
     @torch.no_grad()
@@ -461,9 +461,7 @@ class Stackformer(nn.Module):
         with its reduce form.
         compile: torch.compile the per-step function of the KV-cache path first (then captured in the
         CUDA graph): fewer, fused kernels per step, at the price of compiling first, once per cache
-        run (75-113 s in all for `base` with four runs on an H200). Each batch size and run is one entry
-        of torch.compile's cache for the step, which holds 8 by default (torch._dynamo.config); past
-        that the step runs uncompiled, so call torch._dynamo.reset() before sampling at a third batch size.
+        run (75-113 s in all for `base` with four runs on an H200); each batch size compiles anew.
         Its arithmetic differs from the eager step's, so the samples differ too.
         cache_segments: with the KV cache, steps 1..N-1 run in at most this many runs (cache_runs);
         a run's steps attend over the cache slots written by the run's end, not over all N (each
@@ -627,6 +625,19 @@ def reproducible_attention():
     attention, which takes no mask, stays allowed for the unmasked causal passes. cuDNN is left out.
     """
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
+COMPILED_STEPS = 64     # compiled sampling steps kept (one per batch size and cache run)
+
+
+def room_for_compiled_steps():
+    """Raise torch.compile's limit on compiled versions of one function (8 by default; a fullgraph
+    compile fails past it) to COMPILED_STEPS while sampling: generate(compile=True) compiles its
+    step once per batch size and cache run, so two batch sizes of four runs already fill 8."""
+    import torch._dynamo        # not loaded by `import torch` in every version
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"   # torch < 2.6: cache_size_limit
+    return config.patch(**{name: max(getattr(config, name), COMPILED_STEPS)})
 
 
 def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,

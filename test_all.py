@@ -979,6 +979,23 @@ def test_compiled_sampling_step_draws_the_same_tokens():
     assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
 
 
+def test_generate_makes_room_for_compiled_steps_of_several_batch_sizes(monkeypatch):
+    # generate(compile=True) compiles its step once per batch size and cache run; with torch's default
+    # limit of 8 compiled versions, fullgraph compilation fails at the third batch size of four runs.
+    # generate() raises the limit while it samples and restores it after.
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    seen = []
+    inner = stackformer.Stackformer._generate
+    def spy(self, *args, **kwargs):
+        seen.append(getattr(torch._dynamo.config, name))
+        return inner(self, *args, **kwargs)
+    monkeypatch.setattr(stackformer.Stackformer, "_generate", spy)
+    with torch._dynamo.config.patch(**{name: 8}):
+        sf_model(seq_len=4).generate(batch_size=2)
+        assert getattr(torch._dynamo.config, name) == 8
+    assert seen == [stackformer.COMPILED_STEPS] and stackformer.COMPILED_STEPS >= 4 * 8
+
+
 def test_generate_restores_training_mode():
     model = sf_model().train()
     model.generate(batch_size=2)
