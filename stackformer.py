@@ -454,7 +454,7 @@ class Stackformer(nn.Module):
         generator: a torch.Generator on the model's device, for reproducible samples. All the
         randomness of the N steps is drawn from it up front, so the cached, uncached and
         CUDA-graph paths consume exactly the same noise.
-        cuda_graph: replay steps 2..N as one captured CUDA graph (default: on CUDA with the KV cache,
+        cuda_graph: replay steps 2..N as captured CUDA graphs, one per cache run (default: on CUDA with the KV cache,
         when no autocast is active; cast the model to bf16 instead of using autocast). A step launches
         a few hundred small kernels; replaying them as a graph removes the per-kernel CPU cost.
         Eager steps attend with SDPA, graphed ones with attend_one_query's matmul form, compiled ones
@@ -468,7 +468,8 @@ class Stackformer(nn.Module):
         run is one CUDA graph capture, and one compilation with compile). 1 reads the whole cache
         every step. Default: 4 for graphed or compiled steps (on an H200, base, N = 256, graphed:
         batch 256 231 img/s against 203 with 1, batch 64 the same 94), 1 for eager ones (a plain loop
-        is bound by the CPU; there runs cost more than they save: 20.5 img/s against 25.1 at batch 64).
+        is bound by the CPU; there runs cost more than they save: 20.5 img/s against 25.1 at batch 64,
+        measured with an earlier version of the runs whose lengths were not multiples of 16).
         Changing it changes the order of float sums, so samples can differ in the last bits.
         The model is put in eval mode for sampling and restored afterwards.
         """
