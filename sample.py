@@ -439,7 +439,7 @@ def sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> di
     device = pick_device(cfg, world, device)
     model, mqvae, tokenizer, ckpt = load_models(cfg.ckpt, device)
     if device.type == "cuda" and cfg.dtype == "bf16":
-        # bf16 weights rather than autocast: generate() then replays its steps as one CUDA graph
+        # bf16 weights rather than autocast: generate() then replays its steps as CUDA graphs
         # (autocast's weight-cast cache does not mix with graph capture). Sampling stays in fp32.
         model.to(torch.bfloat16)
     cond = resolve_conditioning(cfg, model.config, tokenizer, ckpt.get("classes"))
