@@ -257,7 +257,8 @@ def sampling_bench(preset, seq_len, num_positions, batch, device, mode, decoder=
     model = stackformer.Stackformer(cfg).to(device).eval()
     if device.type == "cuda":
         model.to(torch.bfloat16)
-    kwargs = dict(use_kv_cache=mode != "no-cache", cuda_graph=mode.startswith("graph"), compile=mode == "graph+compile")
+    kwargs = dict(use_kv_cache=mode != "no-cache", cuda_graph=mode.startswith("graph"), compile=mode == "graph+compile",
+                  reuse={})   # as sample.py: graphs captured by the first (warm-up) batch, replayed by the others
 
     def run():
         codes, positions = model.generate(batch_size=batch, **kwargs)

@@ -312,6 +312,7 @@ def sample_images(model, mqvae, n: int, cond: Optional[torch.Tensor] = None, bat
     sampling: generate()'s arguments (temperature, top_k, ..., use_kv_cache). With return_positions,
     also the (n, N) latent positions each image got its codes at."""
     images, positions = [], []
+    sampling = dict(reuse={}, **sampling)   # buffers and CUDA graphs of the first chunk, reused by the others
     for start, stop in shard_chunks(n, batch_size):
         chunk = sample_chunk(model, mqvae, start, stop, batch_size, None if cond is None else cond[start:stop],
                              seed, **sampling)
@@ -513,6 +514,7 @@ def sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> di
     t_start = t_log = time.perf_counter()
     writer = ThreadPoolExecutor(max_workers=4) if cfg.out_dir else None   # PNG encoding overlaps the next chunk
     pending = []
+    kept = {}       # generate()'s buffers and CUDA graphs, captured once and replayed for every chunk
     try:
         for k, (start, stop) in enumerate(chunks):
             files = [png_path(cfg.out_dir, i) for i in range(start, stop)] if cfg.out_dir else []
@@ -524,7 +526,7 @@ def sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> di
                     images = np.stack([read_png(f, R) for f in files])             # (count, H, W, 3)
             else:
                 chunk = sample_chunk(model, mqvae, start, stop, cfg.batch_size, cond.rows(start, stop), cfg.seed,
-                                     **sampling)
+                                     reuse=kept, **sampling)
                 images, positions = chunk.images.numpy(), chunk.positions.numpy()
                 generated += stop - start
                 token_s += chunk.token_seconds

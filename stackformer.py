@@ -442,7 +442,7 @@ class Stackformer(nn.Module):
                   greedy: bool = False, use_kv_cache: bool = True,
                   generator: Optional[torch.Generator] = None,
                   cuda_graph: Optional[bool] = None, compile: bool = False,
-                  cache_segments: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+                  cache_segments: Optional[int] = None, reuse: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Sample N (code, position) pairs per image: codes (B, N), positions (B, N).
 
         Each step samples the code, then its position (the reverse for Stackformer_r). Logits are
@@ -471,6 +471,11 @@ class Stackformer(nn.Module):
         is bound by the CPU; there runs cost more than they save: 20.5 img/s against 25.1 at batch 64,
         measured with an earlier version of the runs whose lengths were not multiples of 16).
         Changing it changes the order of float sums, so samples can differ in the last bits.
+        reuse: a dict owned by the caller, for many calls of one shape (sample.py's chunks). The first
+        call stores its buffers and CUDA graphs in it; a later call with the same batch
+        size, settings and parameter storage replays those graphs instead of warming up and capturing
+        again (tokens are the same either way). Other calls replace its contents; drop the dict to
+        free the memory. KV-cache path only.
         The model is put in eval mode for sampling and restored afterwards.
         """
         cfg = self.config
@@ -491,12 +496,24 @@ class Stackformer(nn.Module):
         if cuda_graph and not (device.type == "cuda" and use_kv_cache):
             raise ValueError("cuda_graph needs a CUDA model and use_kv_cache=True")
 
-        codes = torch.zeros(B, N, dtype=torch.long, device=device)
-        positions = torch.zeros(B, N, dtype=torch.long, device=device)
+        if cache_segments is None:
+            cache_segments = 4 if cuda_graph or compile else 1
+        # What a kept sampler (reuse) was built for; parameters moved or re-allocated invalidate its graphs.
+        key = (B, temperature, top_k, top_p, pos_temperature, pos_top_k, pos_top_p, rule, greedy, cuda_graph,
+               compile, cache_segments, str(device), tuple(p.data_ptr() for p in self.parameters()))
+        kept = reuse if reuse is not None and use_kv_cache and reuse.get("key") == key else None
+        if kept is not None:
+            codes, positions, code_noise, pos_noise, t_now, lower_cache, upper_cache = kept["buffers"]
+        else:
+            codes = torch.zeros(B, N, dtype=torch.long, device=device)
+            positions = torch.zeros(B, N, dtype=torch.long, device=device)
+            code_noise = pos_noise = None
+            if not greedy:
+                code_noise, pos_noise = torch.empty(N, B, V, device=device), torch.empty(N, B, T, device=device)
         noise = None
         if not greedy:  # Exp(1) draws for the categorical "race" of sample_token, one set per step
-            code_noise = torch.empty(N, B, V, device=device).exponential_(1.0, generator=generator)
-            pos_noise = torch.empty(N, B, T, device=device).exponential_(1.0, generator=generator)
+            code_noise.exponential_(1.0, generator=generator)
+            pos_noise.exponential_(1.0, generator=generator)
             noise = (code_noise, pos_noise) if self.code_first else (pos_noise, code_noise)
 
         def pick(logits, t, which):
@@ -527,9 +544,10 @@ class Stackformer(nn.Module):
             self.train(was_training)
             return codes, positions
 
-        one_query = "reduce" if compile else "matmul" if cuda_graph else "sdpa"   # see attend_one_query
-        lower_cache, upper_cache = self.new_kv_caches(B, one_query)
-        t_now = torch.zeros(1, dtype=torch.long, device=device)   # the step counter, on the device
+        if kept is None:
+            one_query = "reduce" if compile else "matmul" if cuda_graph else "sdpa"   # see attend_one_query
+            lower_cache, upper_cache = self.new_kv_caches(B, one_query)
+            t_now = torch.zeros(1, dtype=torch.long, device=device)   # the step counter, on the device
 
         def step():
             """One step t = t_now ≥ 1, entirely from device tensors; advances t_now."""
@@ -544,6 +562,7 @@ class Stackformer(nn.Module):
 
         if compile:
             step = torch.compile(step, fullgraph=True, dynamic=False)
+        graphs = kept["graphs"] if kept is not None else {}     # run -> its captured step (over these buffers)
 
         # Step 0 reads the condition (a whole caption for text) and fills the caches' first slots.
         h = self.lower_step(lower_cache, 0, None, None, cond)
@@ -554,8 +573,6 @@ class Stackformer(nn.Module):
         t_now.fill_(1)
         # Steps 1..N-1 run in at most cache_segments runs; during a run the transformers attend over the cache
         # slots up to the run's last step only (KVCache.attend_len), so the shapes stay fixed per run.
-        if cache_segments is None:
-            cache_segments = 4 if cuda_graph or compile else 1
         first = 1
         for run, (last, lower_len, upper_len) in enumerate(cache_runs(N, self.prefix_len, cache_segments)):
             lower_cache.attend_len, upper_cache.attend_len = lower_len, upper_len
@@ -564,6 +581,10 @@ class Stackformer(nn.Module):
             if not cuda_graph:
                 for _ in range(count):
                     step()
+                continue
+            if run in graphs:       # captured by an earlier call (reuse)
+                for _ in range(count):
+                    graphs[run].replay()
                 continue
             # Real steps run on a side stream before the first capture, as CUDA graphs require; a
             # compiled step also runs once for each new run's shapes, so it compiles outside capture.
@@ -580,9 +601,17 @@ class Stackformer(nn.Module):
                     step()          # recorded, not run: every replay is one more step
                 for _ in range(count - warmup):
                     graph.replay()
+                if reuse is not None:
+                    graphs[run] = graph
                 del graph
         self.train(was_training)
-        return codes, positions
+        if reuse is None:
+            return codes, positions
+        if kept is None:
+            reuse.clear()
+            reuse.update(key=key, buffers=(codes, positions, code_noise, pos_noise, t_now, lower_cache, upper_cache),
+                         graphs=graphs)
+        return codes.clone(), positions.clone()     # the kept buffers are overwritten by the next call
 
     # --- bookkeeping
 

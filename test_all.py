@@ -904,6 +904,34 @@ def test_cached_steps_attend_over_written_slots_and_no_further_than_their_run(mo
     assert sum(a for a, _ in lower) < 0.85 * (N - 1) * caches[0].max_len    # well short of the whole cache
 
 
+@pytest.mark.parametrize("cond", ["class", "text"])
+def test_reused_sampler_draws_what_fresh_calls_draw_and_returns_independent_tensors(cond):
+    # generate(reuse=d) keeps its buffers (and on CUDA its graphs) in d for the next call of the same
+    # shape and settings; each call refills them, so it must sample exactly what a fresh call does.
+    model = sf_model(cond=cond, seq_len=10)
+    _, _, c1 = sf_batch(model.config, batch_size=4, seed=1)
+    _, _, c2 = sf_batch(model.config, batch_size=4, seed=2)
+    def sample(c, seed, **kwargs):
+        return model.generate(cond=c, generator=torch.Generator().manual_seed(seed), **kwargs)
+    reuse = {}
+    first = sample(c1, 0, reuse=reuse)
+    buffers = reuse["buffers"]
+    second = sample(c2, 1, reuse=reuse)
+    third = sample(c1, 0, reuse=reuse)
+    assert all(a is b for a, b in zip(reuse["buffers"], buffers))            # the same buffers every call
+    for got, want in [(first, sample(c1, 0)), (second, sample(c2, 1)), (third, sample(c1, 0))]:
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not torch.equal(first[0], second[0])
+    # other settings or another batch size rebuild the kept state
+    top1 = sample(c1, 0, reuse=reuse, top_k=1)
+    assert reuse["buffers"][0] is not buffers[0] and torch.equal(top1[0], sample(c1, 0, top_k=1)[0])
+    two = sample(c1[:2], 0, reuse=reuse)
+    assert reuse["buffers"][0].shape[0] == 2 and torch.equal(two[0], sample(c1[:2], 0)[0])
+    model.double()                                                          # new parameter storage
+    sample(c1[:2], 0, reuse=reuse)
+    assert reuse["buffers"][0] is not None and reuse["key"][-1] == tuple(p.data_ptr() for p in model.parameters())
+
+
 def test_top_k_1_equals_greedy():
     model = sf_model(cond="class")
     labels = torch.arange(8) % NUM_CLASSES
