@@ -472,10 +472,12 @@ class Stackformer(nn.Module):
         measured with an earlier version of the runs whose lengths were not multiples of 16).
         Changing it changes the order of float sums, so samples can differ in the last bits.
         reuse: a dict owned by the caller, for many calls of one shape (sample.py's chunks). The first
-        call stores its buffers and CUDA graphs in it; a later call with the same batch
-        size, settings and parameter storage replays those graphs instead of warming up and capturing
-        again (tokens are the same either way). Other calls replace its contents; drop the dict to
-        free the memory. KV-cache path only.
+        call stores its buffers and CUDA graphs in it; a later call with the same batch size, settings
+        and parameter storage replays those graphs instead of warming up and capturing again. Tokens
+        are the same either way (checked on an H200). There, for `base` at N = 256, graphed, it took
+        sampling from 92.5 to 105.1 img/s at batch 64 and from 219.3 to 249.7 at batch 256 (three
+        timed calls after one untimed call, with and without a kept dict). Other calls replace its
+        contents; drop the dict to free the memory. KV-cache path only.
         The model is put in eval mode for sampling and restored afterwards.
         """
         cfg = self.config
