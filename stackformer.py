@@ -94,10 +94,10 @@ class KVCache:
     Every layer owns K and V tensors of shape (B, n_head, max_len, head_dim). A step writes the
     keys/values of its new token(s) into fixed slots with `index_copy_` and then attends over the
     preallocated cache (its first attend_len slots), with a boolean mask that admits slot j for a
-    query in slot s iff j ≤ s. We chose this over slicing `[:, :, :s+1]` because then every decode step has the same
-    shapes and the transformers read their slots from a tensor, never from a Python length: no
-    host sync, nothing to recompile per length, and a transformer step can be captured in a CUDA
-    graph (once the two per-step views taken in Stackformer.lower_step, the slot ids and a_t, are
+    query in slot s iff j ≤ s. We chose this over slicing `[:, :, :s+1]` because then every decode
+    step has the same shapes and the transformers read their slots from a tensor, never from a
+    Python length: no host sync, nothing to recompile per length, and a transformer step can be
+    captured in a CUDA graph (once the two per-step views taken in Stackformer.lower_step, the slot ids and a_t, are
     indexed by a device tensor too). The price: a step reads every slot it attends over, written
     or not. For `base` at batch 64 and N = 256 the whole cache is 1.6 GB in bf16, against 0.6 GB
     of weights. So steps attend over the first `attend_len` slots only, a Python int that
