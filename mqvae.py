@@ -134,7 +134,7 @@ def check_positive(cfg, *names: str):
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes the trainers accept
 
 
-def compile_for_training(model: "MQVAE", mode: Optional[str] = None):
+def compile_for_training(model: "MQVAE", mode: str = "default"):
     """torch.compile the convolutional parts in place (mode: torch.compile's). The decoder's last conv
     stays eager: the adaptive GAN weight takes two gradients at its weight every step, and through a
     compiled region each of those would run the whole decoder backward instead of one conv's."""

@@ -97,8 +97,8 @@ class KVCache:
     query in slot s iff j ≤ s. We chose this over slicing `[:, :, :s+1]` because then every decode
     step has the same shapes and the transformers read their slots from a tensor, never from a
     Python length: no host sync, nothing to recompile per length, and a transformer step can be
-    captured in a CUDA graph (once the two per-step views taken in Stackformer.lower_step, the slot ids and a_t, are
-    indexed by a device tensor too). The price: a step reads every slot it attends over, written
+    captured in a CUDA graph (once the two per-step views taken in Stackformer.lower_step, the slot
+    ids and a_t, are indexed by a device tensor too). The price: a step reads every slot it attends over, written
     or not. For `base` at batch 64 and N = 256 the whole cache is 1.6 GB in bf16, against 0.6 GB
     of weights. So steps attend over the first `attend_len` slots only, a Python int that
     Stackformer.generate raises a few times per sample (see its cache_segments): a handful of
@@ -454,8 +454,9 @@ class Stackformer(nn.Module):
         generator: a torch.Generator on the model's device, for reproducible samples. All the
         randomness of the N steps is drawn from it up front, so the cached, uncached and
         CUDA-graph paths consume exactly the same noise.
-        cuda_graph: replay steps 2..N as captured CUDA graphs, one per cache run (default: on CUDA with the KV cache,
-        when no autocast is active; cast the model to bf16 instead of using autocast). A step launches
+        cuda_graph: replay steps 2..N as captured CUDA graphs, one per cache run (default: on CUDA
+        with the KV cache, when no autocast is active; cast the model to bf16 instead of using
+        autocast). A step launches
         a few hundred small kernels; replaying them as a graph removes the per-kernel CPU cost.
         Eager steps attend with SDPA, graphed ones with attend_one_query's matmul form, compiled ones
         with its reduce form.
@@ -667,9 +668,14 @@ def room_for_compiled_steps():
     compile fails past it) to COMPILED_STEPS while sampling: generate(compile=True) compiles its
     step once per batch size and cache run, so two batch sizes of four runs already fill 8."""
     import torch._dynamo        # not loaded by `import torch` in every version
-    config = torch._dynamo.config
-    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"   # torch < 2.6: cache_size_limit
-    return config.patch(**{name: max(getattr(config, name), COMPILED_STEPS)})
+    name = recompile_limit_name()
+    return torch._dynamo.config.patch(**{name: max(getattr(torch._dynamo.config, name), COMPILED_STEPS)})
+
+
+def recompile_limit_name() -> str:
+    """The torch._dynamo.config entry that bounds the compiled versions of a function."""
+    import torch._dynamo
+    return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"   # torch < 2.6
 
 
 def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,

@@ -1011,7 +1011,7 @@ def test_generate_makes_room_for_compiled_steps_of_several_batch_sizes(monkeypat
     # generate(compile=True) compiles its step once per batch size and cache run; with torch's default
     # limit of 8 compiled versions, fullgraph compilation fails at the third batch size of four runs.
     # generate() raises the limit while it samples and restores it after.
-    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    name = stackformer.recompile_limit_name()
     seen = []
     inner = stackformer.Stackformer._generate
     def spy(self, *args, **kwargs):

@@ -423,7 +423,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     if cfg.compile:
         # reduce-overhead replays the compiled parts as CUDA graphs: at batch 8 the de-mask stack's
         # small kernels otherwise leave the GPU waiting for the CPU to launch them.
-        compile_for_training(model, None if cfg.compile_mode == "default" else cfg.compile_mode)
+        compile_for_training(model, cfg.compile_mode)
         disc = torch.compile(disc)  # default mode: D is differentiated twice per step (λ, then its loss)
     raw_model, raw_disc = model, disc
     if world > 1:

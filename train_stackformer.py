@@ -369,7 +369,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     if cfg.compile:
         # reduce-overhead replays forward and backward as CUDA graphs: at small batches a step is
         # otherwise bound by the CPU launching ~2000 kernels, not by the GPU.
-        model = torch.compile(model, mode=None if cfg.compile_mode == "default" else cfg.compile_mode)
+        model = torch.compile(model, mode=cfg.compile_mode)
     if world > 1:
         model = DDP(model, device_ids=[device.index] if cuda else None)
         if graphed:
