@@ -692,6 +692,19 @@ def test_kv_cache_logits_match_full_forward(variant, cond, one_query):
             assert torch.allclose(model.upper_head(g), upper_logits_full[:, t], atol=1e-5)
 
 
+def test_reduce_form_cache_stores_values_slot_major_and_returns_the_usual_view():
+    k, v = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
+    for form in stackformer.ONE_QUERY_FORMS:
+        cache = stackformer.KVCache(1, 10, 2, "cpu", one_query=form)
+        cache.attend_len = 8
+        cache.begin_step(torch.tensor([5]))
+        keys, values = cache.store(0, k, v)
+        assert keys.shape == values.shape == (2, 3, 8, 4)
+        assert torch.equal(values[:, :, 5:6], v) and values[:, :, :5].abs().sum() == 0
+        # reduce: the sum over slots runs along contiguous memory (slot stride 1)
+        assert values.stride(2) == (1 if form == "reduce" else 4)
+
+
 @pytest.mark.parametrize("form", ["matmul", "reduce"])
 def test_one_query_attention_equals_masked_sdpa_and_ignores_masked_slots(form):
     torch.manual_seed(0)
@@ -800,6 +813,41 @@ def test_sample_token_top_p_keeps_smallest_set_reaching_p():
     assert (top_one == 0).all()                            # the top token alone reaches 0.4
     top_two = stackformer.sample_token(logits, top_k=2, top_p=None, generator=gen)
     assert set(top_two.tolist()) == {0, 1}
+
+
+def reference_sample_token(logits, noise, top_k, top_p):
+    """sample_token's definition one row at a time in float64 Python: rank by logit (ties by
+    index), keep logits ≥ the k-th, softmax, keep tokens while the mass ranked before them is
+    below top_p, then the exponential race argmax p_i / E_i."""
+    drawn = []
+    for row, race in zip(logits.double().tolist(), noise.double().tolist()):
+        ranked = sorted(range(len(row)), key=lambda i: (-row[i], i))
+        kept = [i for i in ranked if top_k is None or row[i] >= row[ranked[top_k - 1]]]
+        top = max(row[i] for i in kept)
+        weight = {i: math.exp(row[i] - top) for i in kept}
+        total = sum(weight.values())
+        nucleus, mass = [], 0.0
+        for i in kept:
+            if top_p is not None and mass >= top_p:
+                break
+            nucleus.append(i)
+            mass += weight[i] / total
+        drawn.append(max(nucleus, key=lambda i: weight[i] / race[i]))
+    return torch.tensor(drawn)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(4, None), (None, 0.6), (4, 0.6), (1, 0.9), (None, None)])
+def test_sample_token_matches_its_definition_with_tied_logits(top_k, top_p):
+    gen = torch.Generator().manual_seed(0)
+    logits = (torch.randn(300, 12, generator=gen) * 2).round() / 2      # steps of 0.5: many ties
+    noise = torch.empty(300, 12).exponential_(1.0, generator=gen)
+    drawn = stackformer.sample_token(logits, top_k=top_k, top_p=top_p, noise=noise)
+    assert torch.equal(drawn, reference_sample_token(logits, noise, top_k, top_p))
+    if top_k:   # every token tied with the k-th largest logit can be drawn, no other
+        kth = logits.sort(dim=-1, descending=True).values[:, top_k - 1:top_k]
+        assert (logits.gather(1, drawn[:, None]) >= kth).all()
+        ties_beyond_k = ((logits == kth).sum(-1) > 1)
+        assert ties_beyond_k.any()
 
 
 def peaked_model(**overrides):
