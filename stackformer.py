@@ -98,10 +98,10 @@ class KVCache:
     step has the same shapes and the transformers read their slots from a tensor, never from a
     Python length: no host sync, nothing to recompile per length, and a transformer step can be
     captured in a CUDA graph (once the two per-step views taken in Stackformer.lower_step, the slot
-    ids and a_t, are indexed by a device tensor too). The price: a step reads every slot it attends over, written
-    or not. For `base` at batch 64 and N = 256 the whole cache is 1.6 GB in bf16, against 0.6 GB
-    of weights. So steps attend over the first `attend_len` slots only, a Python int that
-    Stackformer.generate raises a few times per sample (see its cache_segments): a handful of
+    ids and a_t, are indexed by a device tensor too). The price: a step reads every slot it attends
+    over, written or not. For `base` at batch 64 and N = 256 the whole cache is 1.6 GB in bf16,
+    against 0.6 GB of weights. So steps attend over the first `attend_len` slots only, a Python int
+    that Stackformer.generate raises a few times per sample (see its cache_segments): a handful of
     shapes, one CUDA graph each, and on average little more than half the cache read per step.
 
     Slot layout (filled by Stackformer.lower_step / upper_step):
@@ -125,9 +125,12 @@ class KVCache:
         self.values: List[Optional[torch.Tensor]] = [None] * n_layer
         self.slots: Optional[torch.Tensor] = None               # (S,) slots of the current step
         self.mask: Optional[torch.Tensor] = None                # (S, max_len) slots it may attend to
-        # The reduce form sums V over the slots; stored as (B, n_head, head_dim, max_len), that sum runs
-        # along contiguous memory (store still returns the usual (B, n_head, L, head_dim) view).
-        self.slot_major_values = one_query == "reduce"
+
+    @property
+    def slot_major_values(self) -> bool:
+        """The reduce form sums V over the slots; stored as (B, n_head, head_dim, max_len), that sum runs
+        along contiguous memory (store still returns the usual (B, n_head, L, head_dim) view)."""
+        return self.one_query == "reduce"
 
     def begin_step(self, slots: torch.Tensor):
         self.slots = slots
@@ -467,8 +470,8 @@ class Stackformer(nn.Module):
         CUDA-graph paths consume exactly the same noise.
         cuda_graph: replay steps 2..N as captured CUDA graphs, one per cache run (default: on CUDA
         with the KV cache, when no autocast is active; cast the model to bf16 instead of using
-        autocast). A step launches
-        a few hundred small kernels; replaying them as a graph removes the per-kernel CPU cost.
+        autocast). A step launches a few hundred small kernels; replaying them as a graph removes
+        the per-kernel CPU cost.
         Eager steps attend with SDPA, graphed ones with attend_one_query's matmul form, compiled ones
         with its reduce form.
         compile: torch.compile the per-step function of the KV-cache path first (then captured in the
@@ -490,8 +493,8 @@ class Stackformer(nn.Module):
         are the same either way (checked on an H200, graphed and compiled). There, for `base` at
         N = 256, it took graphed sampling from 92.5 to 105.1 img/s at batch 64 and from 219.3 to 249.7
         at batch 256, compiled sampling from 131.6 to 150.1 at batch 64 (three timed calls after one
-        untimed call, with and without a kept dict). Other calls replace its
-        contents; drop the dict to free the memory. KV-cache path only.
+        untimed call, with and without a kept dict). Other calls replace its contents; drop the dict
+        to free the memory. KV-cache path only.
         The model is put in eval mode for sampling and restored afterwards.
         """
         cfg = self.config
