@@ -204,7 +204,7 @@ def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
       "reduce": elementwise products summed over hd, then over L. Only for a compiled step, where
           inductor fuses each into one reduction that reads K (or V) once: 1.77 ms a step against
           1.92 ms for "matmul" (base, batch 64, N = 256, four cache runs). With V stored slots-last
-          (KVCache), its V reductions took 233 µs a step in place of 330. Run eagerly it would
+          (KVCache), its V reductions took 234 µs a step in place of 330. Run eagerly it would
           materialise (B, nh, L, hd) fp32 products.
     In a plain eager loop, bound by the CPU launching kernels, either costs more kernels than it
     saves, so eager steps keep SDPA's one.
