@@ -124,7 +124,7 @@ class KVCache:
         self.keys: List[Optional[torch.Tensor]] = [None] * n_layer
         self.values: List[Optional[torch.Tensor]] = [None] * n_layer
         self.slots: Optional[torch.Tensor] = None               # (S,) slots of the current step
-        self.mask: Optional[torch.Tensor] = None                # (S, max_len) slots it may attend to
+        self.mask: Optional[torch.Tensor] = None                # (S, attend_len) slots it may attend to
 
     @property
     def slot_major_values(self) -> bool:
