@@ -479,7 +479,9 @@ class Stackformer(nn.Module):
         run (75-113 s in all for `base` with four runs on an H200); each batch size compiles anew.
         With reuse, `base` at N = 256 and batch 64 sampled 160 img/s compiled against 107 graphed.
         Its arithmetic differs from the eager step's, so the samples differ too; calls in one process
-        repeat exactly, but two processes gave different samples on an H200.
+        repeat exactly, but two processes that each compiled afresh drew different codes on H200s
+        (inductor tunes its kernels when it first builds them; a process reusing another's inductor
+        cache drew the same codes).
         cache_segments: with the KV cache, steps 1..N-1 run in at most this many runs (cache_runs);
         a run's steps attend over the cache slots written by the run's end, not over all N (each
         run is one CUDA graph capture, and one compilation with compile). 1 reads the whole cache
