@@ -481,7 +481,7 @@ class Stackformer(nn.Module):
         Its arithmetic differs from the eager step's, so the samples differ too; calls in one process
         repeat exactly, but two processes that each compiled afresh drew different codes on H200s
         (inductor tunes its kernels when it first builds them; a process reusing another's inductor
-        cache drew the same codes).
+        cache drew the same codes, in two checks with variants of this step).
         cache_segments: with the KV cache, steps 1..N-1 run in at most this many runs (cache_runs);
         a run's steps attend over the cache slots written by the run's end, not over all N (each
         run is one CUDA graph capture, and one compilation with compile). 1 reads the whole cache
