@@ -37,6 +37,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+try:    # ships with torch's CUDA builds on Linux; used for one fused kernel in cached sampling
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+
 
 # -----------------------------------------------------------------------------
 # Configuration
@@ -103,6 +109,8 @@ class KVCache:
     against 0.6 GB of weights. So steps attend over the first `attend_len` slots only, a Python int
     that Stackformer.generate raises a few times per sample (see its cache_segments): a handful of
     shapes, one CUDA graph each, and on average little more than half the cache read per step.
+    On GPUs with Triton, graphed and compiled steps use attend_cache instead ("kernel" form), which
+    writes the new slot itself and reads only the slots written so far.
 
     Slot layout (filled by Stackformer.lower_step / upper_step):
       lower transformer, cond none/class: slot t holds step t's input E_v(v_t) + E_p(p_t) + a_t,
@@ -116,6 +124,8 @@ class KVCache:
     def __init__(self, n_layer: int, max_len: int, batch_size: int, device, one_query: str = "sdpa"):
         if one_query not in ONE_QUERY_FORMS:
             raise ValueError(f"one_query must be one of {ONE_QUERY_FORMS}, got {one_query!r}")
+        if one_query == "kernel" and triton is None:
+            raise ValueError("one_query='kernel' needs Triton, which this torch build lacks; use 'matmul' or 'reduce'")
         self.max_len = max_len
         self.one_query = one_query                              # how single-query steps attend (attend_one_query)
         self.batch_size = batch_size
@@ -134,16 +144,22 @@ class KVCache:
 
     def begin_step(self, slots: torch.Tensor):
         self.slots = slots
-        self.mask = self.slot_ids[None, :self.attend_len] <= slots[:, None]   # (S, attend_len), causal
+        if self.one_query == "kernel" and slots.numel() == 1:
+            self.mask = None        # attend_cache reads the causal limit from slots itself
+        else:
+            self.mask = self.slot_ids[None, :self.attend_len] <= slots[:, None]   # (S, attend_len), causal
 
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_head, S, head_dim) into this step's slots; return the layer's cache, slots < attend_len."""
+    def _allocate(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        # At the first write, so the cache takes the dtype autocast gives k and v.
         if self.keys[layer] is None:
-            # Allocated at the first write so the cache takes the dtype autocast gives k and v.
             B, n_head, _, head_dim = k.shape
             self.keys[layer] = k.new_zeros(B, n_head, self.max_len, head_dim)
             value_shape = (B, n_head, head_dim, self.max_len) if self.slot_major_values else self.keys[layer].shape
             self.values[layer] = v.new_zeros(value_shape)
+
+    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_head, S, head_dim) into this step's slots; return the layer's cache, slots < attend_len."""
+        self._allocate(layer, k, v)
         self.keys[layer].index_copy_(2, self.slots, k)
         if self.slot_major_values:
             # Written through the stored tensor itself: through a transposed view of it, inductor
@@ -153,6 +169,12 @@ class KVCache:
         else:
             values = self.values[layer].index_copy_(2, self.slots, v)
         return self.keys[layer][:, :, :self.attend_len], values[:, :, :self.attend_len]
+
+    def store_and_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The "kernel" form for one new token (S = 1): store k, v and attend q over the slots up to its own, in
+        one attend_cache call. Returns (B, n_head, 1, head_dim)."""
+        self._allocate(layer, k, v)
+        return attend_cache(q, k, v, self.keys[layer], self.values[layer], self.slots)
 
 
 # -----------------------------------------------------------------------------
@@ -177,9 +199,11 @@ class CausalSelfAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if cache is None:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        elif S == 1 and cache.one_query == "kernel":    # a decode step, graphed or compiled, on a GPU
+            y = cache.store_and_attend(layer, q, k, v)
         else:
             k, v = cache.store(layer, k, v)                               # (B, nh, attend_len, hd)
-            if S == 1 and cache.one_query != "sdpa":    # a decode step, graphed or compiled (see attend_one_query)
+            if S == 1 and cache.one_query != "sdpa":    # the same without Triton (see attend_one_query)
                 y = attend_one_query(q, k, v, cache.mask, cache.one_query)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, dropout_p=dropout_p)
@@ -187,7 +211,7 @@ class CausalSelfAttention(nn.Module):
         return self.resid_drop(self.proj(y))
 
 
-ONE_QUERY_FORMS = ("sdpa", "matmul", "reduce")
+ONE_QUERY_FORMS = ("sdpa", "matmul", "reduce", "kernel")
 
 
 def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
@@ -207,7 +231,8 @@ def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
           (KVCache), its V reductions took 234 µs a step in place of 330. Run eagerly it would
           materialise (B, nh, L, hd) fp32 products.
     In a plain eager loop, bound by the CPU launching kernels, either costs more kernels than it
-    saves, so eager steps keep SDPA's one.
+    saves, so eager steps keep SDPA's one. On GPUs with Triton, graphed and compiled steps use the
+    attend_cache kernel below instead; these forms are what runs without it (decode_attention_form).
     """
     scale = q.size(-1) ** -0.5
     if form == "reduce":
@@ -218,6 +243,90 @@ def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     if form == "reduce":
         return (weights.transpose(-1, -2) * v.float()).sum(-2, keepdim=True).to(v.dtype)   # (B, nh, 1, hd)
     return weights.to(v.dtype) @ v                                                      # (B, nh, 1, hd)
+
+
+# A decode step's attention and cache write as one kernel. Graphed or compiled, the forms above take
+# five kernels per layer (two cache writes, scores, softmax statistics, weighted sum of V), each a
+# launch and a pass over memory, and they read every slot a run attends over, written or not. This
+# kernel does the same for one query per sequence: a program per (sequence, head) writes the new key
+# and value into slot s, then streams the head's cached K and V rows for slots 0..s-1 once, BLOCK
+# slots at a time, keeping a running max, softmax denominator and weighted sum of V (the online
+# softmax of flash attention), all in fp32; slot s itself it takes from the new key and value in
+# registers. It reads s from device memory, so a graph replays it for every step, and no slot beyond
+# s. Its sums run in a fixed order: the same inputs give the same bits in every process (nothing is
+# autotuned). Block and warps: picked from twelve settings timed on an H200 (see attend_cache).
+CACHE_ATTENTION_BLOCK = 128     # slots per iteration
+CACHE_ATTENTION_WARPS = 2
+
+if triton is not None:
+    @triton.jit
+    def _attend_cache_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, out_ptr, slot_ptr, scale,
+                             n_head, head_dim, q_stride_b, q_stride_h, k_stride_b, k_stride_h,
+                             v_stride_b, v_stride_h, cache_stride_b, cache_stride_h, cache_stride_l,
+                             HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+        program = tl.program_id(0)                 # one (sequence b, head h)
+        b, h = program // n_head, program % n_head
+        dims = tl.arange(0, HEAD_DIM)              # HEAD_DIM: head_dim rounded up to a power of 2
+        in_head = dims < head_dim
+        q = tl.load(q_ptr + b * q_stride_b + h * q_stride_h + dims, mask=in_head, other=0.0).to(tl.float32) * scale
+        k_new = tl.load(k_ptr + b * k_stride_b + h * k_stride_h + dims, mask=in_head, other=0.0)
+        v_new = tl.load(v_ptr + b * v_stride_b + h * v_stride_h + dims, mask=in_head, other=0.0)
+        slot = tl.load(slot_ptr)
+        k_cache_ptr += b * cache_stride_b + h * cache_stride_h
+        v_cache_ptr += b * cache_stride_b + h * cache_stride_h
+        tl.store(k_cache_ptr + slot * cache_stride_l + dims, k_new, mask=in_head)
+        tl.store(v_cache_ptr + slot * cache_stride_l + dims, v_new, mask=in_head)
+        # Start from slot s alone: its score is the running max, its weight exp(0) = 1.
+        running_max = tl.sum(k_new.to(tl.float32) * q, axis=0)
+        denominator = tl.full([], 1.0, tl.float32)
+        weighted_v = v_new.to(tl.float32)
+        for start in range(0, slot, BLOCK):        # then slots 0..s-1 from the cache
+            slots = start + tl.arange(0, BLOCK)
+            written = slots < slot
+            rows = written[:, None] & in_head[None, :]
+            offsets = slots[:, None] * cache_stride_l + dims[None, :]
+            k = tl.load(k_cache_ptr + offsets, mask=rows, other=0.0)
+            v = tl.load(v_cache_ptr + offsets, mask=rows, other=0.0)
+            scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)                   # (BLOCK,)
+            scores = tl.where(written, scores, float("-inf"))
+            new_max = tl.maximum(running_max, tl.max(scores, axis=0))
+            rescale = tl.exp(running_max - new_max)
+            weights = tl.exp(scores - new_max)                                       # (BLOCK,)
+            denominator = denominator * rescale + tl.sum(weights, axis=0)
+            weighted_v = weighted_v * rescale + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
+            running_max = new_max
+        out = weighted_v / denominator
+        tl.store(out_ptr + program * head_dim + dims, out.to(out_ptr.dtype.element_ty), mask=in_head)
+
+
+@torch.library.custom_op("stackformer::attend_cache", mutates_args=("k_cache", "v_cache"))
+def attend_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+                 v_cache: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+    """Write k, v into slot s of the caches, then softmax(q·kᵀ/√hd) · v over cache slots 0..s.
+
+    q, k, v (B, nh, 1, hd), one new token per sequence; k_cache, v_cache (B, nh, L, hd) with equal
+    strides; slot (1,) int64 on the same device, s < L. Every head_dim row must be contiguous.
+    Returns (B, nh, 1, hd) in q's dtype. The Triton kernel above; a custom op so that torch.compile
+    calls it as it is inside a compiled step. On an H200 (bf16, B 64, 16 heads of 64, timed in a CUDA
+    graph) it took 7.3, 9.7 and 26.3 µs at s = 63, 127 and 255, cache writes included, against 29.8,
+    33.4 and 46.1 µs for attend_one_query's matmul form over s + 1 slots without them. Of the twelve
+    settings timed (BLOCK 32-256, 1-4 warps) none was fastest at every s; the others took 5.5-57.7 µs."""
+    B, n_head, _, head_dim = q.shape
+    if k_cache.stride() != v_cache.stride() or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 \
+            or k_cache.stride(-1) != 1:
+        raise ValueError("attend_cache needs contiguous head_dim rows and K and V caches of equal strides")
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    _attend_cache_kernel[(B * n_head,)](
+        q, k, v, k_cache, v_cache, out, slot, head_dim ** -0.5, n_head, head_dim,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        HEAD_DIM=triton.next_power_of_2(head_dim), BLOCK=CACHE_ATTENTION_BLOCK, num_warps=CACHE_ATTENTION_WARPS)
+    return out
+
+
+@attend_cache.register_fake
+def _(q, k, v, k_cache, v_cache, slot):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 class MLP(nn.Module):
@@ -472,29 +581,30 @@ class Stackformer(nn.Module):
         with the KV cache, when no autocast is active; cast the model to bf16 instead of using
         autocast). A step launches a few hundred small kernels; replaying them as a graph removes
         the per-kernel CPU cost.
-        Eager steps attend with SDPA, graphed ones with attend_one_query's matmul form, compiled ones
-        with its reduce form.
+        Eager steps attend with SDPA; graphed and compiled ones with the attend_cache kernel on a GPU
+        with Triton, else with attend_one_query's matmul (graphed) or reduce (compiled) form.
         compile: torch.compile the per-step function of the KV-cache path first (then captured in the
         CUDA graph): fewer, fused kernels per step, at the price of compiling first, once per cache
-        run (75-113 s in all for `base` with four runs on an H200); each batch size compiles anew.
-        With reuse, `base` at N = 256 and batch 64 sampled 160 img/s compiled against 107 graphed.
+        run (22 s for `base` with attend_cache's one run on an H200); each batch size compiles anew.
+        With reuse, `base` at N = 256 and batch 64 sampled 194 img/s compiled against 153 graphed.
         Its arithmetic differs from the eager step's, so the samples differ too; calls in one process
-        repeat exactly, but two processes that each compiled afresh drew different codes on H200s
-        (inductor tunes its kernels when it first builds them; a process reusing another's inductor
-        cache drew the same codes, in two checks with variants of this step).
+        repeat exactly. Inductor tunes its kernels when it first builds them: with the reduce form, two
+        processes that each compiled afresh drew different codes on H200s; with attend_cache, the one
+        such pair checked drew the same codes.
         cache_segments: with the KV cache, steps 1..N-1 run in at most this many runs (cache_runs);
         a run's steps attend over the cache slots written by the run's end, not over all N (each
         run is one CUDA graph capture, and one compilation with compile). 1 reads the whole cache
-        every step. Default: 4 for graphed or compiled steps (on an H200, base, N = 256, graphed:
-        batch 256 231 img/s against 203 with 1, batch 64 the same 94), 1 for eager ones (a plain loop
-        is bound by the CPU; there runs cost more than they save: 20.5 img/s against 25.1 at batch 64,
-        measured with an earlier version of the runs whose lengths were not multiples of 16).
+        every step. Default: 1 with attend_cache, which reads only the written slots anyway; 4 for the
+        matmul and reduce forms (on an H200, base, N = 256, graphed, matmul form: batch 256 231 img/s
+        against 203 with 1, batch 64 the same 94); 1 for eager steps (a plain loop is bound by the CPU;
+        there runs cost more than they save: 20.5 img/s against 25.1 at batch 64, measured with an
+        earlier version of the runs whose lengths were not multiples of 16).
         Changing it changes the order of float sums, so samples can differ in the last bits.
         reuse: a dict owned by the caller, for many calls of one shape (sample.py's chunks). The first
         call stores its buffers and CUDA graphs in it; a later call with the same batch size, settings
         and parameter storage replays those graphs instead of warming up and capturing again. Tokens
         are the same either way (checked on an H200, graphed and compiled). There, for `base` at
-        N = 256, it took graphed sampling from 92.5 to 105.1 img/s at batch 64 and from 219.3 to 249.7
+        N = 256 and before attend_cache, it took graphed sampling from 92.5 to 105.1 img/s at batch 64 and from 219.3 to 249.7
         at batch 256, compiled sampling from 131.6 to 150.1 at batch 64 (three timed calls after one
         untimed call, with and without a kept dict). Other calls replace its contents; drop the dict
         to free the memory. KV-cache path only.
@@ -518,8 +628,9 @@ class Stackformer(nn.Module):
         if cuda_graph and not (device.type == "cuda" and use_kv_cache):
             raise ValueError("cuda_graph needs a CUDA model and use_kv_cache=True")
 
-        if cache_segments is None:
-            cache_segments = 4 if cuda_graph or compile else 1
+        one_query = decode_attention_form(device, cuda_graph, compile)
+        if cache_segments is None:      # attend_cache reads the written slots only: runs would save nothing
+            cache_segments = 4 if one_query in ("matmul", "reduce") else 1
         # What a kept sampler (reuse) was built for; parameters moved or re-allocated invalidate its graphs.
         key = (B, temperature, top_k, top_p, pos_temperature, pos_top_k, pos_top_p, rule, greedy, cuda_graph,
                compile, cache_segments, str(device), tuple(p.data_ptr() for p in self.parameters()))
@@ -567,7 +678,6 @@ class Stackformer(nn.Module):
             return codes, positions
 
         if kept is None:
-            one_query = "reduce" if compile else "matmul" if cuda_graph else "sdpa"   # see attend_one_query
             lower_cache, upper_cache = self.new_kv_caches(B, one_query)
             t_now = torch.zeros(1, dtype=torch.long, device=device)   # the step counter, on the device
 
@@ -695,6 +805,17 @@ def recompile_limit_name() -> str:
     """The torch._dynamo.config entry that bounds the compiled versions of a function."""
     import torch._dynamo
     return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"   # torch < 2.6
+
+
+def decode_attention_form(device, cuda_graph: bool, compile: bool) -> str:
+    """How generate()'s cached steps attend (KVCache.one_query): the attend_cache kernel for graphed
+    or compiled steps on a GPU with Triton; without Triton attend_one_query's "reduce" form when
+    compiled, its "matmul" form when graphed; SDPA in a plain eager loop."""
+    if not (cuda_graph or compile):
+        return "sdpa"
+    if triton is not None and torch.device(device).type == "cuda":
+        return "kernel"
+    return "reduce" if compile else "matmul"
 
 
 def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -672,8 +673,12 @@ def test_second_prediction_sees_first_prediction_of_its_step_but_not_vice_versa(
 @pytest.mark.parametrize("variant,cond", [("code-first", "none"), ("code-first", "class"),
                                           ("code-first", "text"), ("position-first", "none"),
                                           ("position-first", "text")])
-@pytest.mark.parametrize("one_query", stackformer.ONE_QUERY_FORMS)
+@pytest.mark.parametrize("one_query", ["sdpa", "matmul", "reduce"])
 def test_kv_cache_logits_match_full_forward(variant, cond, one_query):
+    check_kv_cache_logits(variant, cond, one_query)
+
+
+def check_kv_cache_logits(variant, cond, one_query):
     model = sf_model(variant=variant, cond=cond)
     codes, positions, c = sf_batch(model.config)
     with torch.no_grad():
@@ -694,7 +699,7 @@ def test_kv_cache_logits_match_full_forward(variant, cond, one_query):
 
 def test_reduce_form_cache_stores_values_slot_major_and_returns_the_usual_view():
     k, v = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
-    for form in stackformer.ONE_QUERY_FORMS:
+    for form in ("sdpa", "matmul", "reduce"):
         cache = stackformer.KVCache(1, 10, 2, "cpu", one_query=form)
         cache.attend_len = 8
         cache.begin_step(torch.tensor([5]))
@@ -717,6 +722,75 @@ def test_one_query_attention_equals_masked_sdpa_and_ignores_masked_slots(form):
     assert torch.equal(stackformer.attend_one_query(q, k2, v2, mask, form), out)
     with pytest.raises(ValueError, match="one_query must be one of"):
         stackformer.KVCache(1, 10, 3, "cpu", one_query="flash")
+
+
+# The Triton kernel of graphed and compiled GPU sampling (stackformer.attend_cache). Without a GPU these
+# tests run in a subprocess under Triton's interpreter (TRITON_INTERPRET=1, read when the kernel is defined).
+TRITON_RUNS_HERE = stackformer.triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+needs_triton = pytest.mark.skipif(not TRITON_RUNS_HERE, reason="runs in test_triton_kernels_pass_under_the_interpreter")
+
+
+def test_triton_kernels_pass_under_the_interpreter():
+    if stackformer.triton is None:
+        pytest.skip("this torch build has no Triton; attend_cache is never chosen (decode_attention_form)")
+    if TRITON_RUNS_HERE:
+        pytest.skip("the tests run in this process")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "triton_kernel"],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    passed = re.search(r"(\d+) passed", result.stdout)
+    assert passed and int(passed.group(1)) == 8, result.stdout[-2000:]     # 5 + 1 + 2 below
+
+
+@needs_triton
+@pytest.mark.parametrize("variant,cond", [("code-first", "none"), ("code-first", "class"), ("code-first", "text"),
+                                          ("position-first", "none"), ("position-first", "text")])
+def test_triton_kernel_kv_cache_logits_match_full_forward(variant, cond):
+    check_kv_cache_logits(variant, cond, "kernel")
+
+
+@needs_triton
+def test_triton_kernel_writes_the_slot_and_equals_masked_sdpa():
+    torch.manual_seed(0)
+    B, H, L = 2, 3, stackformer.CACHE_ATTENTION_BLOCK + 22           # slot s > BLOCK: two passes over the cache
+    for head_dim in (8, 12):                                         # 12: padded to 16 inside the kernel
+        for s in (0, 5, stackformer.CACHE_ATTENTION_BLOCK, L - 1):
+            qkv = torch.randn(B, 1, 3, H, head_dim)                  # q, k, v as views of one projection
+            q, k, v = (x.transpose(1, 2) for x in qkv.unbind(2))    # (B, H, 1, hd), strided
+            k_cache, v_cache = torch.randn(B, H, L, head_dim), torch.randn(B, H, L, head_dim)
+            k_want, v_want = k_cache.clone(), v_cache.clone()
+            k_want[:, :, s:s + 1], v_want[:, :, s:s + 1] = k, v
+            out = stackformer.attend_cache(q, k, v, k_cache, v_cache, torch.tensor([s]))
+            assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)    # slot s written, no other
+            mask = torch.arange(L)[None] <= s
+            assert (out - F.scaled_dot_product_attention(q, k_want, v_want, attn_mask=mask)).abs().max() < 1e-5
+            k_cache[:, :, s + 1:], v_cache[:, :, s + 1:] = 1e4, -1e4  # slots after s: never read
+            assert torch.equal(stackformer.attend_cache(q, k, v, k_cache, v_cache, torch.tensor([s])), out)
+
+
+@needs_triton
+@pytest.mark.parametrize("greedy", [True, False])
+def test_triton_kernel_generate_draws_the_sdpa_tokens(monkeypatch, greedy):
+    model = sf_model(variant="position-first", seq_len=20, num_positions=64)
+    kwargs = dict(batch_size=3, greedy=greedy, cuda_graph=False)
+    seeded = lambda: torch.Generator().manual_seed(5)
+    sdpa = model.generate(generator=seeded(), **kwargs)
+    monkeypatch.setattr(stackformer, "decode_attention_form", lambda device, cuda_graph, compile: "kernel")
+    kernel = model.generate(generator=seeded(), **kwargs)
+    assert torch.equal(sdpa[0], kernel[0]) and torch.equal(sdpa[1], kernel[1])
+
+
+def test_decode_attention_form_is_the_kernel_on_gpus_and_falls_back_without_triton(monkeypatch):
+    form = stackformer.decode_attention_form
+    assert [form("cpu", False, False), form("cpu", True, False), form("cpu", False, True)] == ["sdpa", "matmul", "reduce"]
+    assert form("cuda", False, False) == "sdpa"
+    if stackformer.triton is not None:
+        assert form("cuda", True, False) == form("cuda", False, True) == "kernel"
+    monkeypatch.setattr(stackformer, "triton", None)
+    assert [form("cuda", True, False), form("cuda", False, True)] == ["matmul", "reduce"]
+    with pytest.raises(ValueError, match="needs Triton"):
+        stackformer.KVCache(1, 10, 2, "cpu", one_query="kernel")
 
 
 # ---------------------------------------------------------------------------- text conditioning
