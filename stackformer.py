@@ -246,7 +246,7 @@ def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 
 # A decode step's attention and cache write as one kernel. Graphed or compiled, the forms above take
-# five kernels per layer (two cache writes, scores, softmax statistics, weighted sum of V), each a
+# five kernels or more per layer (two cache writes, scores, softmax statistics, weighted sum of V), each a
 # launch and a pass over memory, and they read every slot a run attends over, written or not. This
 # kernel does the same for one query per sequence: a program per (sequence, head) writes the new key
 # and value into slot s, then streams the head's cached K and V rows for slots 0..s-1 once, BLOCK
@@ -315,6 +315,8 @@ def attend_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: tor
     if k_cache.stride() != v_cache.stride() or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 \
             or k_cache.stride(-1) != 1:
         raise ValueError("attend_cache needs contiguous head_dim rows and K and V caches of equal strides")
+    if k_cache.numel() >= 2 ** 31:      # the kernel's offsets are 32-bit
+        raise ValueError(f"a KV cache of {k_cache.numel()} elements is too large for attend_cache; sample in smaller batches")
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     _attend_cache_kernel[(B * n_head,)](
         q, k, v, k_cache, v_cache, out, slot, head_dim ** -0.5, n_head, head_dim,
