@@ -781,6 +781,16 @@ def test_triton_kernel_generate_draws_the_sdpa_tokens(monkeypatch, greedy):
     assert torch.equal(sdpa[0], kernel[0]) and torch.equal(sdpa[1], kernel[1])
 
 
+def test_attend_cache_refuses_layouts_and_sizes_its_kernel_cannot_index():
+    q = torch.zeros(2, 2, 1, 64)
+    with pytest.raises(ValueError, match="equal strides"):        # V stored slots-last, as the reduce form does
+        stackformer.attend_cache(q, q, q, torch.zeros(2, 2, 8, 64), torch.zeros(2, 2, 64, 8).transpose(2, 3),
+                                 torch.tensor([0]))
+    huge_k, huge_v = (torch.zeros(1, 1, 1, 64).expand(2 ** 16, 2 ** 5, 2 ** 4, 64) for _ in range(2))   # 2^31 elements
+    with pytest.raises(ValueError, match="sample in smaller batches"):
+        stackformer.attend_cache(q, q, q, huge_k, huge_v, torch.tensor([0]))
+
+
 def test_decode_attention_form_is_the_kernel_on_gpus_and_falls_back_without_triton(monkeypatch):
     form = stackformer.decode_attention_form
     assert [form("cpu", False, False), form("cpu", True, False), form("cpu", False, True)] == ["sdpa", "matmul", "reduce"]
