@@ -246,8 +246,8 @@ def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 
 # A decode step's attention and cache write as one kernel. Graphed or compiled, the forms above take
-# five kernels or more per layer (two cache writes, scores, softmax statistics, weighted sum of V), each a
-# launch and a pass over memory, and they read every slot a run attends over, written or not. This
+# five kernels or more per layer (two cache writes, scores, softmax statistics, weighted sum of V),
+# each a launch and a pass over memory, and they read every slot a run attends over, written or not. This
 # kernel does the same for one query per sequence: a program per (sequence, head) writes the new key
 # and value into slot s, then streams the head's cached K and V rows for slots 0..s-1 once, BLOCK
 # slots at a time, keeping a running max, softmax denominator and weighted sum of V (the online
@@ -606,9 +606,9 @@ class Stackformer(nn.Module):
         call stores its buffers and CUDA graphs in it; a later call with the same batch size, settings
         and parameter storage replays those graphs instead of warming up and capturing again. Tokens
         are the same either way (checked on an H200, graphed and compiled). There, for `base` at
-        N = 256 and before attend_cache, it took graphed sampling from 92.5 to 105.1 img/s at batch 64 and from 219.3 to 249.7
-        at batch 256, compiled sampling from 131.6 to 150.1 at batch 64 (three timed calls after one
-        untimed call, with and without a kept dict). Other calls replace its contents; drop the dict
+        N = 256 and before attend_cache, it took graphed sampling from 92.5 to 105.1 img/s at batch 64
+        and from 219.3 to 249.7 at batch 256, compiled sampling from 131.6 to 150.1 at batch 64 (three
+        timed calls after one untimed call, with and without a kept dict). Other calls replace its contents; drop the dict
         to free the memory. KV-cache path only.
         The model is put in eval mode for sampling and restored afterwards.
         """

@@ -670,10 +670,14 @@ def test_second_prediction_sees_first_prediction_of_its_step_but_not_vice_versa(
 
 # ---------------------------------------------------------------------------- KV cache
 
-@pytest.mark.parametrize("variant,cond", [("code-first", "none"), ("code-first", "class"),
-                                          ("code-first", "text"), ("position-first", "none"),
-                                          ("position-first", "text")])
-@pytest.mark.parametrize("one_query", ["sdpa", "matmul", "reduce"])
+# Every conditioning mode with each variant that supports it, and the attention forms that need no Triton.
+KV_CACHE_CASES = [("code-first", "none"), ("code-first", "class"), ("code-first", "text"),
+                  ("position-first", "none"), ("position-first", "text")]
+TORCH_FORMS = ("sdpa", "matmul", "reduce")
+
+
+@pytest.mark.parametrize("variant,cond", KV_CACHE_CASES)
+@pytest.mark.parametrize("one_query", TORCH_FORMS)
 def test_kv_cache_logits_match_full_forward(variant, cond, one_query):
     check_kv_cache_logits(variant, cond, one_query)
 
@@ -699,7 +703,7 @@ def check_kv_cache_logits(variant, cond, one_query):
 
 def test_reduce_form_cache_stores_values_slot_major_and_returns_the_usual_view():
     k, v = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
-    for form in ("sdpa", "matmul", "reduce"):
+    for form in TORCH_FORMS:
         cache = stackformer.KVCache(1, 10, 2, "cpu", one_query=form)
         cache.attend_len = 8
         cache.begin_step(torch.tensor([5]))
@@ -744,8 +748,7 @@ def test_triton_kernels_pass_under_the_interpreter():
 
 
 @needs_triton
-@pytest.mark.parametrize("variant,cond", [("code-first", "none"), ("code-first", "class"), ("code-first", "text"),
-                                          ("position-first", "none"), ("position-first", "text")])
+@pytest.mark.parametrize("variant,cond", KV_CACHE_CASES)
 def test_triton_kernel_kv_cache_logits_match_full_forward(variant, cond):
     check_kv_cache_logits(variant, cond, "kernel")
 
