@@ -2332,32 +2332,78 @@ def test_every_script_rejects_bad_flags_with_one_line_and_no_traceback(both_chec
         assert expected.lower() in lines[-1].lower(), (args, lines[-3:])
 
 
+def checkpoint_step(path, kind):
+    """The step of the checkpoint at `path`, or 0 if there is none yet; every file found must load."""
+    return mqvae.load_checkpoint(str(path), kind)["step"] if os.path.isfile(path) else 0
+
+
 def kill_and_resume_until_done(args, out, kind, final_step, seed=0):
-    """Start `args --resume` again and again, SIGKILL it at random moments (start-up, steps, checkpoint
-    writes), and check after every kill that the checkpoint loads and its step never goes backwards."""
+    """Start `args --resume` again and again and SIGKILL it at moments chosen from events the test sees,
+    never from a clock, so that a machine of any speed gets the same kinds of kills:
+      "step":  once the checkpoint on disk has reached a randomly drawn later step (a kill between steps);
+      "write": once this run has saved at least once, as soon as a temporary checkpoint file appears
+               (a kill in the middle of a checkpoint write, if the poll is quick enough to catch it);
+      "start": right after starting, after a random fraction of the first checkpoint's wait (start-up).
+    After every kill the checkpoint must load and its step never go backwards. Every "step" and "write"
+    kill comes after at least one new checkpoint, so the runs always progress; the first kill is a
+    "step" kill, so at least one kill happens however fast the machine is."""
     import random
     import signal
     import time
     rng = random.Random(seed)
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    last_step, kills = 0, 0
-    for attempt in range(15):
+    ckpt = out / "ckpt.pt"
+    last_step, kills, kinds = 0, 0, []
+
+    def stat():
+        try:
+            return os.stat(ckpt).st_mtime_ns
+        except FileNotFoundError:
+            return None
+
+    for attempt in range(45):                           # 1 + 2 start kills + at most 36 others + the last run
+        remaining = final_step - last_step
+        if attempt == 0:
+            mode = "step"
+        elif remaining <= 4:
+            mode = "finish"                             # close to the end: let it run to completion
+        else:
+            mode = rng.choice(["step", "step", "write", "start"] if kinds.count("start") < 2 else ["step", "write"])
+        target = last_step + rng.randint(1, min(8, remaining - 1)) if mode == "step" else None
+        start_stamp = stat()
         proc = subprocess.Popen([sys.executable] + args + ["--out-dir", str(out), "--resume"], cwd=HERE, env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        try:
-            proc.wait(timeout=rng.uniform(4.0, 9.0))       # start-up takes ~3 s; then steps and writes
-        except subprocess.TimeoutExpired:
+        started = time.monotonic()
+        polls_before_start_kill = rng.randint(0, 200)  # of 5 ms each: anywhere from exec to the first steps
+        polls, saved_once, seen_stamp = 0, False, start_stamp
+        while proc.poll() is None:
+            time.sleep(0.005)
+            polls += 1
+            stamp = stat()
+            if stamp != seen_stamp:                     # a new checkpoint was renamed into place
+                seen_stamp, saved_once = stamp, True
+                if mode == "step" and checkpoint_step(ckpt, kind) >= target:
+                    break
+            if mode == "write" and saved_once and os.path.exists(f"{ckpt}.tmp{proc.pid}"):   # atomic_path's name
+                break
+            if mode == "start" and polls >= polls_before_start_kill:
+                break
+        else:
+            assert mode == "finish" or proc.returncode != 0 or kills >= 1, \
+                f"the run finished before its {mode} kill ({time.monotonic() - started:.1f} s)"
+        if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
-            proc.wait()
             kills += 1
-        if os.path.isfile(out / "ckpt.pt"):
-            step = mqvae.load_checkpoint(str(out / "ckpt.pt"), kind)["step"]  # always loads
-            assert step >= last_step
-            last_step = step
+            kinds.append(mode)
+        stderr = proc.communicate()[1].decode(errors="replace")
+        step = checkpoint_step(ckpt, kind)              # always loads
+        assert step >= last_step, (step, last_step)
+        last_step = step
         if proc.returncode == 0:
             break
-        time.sleep(0.1)
-    assert proc.returncode == 0 and kills >= 1 and last_step == final_step
+        assert proc.returncode == -signal.SIGKILL, stderr[-2000:]   # only our kills may stop it
+    assert proc.returncode == 0 and kills >= 1 and last_step == final_step, (proc.returncode, kills, last_step, kinds)
+    return kinds
 
 
 def test_sigkill_at_random_moments_never_loses_a_checkpoint_and_resume_matches(tmp_path):
