@@ -31,10 +31,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import fast_sampling
 import fid
 import mqvae
 import stackformer
 import train_mqvae
+import train_stackformer
+import utils
 
 H200_BF16_TFLOPS = 989.0
 
@@ -115,7 +118,7 @@ def mqvae_step_bench(cfg, batch, device, plain=False, gan=True, use_lpips=True, 
             model.encoder = torch.compile(model.encoder, mode=compile_mode)
             model.decoder = torch.compile(model.decoder, mode=compile_mode)
         else:
-            mqvae.compile_for_training(model, compile_mode)
+            train_mqvae.compile_for_training(model, compile_mode)
         disc = torch.compile(disc)   # default mode: D is differentiated twice per step (λ, then the loss)
     train_model, train_disc = model, disc
     if ddp:
@@ -219,7 +222,7 @@ def stackformer_train_bench(preset, seq_len, num_positions, batch, device, compi
     cfg = stackformer.StackformerConfig(**stackformer.PRESETS[preset], codebook_size=1024 if preset != "tiny" else 64,
                                         num_positions=num_positions, seq_len=seq_len)
     model = stackformer.Stackformer(cfg).to(device).train()
-    optimizer = stackformer.configure_optimizer(model, 5e-4, 0.01, (0.9, 0.95), device.type)
+    optimizer = train_stackformer.configure_optimizer(model, 5e-4, 0.01, (0.9, 0.95), device.type)
     if compile:
         torch._dynamo.reset()
     step_model = torch.compile(model, mode=compile_mode) if compile else model
@@ -250,19 +253,24 @@ def stackformer_train_bench(preset, seq_len, num_positions, batch, device, compi
 
 
 def sampling_bench(preset, seq_len, num_positions, batch, device, mode, decoder=None, iters=2):
-    """mode: "graph" (KV cache, steps replayed as a CUDA graph), "graph+compile" (the step compiled first),
-    "kv" (KV cache, eager), "no-cache"."""
+    """mode: "graph" (fast_sampling: steps replayed as a CUDA graph), "graph+compile" (the step compiled
+    first), "kv" (the reference sampler: KV cache, eager), "no-cache"."""
     torch.manual_seed(0)
     cfg = stackformer.StackformerConfig(**stackformer.PRESETS[preset], codebook_size=1024 if preset != "tiny" else 64,
                                         num_positions=num_positions, seq_len=seq_len)
     model = stackformer.Stackformer(cfg).to(device).eval()
     if device.type == "cuda":
         model.to(torch.bfloat16)
-    kwargs = dict(use_kv_cache=mode != "no-cache", cuda_graph=mode.startswith("graph"), compile=mode == "graph+compile",
-                  reuse={})   # as sample.py: graphs captured by the first (warm-up) batch, replayed by the others
+    fast = dict(cuda_graph=mode.startswith("graph"), compile=mode == "graph+compile",
+                reuse={})   # as sample.py: graphs captured by the first (warm-up) batch, replayed by the others
 
     def run():
-        codes, positions = model.generate(batch_size=batch, **kwargs)
+        if mode == "no-cache":
+            codes, positions = model.generate(batch_size=batch, use_kv_cache=False)
+        elif mode == "kv":
+            codes, positions = model.generate(batch_size=batch)     # the reference sampler, eager
+        else:
+            codes, positions = fast_sampling.generate(model, batch_size=batch, **fast)
         if decoder is not None:  # fp32, 64 images at a time, as sample.py does
             with torch.no_grad():
                 for i in range(0, batch, 64):
@@ -273,12 +281,13 @@ def sampling_bench(preset, seq_len, num_positions, batch, device, mode, decoder=
 
 
 def greedy_paths_agree(device):
-    """Greedy tokens of the CUDA-graph, eager-KV and no-cache paths (fp32, a small model)."""
+    """Greedy tokens of the fast (CUDA-graph), eager-KV and no-cache paths (fp32, a small model)."""
     torch.manual_seed(0)
     cfg = stackformer.StackformerConfig(**stackformer.PRESETS["demo"], codebook_size=256, num_positions=256, seq_len=64)
     model = stackformer.Stackformer(cfg).to(device).eval()
-    outs = [model.generate(batch_size=8, greedy=True, use_kv_cache=mode != "no-cache", cuda_graph=mode == "graph")
-            for mode in (("graph", "kv", "no-cache") if device.type == "cuda" else ("kv", "no-cache"))]
+    outs = [model.generate(batch_size=8, greedy=True), model.generate(batch_size=8, greedy=True, use_kv_cache=False)]
+    if device.type == "cuda":
+        outs.append(fast_sampling.generate(model, batch_size=8, greedy=True))
     return all(torch.equal(outs[0][0], o[0]) and torch.equal(outs[0][1], o[1]) for o in outs[1:])
 
 
@@ -358,7 +367,7 @@ def ddp_scaling(compile: bool, smoke: bool, json_path: str, compile_mode: str = 
     """Cases 1 (MQ-VAE step, batch 8 per GPU) and 3 (Stackformer base, N=256, batch 10 and 64 per GPU) on one GPU,
     then with DDP on all of them. Rank 0 measures one GPU alone before the process group exists (the
     EMA codebook would otherwise wait for the other ranks); the others wait for it in the rendezvous."""
-    mqvae.check("RANK" in os.environ, "--ddp runs under torchrun: torchrun --standalone --nproc_per_node=2 bench.py --ddp")
+    utils.check("RANK" in os.environ, "--ddp runs under torchrun: torchrun --standalone --nproc_per_node=2 bench.py --ddp")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     cuda = torch.cuda.is_available() and not smoke
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -373,7 +382,7 @@ def ddp_scaling(compile: bool, smoke: bool, json_path: str, compile_mode: str = 
                                                          compile_mode=compile_mode, **fast))
                for b in (10, 64))]
     single = [run(False)[key] for _, key, _, run in cases] if rank == 0 else None
-    _, world, _, device = mqvae.setup_distributed()
+    _, world, _, device = utils.setup_distributed()
     results = dict(world_size=world, compiled=compile, compile_mode=compile_mode if compile else None)
     for i, (name, key, unit, run) in enumerate(cases):
         total = run(True)[key] * world   # every rank runs the same step in lockstep
@@ -384,7 +393,7 @@ def ddp_scaling(compile: bool, smoke: bool, json_path: str, compile_mode: str = 
                   f"{total:.1f} {unit}: {scaling:.2f}x ({scaling / world:.0%} efficiency)", flush=True)
             with open(json_path, "w") as fh:
                 json.dump(results, fh, indent=2)
-    mqvae.cleanup_distributed()
+    utils.cleanup_distributed()
     return results
 
 
@@ -393,7 +402,7 @@ def main(argv=None):
     parser.add_argument("--cases", default="1,2,3,4,5", help="comma-separated case numbers")
     parser.add_argument("--cpu-smoke", action="store_true", help="each case once, tiny models, CPU")
     parser.add_argument("--compile", action="store_true", help="cases 1-4 also with torch.compile")
-    parser.add_argument("--compile-mode", default="default", choices=mqvae.COMPILE_MODES,
+    parser.add_argument("--compile-mode", default="default", choices=utils.COMPILE_MODES,
                         help="with --ddp --compile: torch.compile mode of both cases")
     parser.add_argument("--ddp", action="store_true",
                         help="case 6 only, under torchrun: cases 1 and 3 with DDP on every GPU against one GPU")

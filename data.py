@@ -28,7 +28,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset, DistributedSampler
 
-from mqvae import UserError, atomic_path
+from utils import UserError, atomic_path
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DATASET_NAMES = ("shapes", "ffhq", "imagenet", "coco")
@@ -390,5 +390,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from mqvae import run_main
+    from utils import run_main
     run_main(main)

@@ -67,6 +67,8 @@ from torchvision.models.inception import (
 )
 from tqdm import tqdm
 
+from utils import UserError
+
 WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/"
     "fid_weights/pt_inception-2015-12-05-6726825d.pth"
@@ -79,10 +81,6 @@ MAX_FAILED_FRACTION = 0.01  # more unreadable files than this and the statistics
 RESIZE_RULE = (
     "full-res RGB uint8 /255 -> bilinear 299x299 (align_corners=False, no antialias) -> 2x-1"
 )
-
-
-class FIDError(Exception):
-    """A problem with the inputs; main() prints it as a one-line error."""
 
 
 def _warn(msg):
@@ -175,7 +173,7 @@ class FIDInception(Inception3):
 
     def __init__(self, dims=2048):
         if dims not in DIMS_CHOICES:
-            raise FIDError(f"dims must be one of {DIMS_CHOICES}, got {dims}")
+            raise UserError(f"dims must be one of {DIMS_CHOICES}, got {dims}")
         blocks = [BasicConv2d, FIDInceptionA, InceptionB, FIDInceptionC, InceptionD, FIDInceptionE1, InceptionAux]
         super().__init__(num_classes=1008, aux_logits=False, init_weights=False, inception_blocks=blocks)
         self.Mixed_7c = FIDInceptionE2(2048)
@@ -206,7 +204,7 @@ def resolve_weights(weights=None):
     if weights is not None:
         path = Path(weights)
         if not path.is_file():
-            raise FIDError(f"weights file not found: {path}")
+            raise UserError(f"weights file not found: {path}")
         return path
     path = default_weights_path()
     if path.is_file():
@@ -220,7 +218,7 @@ def resolve_weights(weights=None):
     except Exception as e:  # offline, proxy, disk full, ...: the advice is the same
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise FIDError(
+        raise UserError(
             f"FID Inception weights {WEIGHTS_NAME} are not in {path.parent} and could not be downloaded "
             f"({type(e).__name__}: {e}). Download {WEIGHTS_URL} and put it in {path.parent}/ "
             f"(or pass --weights PATH)"
@@ -249,12 +247,12 @@ def load_weights(model, weights):
         try:
             state = torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise FIDError(f"cannot read weights file {weights}: {type(e).__name__}: {e}") from None
+            raise UserError(f"cannot read weights file {weights}: {type(e).__name__}: {e}") from None
         sha = sha256_file(weights)
     else:
         state = weights
     if not isinstance(state, dict):
-        raise FIDError(f"weights {name}: expected a state dict, got {type(state).__name__}")
+        raise UserError(f"weights {name}: expected a state dict, got {type(state).__name__}")
 
     expected = model.state_dict()
     # older checkpoints predate BatchNorm's num_batches_tracked counter, which eval mode never reads
@@ -274,7 +272,7 @@ def load_weights(model, weights):
     if bad_shape:
         problems.append(f"wrong shape for {_some(bad_shape)}")
     if problems:
-        raise FIDError(f"weights {name} do not fit the FID Inception: " + "; ".join(problems))
+        raise UserError(f"weights {name} do not fit the FID Inception: " + "; ".join(problems))
 
     state = dict(state)
     for k in optional:
@@ -325,12 +323,12 @@ def exact_fp32():
 def _as_rgb_nhwc(arr, label):
     """uint8 (N, H, W[, C]) -> (N, H, W, 3), mirroring PIL's convert('RGB')."""
     if arr.dtype != np.uint8:
-        raise FIDError(f"{label}: images must be uint8 in [0, 255], got {arr.dtype}")
+        raise UserError(f"{label}: images must be uint8 in [0, 255], got {arr.dtype}")
     if arr.ndim == 3:
         arr = arr[..., None]
     if arr.ndim != 4 or arr.shape[-1] not in (1, 3, 4):
         hint = " (channels-first? expected N,H,W,C)" if arr.ndim == 4 and arr.shape[1] in (1, 3, 4) else ""
-        raise FIDError(f"{label}: expected images of shape (N, H, W, 3), got {arr.shape}{hint}")
+        raise UserError(f"{label}: expected images of shape (N, H, W, 3), got {arr.shape}{hint}")
     if arr.shape[-1] == 1:
         arr = np.repeat(arr, 3, axis=-1)
     return arr[..., :3]  # RGBA -> RGB drops alpha, as PIL does
@@ -341,17 +339,17 @@ def _load_npz_images(path):
         with np.load(path, allow_pickle=False) as f:
             keys = list(f.files)
             if "mu" in keys and "sigma" in keys:
-                raise FIDError(f"{path} holds statistics (mu, sigma), not images")
+                raise UserError(f"{path} holds statistics (mu, sigma), not images")
             if "images" in keys:
                 arr = f["images"]
             elif len(keys) == 1:
                 arr = f[keys[0]]
             else:
-                raise FIDError(f"{path}: no 'images' array among keys {keys}")
-    except FIDError:
+                raise UserError(f"{path}: no 'images' array among keys {keys}")
+    except UserError:
         raise
     except Exception as e:  # not a zip, truncated, pickled objects, ...
-        raise FIDError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        raise UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     return _as_rgb_nhwc(arr, str(path))
 
 
@@ -397,17 +395,17 @@ class ImageSource:
             path = Path(source)
             self.label = str(path)
             if not path.exists():
-                raise FIDError(f"path not found: {path}")
+                raise UserError(f"path not found: {path}")
             if path.is_dir():
                 self.kind, self.files = "folder", _list_images(path)
                 if not self.files:
-                    raise FIDError(f"{path}: no images found ({'/'.join(IMAGE_EXTENSIONS)}, searched recursively)")
+                    raise UserError(f"{path}: no images found ({'/'.join(IMAGE_EXTENSIONS)}, searched recursively)")
             elif path.suffix.lower() == ".npz":
                 self.kind, self.array = "npz", _load_npz_images(path)
             else:
-                raise FIDError(f"{path}: expected a folder of images or a .npz file")
+                raise UserError(f"{path}: expected a folder of images or a .npz file")
         if len(self) < 2:
-            raise FIDError(f"{self.label}: {len(self)} image(s); FID needs at least 2 (the covariance is undefined)")
+            raise UserError(f"{self.label}: {len(self)} image(s); FID needs at least 2 (the covariance is undefined)")
 
     def __len__(self):
         return len(self.files) if self.files is not None else len(self.array)
@@ -483,10 +481,10 @@ def compute_statistics(source, model, batch_size=50, device=None, num_workers=0,
     if failures:
         _warn(f"{src.label}: skipped {len(failures)} of {len(src)} unreadable images")
         if len(failures) > MAX_FAILED_FRACTION * len(src):
-            raise FIDError(f"{src.label}: {len(failures)} of {len(src)} images are unreadable "
+            raise UserError(f"{src.label}: {len(failures)} of {len(src)} images are unreadable "
                            f"(more than {MAX_FAILED_FRACTION:.0%}); first: {failures[0]}")
     if n < 2:
-        raise FIDError(f"{src.label}: only {n} readable image(s); FID needs at least 2")
+        raise UserError(f"{src.label}: only {n} readable image(s); FID needs at least 2")
     feats = feats[:n]
     meta = dict(
         num_images=n, num_failed=len(failures), resolutions=sorted(resolutions), dims=dims,
@@ -519,15 +517,15 @@ def load_stats(path):
     try:
         with np.load(path, allow_pickle=False) as f:
             if "mu" not in f.files or "sigma" not in f.files:
-                raise FIDError(f"{path}: not a statistics file (needs 'mu' and 'sigma', has {list(f.files)})")
+                raise UserError(f"{path}: not a statistics file (needs 'mu' and 'sigma', has {list(f.files)})")
             data = {k: f[k] for k in f.files}
-    except FIDError:
+    except UserError:
         raise
     except Exception as e:
-        raise FIDError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        raise UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     mu, sigma = data.pop("mu").astype(np.float64), data.pop("sigma").astype(np.float64)
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
-        raise FIDError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
+        raise UserError(f"{path}: mu {mu.shape} and sigma {sigma.shape} do not fit together")
     meta = {}
     for k, v in data.items():
         if k == "resolutions":
@@ -553,7 +551,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     sigma1, sigma2 = (np.atleast_2d(np.asarray(s, dtype=np.float64)) for s in (sigma1, sigma2))
     d1, d2 = len(mu1), len(mu2)
     if d1 != d2 or sigma1.shape != (d1, d1) or sigma2.shape != (d2, d2):
-        raise FIDError(f"statistics do not match: dims {d1} (sigma {sigma1.shape}) vs {d2} (sigma {sigma2.shape})")
+        raise UserError(f"statistics do not match: dims {d1} (sigma {sigma1.shape}) vs {d2} (sigma {sigma2.shape})")
 
     diff = mu1 - mu2
     covmean = _sqrtm(sigma1.dot(sigma2))
@@ -562,11 +560,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         offset = np.eye(d1) * eps
         covmean = _sqrtm((sigma1 + offset).dot(sigma2 + offset))
         if not np.isfinite(covmean).all():
-            raise FIDError("matrix square root is not finite even after regularisation")
+            raise UserError("matrix square root is not finite even after regularisation")
     # round-off can leave a tiny imaginary part; a large one means the inputs are not covariances
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise FIDError(f"sqrtm(sigma1 @ sigma2) has an imaginary component up to "
+            raise UserError(f"sqrtm(sigma1 @ sigma2) has an imaginary component up to "
                            f"{np.abs(covmean.imag).max():.4g}; are these valid covariance matrices?")
         covmean = covmean.real
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
@@ -583,7 +581,7 @@ def _is_stats_file(path):
         with np.load(path, allow_pickle=False) as f:
             return "mu" in f.files and "sigma" in f.files
     except Exception as e:
-        raise FIDError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+        raise UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
 
 
 def _describe(meta, kind):
@@ -623,39 +621,39 @@ def _parser():
 def _run(args):
     paths = args.path
     if args.save_stats is not None and len(paths) != 1:
-        raise FIDError(f"--save-stats takes exactly one input PATH, got {len(paths)}")
+        raise UserError(f"--save-stats takes exactly one input PATH, got {len(paths)}")
     if args.save_stats is None and len(paths) != 2:
-        raise FIDError(f"expected two inputs to compare, got {len(paths)}")
+        raise UserError(f"expected two inputs to compare, got {len(paths)}")
     if args.save_stats is not None and not args.save_stats.lower().endswith(".npz"):
-        raise FIDError(f"--save-stats file name must end in .npz: {args.save_stats}")
+        raise UserError(f"--save-stats file name must end in .npz: {args.save_stats}")
     if args.batch_size < 1:
-        raise FIDError(f"--batch-size must be positive, got {args.batch_size}")
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise FIDError(f"device {device} requested but CUDA is not available")
+        raise UserError(f"device {device} requested but CUDA is not available")
     num_workers = default_num_workers() if args.num_workers is None else args.num_workers
 
     # Open every input before the network is built, so bad paths fail in a second.
     sides = []
     for p in paths:
         if not Path(p).exists():
-            raise FIDError(f"path not found: {p}")
+            raise UserError(f"path not found: {p}")
         if _is_stats_file(p):
             if args.save_stats is not None:
-                raise FIDError(f"{p} already holds statistics")
+                raise UserError(f"{p} already holds statistics")
             sides.append(("stats file", load_stats(p)))
         else:
             sides.append(("images", ImageSource(p)))
 
     stats_dims = {p: s[2]["dims"] for p, (kind, s) in zip(paths, sides) if kind == "stats file"}
     if len(set(stats_dims.values())) > 1:
-        raise FIDError("the statistics files have different dims: "
+        raise UserError("the statistics files have different dims: "
                        + ", ".join(f"{p} has {d}" for p, d in stats_dims.items()))
     dims = args.dims or next(iter(stats_dims.values()), 2048)
     for p, d in stats_dims.items():
         if d != dims:
-            raise FIDError(f"dims mismatch: {p} has dims {d} but --dims is {dims}")
+            raise UserError(f"dims mismatch: {p} has dims {d} but --dims is {dims}")
 
     model = None
     for i, (kind, src) in enumerate(sides):
@@ -692,8 +690,8 @@ def main(argv=None):
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except FIDError as e:
-        print("fid.py: error: " + " ".join(str(e).split()), file=sys.stderr)
+    except UserError as e:
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1
 
 

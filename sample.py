@@ -55,10 +55,10 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
+import fast_sampling
 from data import to_uint8
-from mqvae import (UserError, atomic_path, check, cleanup_distributed, config_to_parser, run_main,
+from utils import (UserError, atomic_path, check, cleanup_distributed, config_to_parser, load_stackformer, run_main,
                    setup_distributed, write_json)
-from stackformer import load_stackformer
 
 
 # -----------------------------------------------------------------------------
@@ -278,13 +278,15 @@ def _sync(device: torch.device):
 
 @torch.no_grad()
 def sample_chunk(model, mqvae, start: int, stop: int, batch_size: int, cond: Optional[torch.Tensor], seed: int,
-                 **sampling) -> Chunk:
+                 use_kv_cache: bool = True, compile: bool = False, reuse: Optional[dict] = None, **settings) -> Chunk:
     """Samples start..stop-1 (stop - start ≤ batch_size) from one generate() call of batch_size rows.
 
     The rows past stop are padding: they repeat the last condition and are thrown away. Rows never
     interact (attention, norms and the sampler are per row), so padding changes no real image;
     it only keeps every call at the same shapes, which makes the generator's draws per row, and
-    the kernels chosen on CUDA, the same for a chunk wherever it is cut.
+    the kernels chosen on CUDA, the same for a chunk wherever it is cut. With the KV cache the chunk
+    is drawn by fast_sampling.generate (CUDA graphs on a GPU), without it by the reference
+    Stackformer.generate(use_kv_cache=False); settings are generate()'s sampling arguments.
     """
     device = model.code_emb.weight.device
     count = stop - start
@@ -295,7 +297,11 @@ def sample_chunk(model, mqvae, start: int, stop: int, batch_size: int, cond: Opt
     generator = torch.Generator(device=device).manual_seed(chunk_seed(seed, start))
     _sync(device)
     t0 = time.perf_counter()
-    codes, positions = model.generate(batch_size=batch_size, cond=cond, generator=generator, **sampling)  # (B, N) each
+    if use_kv_cache:
+        codes, positions = fast_sampling.generate(model, batch_size, cond, generator, compile=compile, reuse=reuse,
+                                                  **settings)                                    # (B, N) each
+    else:
+        codes, positions = model.generate(batch_size, cond, generator=generator, use_kv_cache=False, **settings)
     _sync(device)
     t1 = time.perf_counter()
     # The decoder runs in fp32: it costs one forward pass against the Stackformer's N sequential

@@ -17,9 +17,10 @@ the sequence-reading transformer predicts p_{t+1} and the stacked one predicts v
 H_t + E_p(p_{t+1}). In the code we call the transformer that reads the sequence the *lower* one
 and the transformer stacked on it the *upper* one.
 
-This file holds the model only: config and presets, both transformers with a KV cache,
-conditioning (unconditional, class, text with a word-level tokenizer), `generate()`, and the
-optimizer / FLOPs helpers the training script uses. The training loop is in train_stackformer.py.
+This file holds the model only: config and presets, both transformers, conditioning
+(unconditional, class, text with a word-level tokenizer) and the reference sampler `generate()`
+with a KV cache. The training loop is in train_stackformer.py; fast_sampling.py runs the same
+sampling steps as CUDA graphs with a fused attention kernel.
 
     config = StackformerConfig(**PRESETS["base"], codebook_size=1024, num_positions=1024, seq_len=256)
     model = Stackformer(config)
@@ -36,12 +37,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-
-try:    # ships with torch's CUDA builds on Linux; used for one fused kernel in cached sampling
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
 
 
 # -----------------------------------------------------------------------------
@@ -92,92 +87,6 @@ PRESETS = {
 
 
 # -----------------------------------------------------------------------------
-# KV cache
-
-class KVCache:
-    """Keys and values of one transformer during generation, preallocated for the whole sample.
-
-    Every layer owns K and V tensors of shape (B, n_head, max_len, head_dim). A step writes the
-    keys/values of its new token(s) into fixed slots with `index_copy_` and then attends over the
-    preallocated cache (its first attend_len slots), with a boolean mask that admits slot j for a
-    query in slot s iff j ≤ s. We chose this over slicing `[:, :, :s+1]` because then every decode
-    step has the same shapes and the transformers read their slots from a tensor, never from a
-    Python length: no host sync, nothing to recompile per length, and a transformer step can be
-    captured in a CUDA graph (once the two per-step views taken in Stackformer.lower_step, the slot
-    ids and a_t, are indexed by a device tensor too). The price: a step reads every slot it attends
-    over, written or not. For `base` at batch 64 and N = 256 the whole cache is 1.6 GB in bf16,
-    against 0.6 GB of weights. So steps attend over the first `attend_len` slots only, a Python int
-    that Stackformer.generate raises a few times per sample (see its cache_segments): a handful of
-    shapes, one CUDA graph each, and on average little more than half the cache read per step.
-    On GPUs with Triton, graphed and compiled steps use attend_cache instead ("kernel" form), which
-    writes the new slot itself and reads only the slots written so far.
-
-    Slot layout (filled by Stackformer.lower_step / upper_step):
-      lower transformer, cond none/class: slot t holds step t's input E_v(v_t) + E_p(p_t) + a_t,
-          slot 0 the start step (condition token + start position); max_len = N.
-      lower transformer, cond text: slots 0..L-1 hold the L text tokens, prefilled in one causal
-          pass; slot L-1+t holds image step t ≥ 1; max_len = L + N - 1.
-      upper transformer: slot t holds H_t + E_v(v_{t+1}) (code-first) or H_t + E_p(p_{t+1})
-          (position-first); max_len = N.
-    """
-
-    def __init__(self, n_layer: int, max_len: int, batch_size: int, device, one_query: str = "sdpa"):
-        if one_query not in ONE_QUERY_FORMS:
-            raise ValueError(f"one_query must be one of {ONE_QUERY_FORMS}, got {one_query!r}")
-        if one_query == "kernel" and triton is None:
-            raise ValueError("one_query='kernel' needs Triton, which this torch build lacks; use 'matmul' or 'reduce'")
-        self.max_len = max_len
-        self.one_query = one_query                              # how single-query steps attend (attend_one_query)
-        self.batch_size = batch_size
-        self.slot_ids = torch.arange(max_len, device=device)    # (max_len,)
-        self.attend_len = max_len                               # steps attend over slots < attend_len
-        self.keys: List[Optional[torch.Tensor]] = [None] * n_layer
-        self.values: List[Optional[torch.Tensor]] = [None] * n_layer
-        self.slots: Optional[torch.Tensor] = None               # (S,) slots of the current step
-        self.mask: Optional[torch.Tensor] = None                # (S, attend_len) slots it may attend to
-
-    @property
-    def slot_major_values(self) -> bool:
-        """The reduce form sums V over the slots; stored as (B, n_head, head_dim, max_len), that sum runs
-        along contiguous memory (store still returns the usual (B, n_head, L, head_dim) view)."""
-        return self.one_query == "reduce"
-
-    def begin_step(self, slots: torch.Tensor):
-        self.slots = slots
-        if self.one_query == "kernel" and slots.numel() == 1:
-            self.mask = None        # attend_cache reads the causal limit from slots itself
-        else:
-            self.mask = self.slot_ids[None, :self.attend_len] <= slots[:, None]   # (S, attend_len), causal
-
-    def _allocate(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        # At the first write, so the cache takes the dtype autocast gives k and v.
-        if self.keys[layer] is None:
-            B, n_head, _, head_dim = k.shape
-            self.keys[layer] = k.new_zeros(B, n_head, self.max_len, head_dim)
-            value_shape = (B, n_head, head_dim, self.max_len) if self.slot_major_values else self.keys[layer].shape
-            self.values[layer] = v.new_zeros(value_shape)
-
-    def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_head, S, head_dim) into this step's slots; return the layer's cache, slots < attend_len."""
-        self._allocate(layer, k, v)
-        self.keys[layer].index_copy_(2, self.slots, k)
-        if self.slot_major_values:
-            # Written through the stored tensor itself: through a transposed view of it, inductor
-            # copied the whole cache every step (0.7 ms more a step for `base` at batch 64 on an H200).
-            self.values[layer].index_copy_(3, self.slots, v.transpose(2, 3))
-            values = self.values[layer].transpose(2, 3)
-        else:
-            values = self.values[layer].index_copy_(2, self.slots, v)
-        return self.keys[layer][:, :, :self.attend_len], values[:, :, :self.attend_len]
-
-    def store_and_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """The "kernel" form for one new token (S = 1): store k, v and attend q over the slots up to its own, in
-        one attend_cache call. Returns (B, n_head, 1, head_dim)."""
-        self._allocate(layer, k, v)
-        return attend_cache(q, k, v, self.keys[layer], self.values[layer], self.slots)
-
-
-# -----------------------------------------------------------------------------
 # Transformer blocks (pre-LN, minGPT / taming style, as the official code)
 
 class CausalSelfAttention(nn.Module):
@@ -190,145 +99,19 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional["KVCache"] = None, layer: int = 0) -> torch.Tensor:
         B, S, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=2)
         q = q.view(B, S, self.n_head, d // self.n_head).transpose(1, 2)   # (B, nh, S, hd)
         k = k.view(B, S, self.n_head, d // self.n_head).transpose(1, 2)   # (B, nh, S, hd)
         v = v.view(B, S, self.n_head, d // self.n_head).transpose(1, 2)   # (B, nh, S, hd)
-        dropout_p = self.dropout if self.training else 0.0
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        elif S == 1 and cache.one_query == "kernel":    # a decode step, graphed or compiled, on a GPU
-            y = cache.store_and_attend(layer, q, k, v)
-        else:
-            k, v = cache.store(layer, k, v)                               # (B, nh, attend_len, hd)
-            if S == 1 and cache.one_query != "sdpa":    # the same without Triton (see attend_one_query)
-                y = attend_one_query(q, k, v, cache.mask, cache.one_query)
-            else:
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask, dropout_p=dropout_p)
+        if cache is None:       # training: the whole sequence at once
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
+                                               is_causal=True)
+        else:                   # generation: only the new token(s); the cache holds the earlier ones
+            y = cache.attend(layer, q, k, v)
         y = y.transpose(1, 2).reshape(B, S, d)                            # (B, S, d)
         return self.resid_drop(self.proj(y))
-
-
-ONE_QUERY_FORMS = ("sdpa", "matmul", "reduce", "kernel")
-
-
-def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     form: str = "matmul") -> torch.Tensor:
-    """softmax(q·kᵀ/√hd) · v for one query per sequence, q (B, nh, 1, hd), over the cache's slots
-    k, v (B, nh, L, hd) where mask (1, L) is True; scores and softmax in fp32.
-
-    The same attention as scaled_dot_product_attention with that mask. SDPA's fused kernels tile
-    the queries in blocks of 64, so with a single query most of their work is wasted; a decode step
-    mostly streams K and V from memory. Two ways to write it:
-      "matmul": two batched matrix-vector products. For a step replayed as a CUDA graph of eager
-          kernels: on an H200 (base, batch 64, bf16, graph, compiled) a step took 2.28 ms with SDPA
-          and 2.00 ms with this.
-      "reduce": elementwise products summed over hd, then over L. Only for a compiled step, where
-          inductor fuses each into one reduction that reads K (or V) once: 1.77 ms a step against
-          1.92 ms for "matmul" (base, batch 64, N = 256, four cache runs). With V stored slots-last
-          (KVCache), its V reductions took 234 µs a step in place of 330. Run eagerly it would
-          materialise (B, nh, L, hd) fp32 products.
-    In a plain eager loop, bound by the CPU launching kernels, either costs more kernels than it
-    saves, so eager steps keep SDPA's one. On GPUs with Triton, graphed and compiled steps use the
-    attend_cache kernel below instead; these forms are what runs without it (decode_attention_form).
-    """
-    scale = q.size(-1) ** -0.5
-    if form == "reduce":
-        scores = (q.float() * k.float()).sum(-1).unsqueeze(-2) * scale                 # (B, nh, 1, L)
-    else:
-        scores = (q @ k.transpose(-1, -2)).float() * scale                             # (B, nh, 1, L)
-    weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
-    if form == "reduce":
-        return (weights.transpose(-1, -2) * v.float()).sum(-2, keepdim=True).to(v.dtype)   # (B, nh, 1, hd)
-    return weights.to(v.dtype) @ v                                                      # (B, nh, 1, hd)
-
-
-# A decode step's attention and cache write as one kernel. Graphed or compiled, the forms above take
-# five kernels or more per layer (two cache writes, scores, softmax statistics, weighted sum of V),
-# each a launch and a pass over memory, and they read every slot a run attends over, written or not. This
-# kernel does the same for one query per sequence: a program per (sequence, head) writes the new key
-# and value into slot s, then streams the head's cached K and V rows for slots 0..s-1 once, BLOCK
-# slots at a time, keeping a running max, softmax denominator and weighted sum of V (the online
-# softmax of flash attention), all in fp32; slot s itself it takes from the new key and value in
-# registers. It reads s from device memory, so a graph replays it for every step, and no slot beyond
-# s. Its sums run in a fixed order: the same inputs give the same bits in every process (nothing is
-# autotuned). Block and warps: picked from twelve settings timed on an H200 (see attend_cache).
-CACHE_ATTENTION_BLOCK = 128     # slots per iteration
-CACHE_ATTENTION_WARPS = 2
-
-if triton is not None:
-    @triton.jit
-    def _attend_cache_kernel(q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, out_ptr, slot_ptr, scale,
-                             n_head, head_dim, q_stride_b, q_stride_h, k_stride_b, k_stride_h,
-                             v_stride_b, v_stride_h, cache_stride_b, cache_stride_h, cache_stride_l,
-                             HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
-        program = tl.program_id(0)                 # one (sequence b, head h)
-        b, h = program // n_head, program % n_head
-        dims = tl.arange(0, HEAD_DIM)              # HEAD_DIM: head_dim rounded up to a power of 2
-        in_head = dims < head_dim
-        q = tl.load(q_ptr + b * q_stride_b + h * q_stride_h + dims, mask=in_head, other=0.0).to(tl.float32) * scale
-        k_new = tl.load(k_ptr + b * k_stride_b + h * k_stride_h + dims, mask=in_head, other=0.0)
-        v_new = tl.load(v_ptr + b * v_stride_b + h * v_stride_h + dims, mask=in_head, other=0.0)
-        slot = tl.load(slot_ptr)
-        k_cache_ptr += b * cache_stride_b + h * cache_stride_h
-        v_cache_ptr += b * cache_stride_b + h * cache_stride_h
-        tl.store(k_cache_ptr + slot * cache_stride_l + dims, k_new, mask=in_head)
-        tl.store(v_cache_ptr + slot * cache_stride_l + dims, v_new, mask=in_head)
-        # Start from slot s alone: its score is the running max, its weight exp(0) = 1.
-        running_max = tl.sum(k_new.to(tl.float32) * q, axis=0)
-        denominator = tl.full([], 1.0, tl.float32)
-        weighted_v = v_new.to(tl.float32)
-        for start in range(0, slot, BLOCK):        # then slots 0..s-1 from the cache
-            slots = start + tl.arange(0, BLOCK)
-            written = slots < slot
-            rows = written[:, None] & in_head[None, :]
-            offsets = slots[:, None] * cache_stride_l + dims[None, :]
-            k = tl.load(k_cache_ptr + offsets, mask=rows, other=0.0)
-            v = tl.load(v_cache_ptr + offsets, mask=rows, other=0.0)
-            scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)                   # (BLOCK,)
-            scores = tl.where(written, scores, float("-inf"))
-            new_max = tl.maximum(running_max, tl.max(scores, axis=0))
-            rescale = tl.exp(running_max - new_max)
-            weights = tl.exp(scores - new_max)                                       # (BLOCK,)
-            denominator = denominator * rescale + tl.sum(weights, axis=0)
-            weighted_v = weighted_v * rescale + tl.sum(weights[:, None] * v.to(tl.float32), axis=0)
-            running_max = new_max
-        out = weighted_v / denominator
-        tl.store(out_ptr + program * head_dim + dims, out.to(out_ptr.dtype.element_ty), mask=in_head)
-
-
-@torch.library.custom_op("stackformer::attend_cache", mutates_args=("k_cache", "v_cache"))
-def attend_cache(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
-                 v_cache: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
-    """Write k, v into slot s of the caches, then softmax(q·kᵀ/√hd) · v over cache slots 0..s.
-
-    q, k, v (B, nh, 1, hd), one new token per sequence; k_cache, v_cache (B, nh, L, hd) with equal
-    strides; slot (1,) int64 on the same device, s < L. Every head_dim row must be contiguous.
-    Returns (B, nh, 1, hd) in q's dtype. The Triton kernel above; a custom op so that torch.compile
-    calls it as it is inside a compiled step. On an H200 (bf16, B 64, 16 heads of 64, timed in a CUDA
-    graph) it took 7.3, 9.7 and 26.3 µs at s = 63, 127 and 255, cache writes included, against 29.8,
-    33.4 and 46.1 µs for attend_one_query's matmul form over s + 1 slots without them. Of the twelve
-    settings timed (BLOCK 32-256, 1-4 warps) none was fastest at every s; the others took 5.5-57.7 µs."""
-    B, n_head, _, head_dim = q.shape
-    if k_cache.stride() != v_cache.stride() or q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1 \
-            or k_cache.stride(-1) != 1:
-        raise ValueError("attend_cache needs contiguous head_dim rows and K and V caches of equal strides")
-    if k_cache.numel() >= 2 ** 31:      # the kernel's offsets are 32-bit
-        raise ValueError(f"a KV cache of {k_cache.numel()} elements is too large for attend_cache; sample in smaller batches")
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    _attend_cache_kernel[(B * n_head,)](
-        q, k, v, k_cache, v_cache, out, slot, head_dim ** -0.5, n_head, head_dim,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        HEAD_DIM=triton.next_power_of_2(head_dim), BLOCK=CACHE_ATTENTION_BLOCK, num_warps=CACHE_ATTENTION_WARPS)
-    return out
-
-
-@attend_cache.register_fake
-def _(q, k, v, k_cache, v_cache, slot):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 class MLP(nn.Module):
@@ -353,7 +136,7 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache: Optional[KVCache] = None, layer: int = 0):
+    def forward(self, x, cache: Optional["KVCache"] = None, layer: int = 0):
         x = x + self.attn(self.ln_1(x), cache, layer)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -366,7 +149,7 @@ class CausalTransformer(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList([Block(config) for _ in range(n_layer)])
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None,
+    def forward(self, x: torch.Tensor, cache: Optional["KVCache"] = None,
                 slots: Optional[torch.Tensor] = None) -> torch.Tensor:
         # Training: x is the whole sequence (B, S, d). Generation: x holds only the new token(s),
         # which go to `slots` of `cache`.
@@ -514,18 +297,19 @@ class Stackformer(nn.Module):
         pos_ce = F.cross_entropy(pos_logits.flatten(0, 1), positions.flatten())
         return code_ce + self.config.pos_weight * pos_ce, code_ce, pos_ce
 
-    # --- cached generation: one new token per step in each transformer
+    # --- sampling (the reference sampler; fast_sampling.py replays sample_step as a CUDA graph)
 
-    def new_kv_caches(self, batch_size: int, one_query: str = "sdpa") -> Tuple[KVCache, KVCache]:
+    def new_kv_caches(self, batch_size: int, cache_class=None) -> Tuple["KVCache", "KVCache"]:
         """Empty caches for the lower and the upper transformer (slot layout: see KVCache)."""
+        cache_class = cache_class or KVCache
         device = self.code_emb.weight.device
         N = self.config.seq_len
-        lower = KVCache(len(self.lower.blocks), self.prefix_len + N - 1, batch_size, device, one_query)
-        upper = KVCache(len(self.upper.blocks), N, batch_size, device, one_query)
+        lower = cache_class(len(self.lower.blocks), self.prefix_len + N - 1, batch_size, device)
+        upper = cache_class(len(self.upper.blocks), N, batch_size, device)
         return lower, upper
 
     @torch.no_grad()
-    def lower_step(self, cache: KVCache, t, prev_code: Optional[torch.Tensor],
+    def lower_step(self, cache: "KVCache", t, prev_code: Optional[torch.Tensor],
                    prev_position: Optional[torch.Tensor], cond: Optional[torch.Tensor]) -> torch.Tensor:
         """H_t (B, d) from step t's input alone; the cache holds steps < t.
 
@@ -545,29 +329,35 @@ class Stackformer(nn.Module):
         return self.lower(self.drop(x[:, None]), cache, t + offset)[:, -1]
 
     @torch.no_grad()
-    def upper_step(self, cache: KVCache, t, h: torch.Tensor, lower_token: torch.Tensor) -> torch.Tensor:
+    def upper_step(self, cache: "KVCache", t, h: torch.Tensor, lower_token: torch.Tensor) -> torch.Tensor:
         """Upper hidden state (B, d) at step t (int or (1,) tensor) from H_t (B, d) and the chosen next lower token (B,)."""
         t = torch.as_tensor(t, device=cache.slot_ids.device).reshape(1)
         x = (h + self.embed_lower_prediction(lower_token))[:, None]     # (B, 1, d)
         return self.upper(x, cache, t)[:, 0]
 
-    def generate(self, *args, **kwargs) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Sample N (code, position) pairs per image; see _generate for the arguments.
-
-        Runs with reproducible attention kernels only (see reproducible_attention): the same
-        generator seed gives the same tokens, run after run."""
-        with reproducible_attention(), room_for_compiled_steps():
-            return self._generate(*args, **kwargs)
+    @torch.no_grad()
+    def sample_step(self, sampler: "Sampler", caches: Tuple["KVCache", "KVCache"], t, cond=None):
+        """Step t of cached sampling: the lower prediction (the code; the position for Stackformer_r) is
+        drawn from H_t, then the upper one from H_t plus the drawn token. Step 0 reads the condition
+        (t a Python 0); for t ≥ 1, t may be a (1,) device tensor (see lower_step)."""
+        lower_cache, upper_cache = caches
+        if isinstance(t, int) and t == 0:
+            h = self.lower_step(lower_cache, 0, None, None, cond)
+        else:
+            prev = torch.as_tensor(t, device=sampler.codes.device).reshape(1) - 1
+            h = self.lower_step(lower_cache, t, sampler.codes.index_select(1, prev)[:, 0],
+                                sampler.positions.index_select(1, prev)[:, 0], None)
+        lower_token = sampler.draw(self.lower_head(h), t, is_code=self.code_first)
+        g = self.upper_step(upper_cache, t, h, lower_token)
+        sampler.draw(self.upper_head(g), t, is_code=not self.code_first)
 
     @torch.no_grad()
-    def _generate(self, batch_size: Optional[int] = None, cond: Optional[torch.Tensor] = None,
-                  temperature: float = 1.0, top_k: Optional[int] = 100, top_p: Optional[float] = 0.95,
-                  pos_temperature: Optional[float] = None, pos_top_k: Optional[int] = 10,
-                  pos_top_p: Optional[float] = 0.95, position_rule: Optional[str] = None,
-                  greedy: bool = False, use_kv_cache: bool = True,
-                  generator: Optional[torch.Generator] = None,
-                  cuda_graph: Optional[bool] = None, compile: bool = False,
-                  cache_segments: Optional[int] = None, reuse: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def generate(self, batch_size: Optional[int] = None, cond: Optional[torch.Tensor] = None,
+                 temperature: float = 1.0, top_k: Optional[int] = 100, top_p: Optional[float] = 0.95,
+                 pos_temperature: Optional[float] = None, pos_top_k: Optional[int] = 10,
+                 pos_top_p: Optional[float] = 0.95, position_rule: Optional[str] = None, greedy: bool = False,
+                 use_kv_cache: bool = True, generator: Optional[torch.Generator] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Sample N (code, position) pairs per image: codes (B, N), positions (B, N).
 
         Each step samples the code, then its position (the reverse for Stackformer_r). Logits are
@@ -575,177 +365,32 @@ class Stackformer(nn.Module):
         position_rule: "increasing" (positions strictly increase and leave room for the remaining
         steps, like the raster-ordered training data) or "unique" (official: only no repeats).
         None picks "increasing" for raster-order models and "unique" for importance-order ones.
-        use_kv_cache=False recomputes the whole prefix every step (reference path for checks).
-        generator: a torch.Generator on the model's device, for reproducible samples. All the
-        randomness of the N steps is drawn from it up front, so the cached, uncached and
-        CUDA-graph paths consume exactly the same noise.
-        cuda_graph: replay steps 2..N as captured CUDA graphs, one per cache run (default: on CUDA
-        with the KV cache, when no autocast is active; cast the model to bf16 instead of using
-        autocast). A step launches a few hundred small kernels; replaying them as a graph removes
-        the per-kernel CPU cost.
-        Eager steps attend with SDPA; graphed and compiled ones with the attend_cache kernel on a GPU
-        with Triton, else with attend_one_query's matmul (graphed) or reduce (compiled) form.
-        compile: torch.compile the per-step function of the KV-cache path first (then captured in the
-        CUDA graph): fewer, fused kernels per step, at the price of compiling first, once per cache
-        run (22 s for `base` with attend_cache's one run on an H200); each batch size compiles anew.
-        With reuse, `base` at N = 256 and batch 64 sampled 194 img/s compiled against 153 graphed.
-        Its arithmetic differs from the eager step's, so the samples differ too; calls in one process
-        repeat exactly. Inductor tunes its kernels when it first builds them: with the reduce form, two
-        processes that each compiled afresh drew different codes on H200s; with attend_cache, the one
-        such pair checked drew the same codes.
-        cache_segments: with the KV cache, steps 1..N-1 run in at most this many runs (cache_runs);
-        a run's steps attend over the cache slots written by the run's end, not over all N (each
-        run is one CUDA graph capture, and one compilation with compile). 1 reads the whole cache
-        every step. Default: 1 with attend_cache, which reads only the written slots anyway; 4 for the
-        matmul and reduce forms (on an H200, base, N = 256, graphed, matmul form: batch 256 231 img/s
-        against 203 with 1, batch 64 the same 94); 1 for eager steps (a plain loop is bound by the CPU;
-        there runs cost more than they save: 20.5 img/s against 25.1 at batch 64, measured with an
-        earlier version of the runs whose lengths were not multiples of 16).
-        Changing it changes the order of float sums, so samples can differ in the last bits.
-        reuse: a dict owned by the caller, for many calls of one shape (sample.py's chunks). The first
-        call stores its buffers and CUDA graphs in it; a later call with the same batch size, settings
-        and parameter storage replays those graphs instead of warming up and capturing again. Tokens
-        are the same either way (checked on an H200, graphed and compiled). There, for `base` at
-        N = 256 and before attend_cache, it took graphed sampling from 92.5 to 105.1 img/s at batch 64
-        and from 219.3 to 249.7 at batch 256, compiled sampling from 131.6 to 150.1 at batch 64 (three
-        timed calls after one untimed call, with and without a kept dict). Other calls replace its contents; drop the dict
-        to free the memory. KV-cache path only.
-        The model is put in eval mode for sampling and restored afterwards.
+        generator: a torch.Generator on the model's device. All the randomness of the N steps is drawn
+        from it up front (Sampler), so every path consumes the same noise: the same seed gives the same
+        tokens with and without the KV cache, and in fast_sampling.generate.
+        use_kv_cache=False recomputes the whole prefix every step (the reference for checking the cache).
+        Runs with reproducible attention kernels only (see reproducible_attention); the model is put
+        in eval mode for sampling and restored afterwards.
         """
-        cfg = self.config
-        if cond is not None:
-            if batch_size is not None and batch_size != cond.size(0):
-                raise ValueError(f"batch_size {batch_size} but cond has {cond.size(0)} rows")
-            batch_size = cond.size(0)
-        if batch_size is None:
-            raise ValueError("give batch_size (unconditional) or cond")
-        rule = position_rule or ("increasing" if cfg.order == "raster" else "unique")
-        if rule not in ("increasing", "unique"):
-            raise ValueError(f"position_rule must be increasing or unique, got {rule!r}")
-        pos_temperature = temperature if pos_temperature is None else pos_temperature
-        device = self.code_emb.weight.device
-        B, N, T, V = batch_size, cfg.seq_len, cfg.num_positions, cfg.codebook_size
-        if cuda_graph is None:
-            cuda_graph = device.type == "cuda" and use_kv_cache and not torch.is_autocast_enabled()
-        if cuda_graph and not (device.type == "cuda" and use_kv_cache):
-            raise ValueError("cuda_graph needs a CUDA model and use_kv_cache=True")
-
-        one_query = decode_attention_form(device, cuda_graph, compile)
-        if cache_segments is None:      # attend_cache reads the written slots only: runs would save nothing
-            cache_segments = 4 if one_query in ("matmul", "reduce") else 1
-        # What a kept sampler (reuse) was built for; parameters moved or re-allocated invalidate its graphs.
-        key = (B, temperature, top_k, top_p, pos_temperature, pos_top_k, pos_top_p, rule, greedy, cuda_graph,
-               compile, cache_segments, str(device), tuple(p.data_ptr() for p in self.parameters()))
-        kept = reuse if reuse is not None and use_kv_cache and reuse.get("key") == key else None
-        if kept is not None:
-            codes, positions, code_noise, pos_noise, t_now, lower_cache, upper_cache = kept["buffers"]
-        else:
-            codes = torch.zeros(B, N, dtype=torch.long, device=device)
-            positions = torch.zeros(B, N, dtype=torch.long, device=device)
-            code_noise = pos_noise = None
-            if not greedy:
-                code_noise, pos_noise = torch.empty(N, B, V, device=device), torch.empty(N, B, T, device=device)
-        noise = None
-        if not greedy:  # Exp(1) draws for the categorical "race" of sample_token, one set per step
-            code_noise.exponential_(1.0, generator=generator)
-            pos_noise.exponential_(1.0, generator=generator)
-            noise = (code_noise, pos_noise) if self.code_first else (pos_noise, code_noise)
-
-        def pick(logits, t, which):
-            """which 0: the lower prediction, 1: the upper one; t int or (1,) tensor."""
-            is_code = (which == 0) == self.code_first
-            if not is_code:
-                logits = logits.masked_fill(forbidden_positions(positions, t, T, rule), float("-inf"))
-            race = noise[which].index_select(0, torch.as_tensor(t, device=device).reshape(1))[0] if noise else None
-            if is_code:
-                return sample_token(logits, temperature, top_k, top_p, greedy, noise=race)
-            return sample_token(logits, pos_temperature, pos_top_k, pos_top_p, greedy, noise=race)
-
-        def record(token, t, which):
-            target = codes if (which == 0) == self.code_first else positions
-            target.index_copy_(1, torch.as_tensor(t, device=device).reshape(1), token[:, None])
-
+        sampler = Sampler(self, batch_size, cond, temperature, top_k, top_p, pos_temperature, pos_top_k, pos_top_p,
+                          position_rule, greedy)
+        sampler.draw_noise(generator)
         was_training = self.training
         self.eval()
-        if not use_kv_cache:
-            for t in range(N):
-                h_all = self._lower(codes[:, :t], positions[:, :t], cond)           # (B, t+1, d)
-                h = h_all[:, -1]
-                lower_token = pick(self.lower_head(h), t, 0)
-                record(lower_token, t, 0)
-                lower_tokens = codes if self.code_first else positions
-                g = self._upper(h_all, lower_tokens[:, :t + 1])[:, -1]
-                record(pick(self.upper_head(g), t, 1), t, 1)
-            self.train(was_training)
-            return codes, positions
-
-        if kept is None:
-            lower_cache, upper_cache = self.new_kv_caches(B, one_query)
-            t_now = torch.zeros(1, dtype=torch.long, device=device)   # the step counter, on the device
-
-        def step():
-            """One step t = t_now ≥ 1, entirely from device tensors; advances t_now."""
-            prev = t_now - 1
-            h = self.lower_step(lower_cache, t_now, codes.index_select(1, prev)[:, 0],
-                                positions.index_select(1, prev)[:, 0], None)
-            lower_token = pick(self.lower_head(h), t_now, 0)
-            record(lower_token, t_now, 0)
-            g = self.upper_step(upper_cache, t_now, h, lower_token)
-            record(pick(self.upper_head(g), t_now, 1), t_now, 1)
-            t_now.add_(1)
-
-        if compile:
-            step = torch.compile(step, fullgraph=True, dynamic=False)
-        graphs = kept["graphs"] if kept is not None else {}     # run -> its captured step (over these buffers)
-
-        # Step 0 reads the condition (a whole caption for text) and fills the caches' first slots.
-        h = self.lower_step(lower_cache, 0, None, None, cond)
-        lower_token = pick(self.lower_head(h), 0, 0)
-        record(lower_token, 0, 0)
-        g = self.upper_step(upper_cache, 0, h, lower_token)
-        record(pick(self.upper_head(g), 0, 1), 0, 1)
-        t_now.fill_(1)
-        # Steps 1..N-1 run in at most cache_segments runs; during a run the transformers attend over the cache
-        # slots up to the run's last step only (KVCache.attend_len), so the shapes stay fixed per run.
-        first = 1
-        for run, (last, lower_len, upper_len) in enumerate(cache_runs(N, self.prefix_len, cache_segments)):
-            lower_cache.attend_len, upper_cache.attend_len = lower_len, upper_len
-            count = last - first + 1        # steps first..last
-            first = last + 1
-            if not cuda_graph:
-                for _ in range(count):
-                    step()
-                continue
-            if run in graphs:       # captured by an earlier call (reuse)
-                for _ in range(count):
-                    graphs[run].replay()
-                continue
-            # Real steps run on a side stream before the first capture, as CUDA graphs require; a
-            # compiled step also runs once for each new run's shapes, so it compiles outside capture.
-            warmup = min(2 if run == 0 else int(compile), count)
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    step()
-            torch.cuda.current_stream(device).wait_stream(side)
-            if count > warmup:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    step()          # recorded, not run: every replay is one more step
-                for _ in range(count - warmup):
-                    graph.replay()
-                if reuse is not None:
-                    graphs[run] = graph
-                del graph
+        with reproducible_attention():
+            if use_kv_cache:
+                caches = self.new_kv_caches(sampler.batch_size)
+                for t in range(self.config.seq_len):
+                    self.sample_step(sampler, caches, t, cond)
+            else:
+                lower_tokens = sampler.codes if self.code_first else sampler.positions
+                for t in range(self.config.seq_len):
+                    h = self._lower(sampler.codes[:, :t], sampler.positions[:, :t], cond)   # (B, t+1, d)
+                    sampler.draw(self.lower_head(h[:, -1]), t, is_code=self.code_first)
+                    g = self._upper(h, lower_tokens[:, :t + 1])[:, -1]
+                    sampler.draw(self.upper_head(g), t, is_code=not self.code_first)
         self.train(was_training)
-        if reuse is None:
-            return codes, positions
-        if kept is None:
-            reuse.clear()
-            reuse.update(key=key, buffers=(codes, positions, code_noise, pos_noise, t_now, lower_cache, upper_cache),
-                         graphs=graphs)
-        return codes.clone(), positions.clone()     # the kept buffers are overwritten by the next call
+        return sampler.codes, sampler.positions
 
     # --- bookkeeping
 
@@ -778,7 +423,103 @@ class Stackformer(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Sampling helpers
+# Sampling: the KV cache, the per-step draw, the position rules
+
+class KVCache:
+    """Keys and values of one transformer during generation, preallocated for the whole sample.
+
+    Every layer owns K and V tensors of shape (B, n_head, max_len, head_dim). A step writes the keys
+    and values of its new token(s) into fixed slots with `index_copy_` and attends over the whole
+    cache with a causal mask (slot j is visible from slot s iff j ≤ s), rather than over a slice
+    `[:, :, :s+1]`: every step then has the same shapes and reads its slot numbers from a tensor,
+    never from a Python int, so a step can be compiled and captured in a CUDA graph as it is
+    (fast_sampling.py). The price, reading unwritten slots too, is what fast_sampling's kernel saves.
+
+    Slot layout (filled by Stackformer.lower_step / upper_step):
+      lower transformer, cond none/class: slot t holds step t's input E_v(v_t) + E_p(p_t) + a_t,
+          slot 0 the start step (condition token + start position); max_len = N.
+      lower transformer, cond text: slots 0..L-1 hold the L text tokens, prefilled in one causal
+          pass; slot L-1+t holds image step t ≥ 1; max_len = L + N - 1.
+      upper transformer: slot t holds H_t + E_v(v_{t+1}) (code-first) or H_t + E_p(p_{t+1})
+          (position-first); max_len = N.
+    """
+
+    def __init__(self, n_layer: int, max_len: int, batch_size: int, device):
+        self.max_len, self.batch_size = max_len, batch_size
+        self.slot_ids = torch.arange(max_len, device=device)    # (max_len,)
+        self.keys: List[Optional[torch.Tensor]] = [None] * n_layer
+        self.values: List[Optional[torch.Tensor]] = [None] * n_layer
+        self.slots: Optional[torch.Tensor] = None               # (S,) slots of the current step
+        self.mask: Optional[torch.Tensor] = None                # (S, max_len) slots it may attend to
+
+    def begin_step(self, slots: torch.Tensor):
+        self.slots = slots
+        self.mask = self.slot_ids[None, :] <= slots[:, None]    # (S, max_len), causal
+
+    def allocate(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        # At the first write, so that the cache takes the dtype autocast gives k and v.
+        if self.keys[layer] is None:
+            B, n_head, _, head_dim = k.shape
+            self.keys[layer] = k.new_zeros(B, n_head, self.max_len, head_dim)
+            self.values[layer] = v.new_zeros(B, n_head, self.max_len, head_dim)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write k, v (B, n_head, S, head_dim) into this step's slots, then attend q over the cache."""
+        self.allocate(layer, k, v)
+        self.keys[layer].index_copy_(2, self.slots, k)
+        self.values[layer].index_copy_(2, self.slots, v)
+        return F.scaled_dot_product_attention(q, self.keys[layer], self.values[layer], attn_mask=self.mask)
+
+
+class Sampler:
+    """One batch being sampled: the settings, the tokens drawn so far, codes (B, N) and positions (B, N),
+    and the random numbers of all N steps, drawn up front by draw_noise. Drawing them up front is what
+    lets the cached, uncached and graphed paths consume exactly the same noise, and keeps the step
+    loop free of host syncs."""
+
+    def __init__(self, model: "Stackformer", batch_size: Optional[int], cond: Optional[torch.Tensor],
+                 temperature: float = 1.0, top_k: Optional[int] = 100, top_p: Optional[float] = 0.95,
+                 pos_temperature: Optional[float] = None, pos_top_k: Optional[int] = 10,
+                 pos_top_p: Optional[float] = 0.95, position_rule: Optional[str] = None, greedy: bool = False):
+        cfg = model.config
+        if cond is not None:
+            if batch_size is not None and batch_size != cond.size(0):
+                raise ValueError(f"batch_size {batch_size} but cond has {cond.size(0)} rows")
+            batch_size = cond.size(0)
+        if batch_size is None:
+            raise ValueError("give batch_size (unconditional) or cond")
+        rule = position_rule or ("increasing" if cfg.order == "raster" else "unique")
+        if rule not in ("increasing", "unique"):
+            raise ValueError(f"position_rule must be increasing or unique, got {rule!r}")
+        self.code_filter = (temperature, top_k, top_p)
+        self.pos_filter = (temperature if pos_temperature is None else pos_temperature, pos_top_k, pos_top_p)
+        self.rule, self.greedy, self.batch_size = rule, greedy, batch_size
+        device = model.code_emb.weight.device
+        B, N, T, V = batch_size, cfg.seq_len, cfg.num_positions, cfg.codebook_size
+        self.codes = torch.zeros(B, N, dtype=torch.long, device=device)
+        self.positions = torch.zeros(B, N, dtype=torch.long, device=device)
+        # Exp(1) draws for the categorical "race" of sample_token, one set per step
+        self.code_noise = None if greedy else torch.empty(N, B, V, device=device)
+        self.pos_noise = None if greedy else torch.empty(N, B, T, device=device)
+
+    def draw_noise(self, generator: Optional[torch.Generator] = None):
+        if not self.greedy:
+            self.code_noise.exponential_(1.0, generator=generator)
+            self.pos_noise.exponential_(1.0, generator=generator)
+
+    def draw(self, logits: torch.Tensor, t, is_code: bool) -> torch.Tensor:
+        """Draw step t's code or position (B,) from logits (B, V or T) and record it; t int or (1,) tensor."""
+        t = torch.as_tensor(t, device=logits.device).reshape(1)
+        tokens, noise = (self.codes, self.code_noise) if is_code else (self.positions, self.pos_noise)
+        temperature, top_k, top_p = self.code_filter if is_code else self.pos_filter
+        if not is_code:
+            logits = logits.masked_fill(forbidden_positions(self.positions, t, logits.size(-1), self.rule),
+                                        float("-inf"))
+        race = None if noise is None else noise.index_select(0, t)[0]                   # (B, K)
+        token = sample_token(logits, temperature, top_k, top_p, self.greedy, noise=race)
+        tokens.index_copy_(1, t, token[:, None])
+        return token
+
 
 def reproducible_attention():
     """Restrict scaled_dot_product_attention to backends whose forward pass is bitwise reproducible.
@@ -789,35 +530,6 @@ def reproducible_attention():
     attention, which takes no mask, stays allowed for the unmasked causal passes. cuDNN is left out.
     """
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
-
-
-COMPILED_STEPS = 64     # compiled sampling steps kept (one per batch size and cache run)
-
-
-def room_for_compiled_steps():
-    """Raise torch.compile's limit on compiled versions of one function (8 by default; a fullgraph
-    compile fails past it) to COMPILED_STEPS while sampling: generate(compile=True) compiles its
-    step once per batch size and cache run, so two batch sizes of four runs already fill 8."""
-    import torch._dynamo        # not loaded by `import torch` in every version
-    name = recompile_limit_name()
-    return torch._dynamo.config.patch(**{name: max(getattr(torch._dynamo.config, name), COMPILED_STEPS)})
-
-
-def recompile_limit_name() -> str:
-    """The torch._dynamo.config entry that bounds the compiled versions of a function."""
-    import torch._dynamo
-    return "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"   # torch < 2.6
-
-
-def decode_attention_form(device, cuda_graph: bool, compile: bool) -> str:
-    """How generate()'s cached steps attend (KVCache.one_query): the attend_cache kernel for graphed
-    or compiled steps on a GPU with Triton; without Triton attend_one_query's "reduce" form when
-    compiled, its "matmul" form when graphed; SDPA in a plain eager loop."""
-    if not (cuda_graph or compile):
-        return "sdpa"
-    if triton is not None and torch.device(device).type == "cuda":
-        return "kernel"
-    return "reduce" if compile else "matmul"
 
 
 def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
@@ -859,33 +571,6 @@ def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional
     # sync-free. The clamp guards an E_i of exactly 0.
     winner = (probs / race.clamp_min(torch.finfo(race.dtype).tiny)).argmax(dim=-1)
     return winner if order is None else order.gather(-1, winner[:, None])[:, 0]
-
-
-ATTEND_QUANTUM = 16     # attended cache lengths are multiples of this (aligned rows for the matmuls)
-
-
-def cache_runs(num_steps: int, prefix_len: int, segments: int) -> List[Tuple[int, int, int]]:
-    """Split steps 1..num_steps-1 of cached generation into at most `segments` runs.
-
-    Returns (last step, lower attend_len, upper attend_len) per run: during the run the lower and
-    the upper transformer attend over that many leading cache slots, enough for every step of the
-    run (lower step t writes slot prefix_len - 1 + t, upper step t slot t). Run ends split the lower
-    cache into near-equal parts, lengths rounded up to ATTEND_QUANTUM, capped at the cache size.
-    """
-    if segments < 1:
-        raise ValueError(f"cache_segments must be at least 1, got {segments}")
-    lower_max = prefix_len + num_steps - 1
-
-    def attend(needed, cap):
-        return min(cap, -(-needed // ATTEND_QUANTUM) * ATTEND_QUANTUM)
-
-    runs, last = [], 0
-    for j in range(1, segments + 1):
-        end = min(num_steps - 1, attend(-(-lower_max * j // segments), lower_max) - prefix_len)
-        if end > last:
-            last = end
-            runs.append((last, attend(prefix_len + last, lower_max), attend(last + 1, num_steps)))
-    return runs
 
 
 def forbidden_positions(positions: torch.Tensor, t, num_positions: int, rule: str) -> torch.Tensor:
@@ -962,46 +647,3 @@ class WordTokenizer:
     @classmethod
     def from_dict(cls, d: dict) -> "WordTokenizer":
         return cls(d["words"], d["text_len"])
-
-
-# -----------------------------------------------------------------------------
-# Optimizer
-
-def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: Tuple[float, float],
-                        device_type: str) -> torch.optim.AdamW:
-    """AdamW with weight decay on the weight matrices of Linear layers only.
-
-    This is minGPT's split, which the official code uses: biases, LayerNorm gains, embedding
-    tables, the start token and the absolute sequence embedding a are not decayed. Each of them
-    is a per-token or per-channel value rather than a map between features, and pulling it
-    toward zero does not regularise the model, it only biases what the value says.
-    """
-    decayed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
-        {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
-
-
-# -----------------------------------------------------------------------------
-# Checkpoints (written by train_stackformer.py; everything sample.py needs is in the one file)
-#
-#   kind="stackformer", stackformer_config (dict), model (state dict), mqvae_config + mqvae (the
-#   frozen stage 1, strict), tokenizer (WordTokenizer.to_dict() or None), classes (list of class
-#   names or None), image_size, train_config, optimizer, step, rng, stage1_sha256
-
-def load_stackformer(path: str, device="cpu"):
-    """-> (Stackformer in eval mode, MQ-VAE in eval mode, WordTokenizer or None, checkpoint dict).
-    Every weight is loaded strictly; a wrong, missing or truncated file is a one-line UserError."""
-    from mqvae import UserError, load_checkpoint, mqvae_from_checkpoint
-    ckpt = load_checkpoint(path, "stackformer")
-    try:
-        model = Stackformer(StackformerConfig(**ckpt["stackformer_config"]))
-        model.load_state_dict(ckpt["model"], strict=True)
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:
-        raise UserError(f"{path}: the Stackformer weights do not match their config "
-                        f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    tokenizer = WordTokenizer.from_dict(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
-    return model.to(device).eval(), mqvae_from_checkpoint(ckpt, device), tokenizer, ckpt

@@ -21,14 +21,17 @@ from PIL import Image
 
 import bench
 import data
+import fast_sampling
 import fid
 import mqvae
 import sample
 import stackformer
 import train_mqvae
 import train_stackformer
-from mqvae import MQVAE, PRESETS, MQVAEConfig, UserError, run_main, save_checkpoint
-from stackformer import Stackformer, StackformerConfig, WordTokenizer, load_stackformer
+import utils
+from mqvae import MQVAE, PRESETS, MQVAEConfig
+from stackformer import Stackformer, StackformerConfig, WordTokenizer
+from utils import UserError, load_stackformer, run_main, save_checkpoint
 
 torch.set_num_threads(2)
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -351,8 +354,8 @@ def test_model_checkpoint_round_trip_gives_identical_outputs(tmp_path):
     model(torch.rand(4, 3, 16, 16) * 2 - 1)  # move EMA buffers and BN statistics away from init
     model.eval()
     path = str(tmp_path / "ckpt.pt")
-    mqvae.save_checkpoint(dict(kind="mqvae", mqvae_config=vars(model.config), mqvae=model.state_dict()), path)
-    loaded = mqvae.load_mqvae(path)
+    utils.save_checkpoint(dict(kind="mqvae", mqvae_config=vars(model.config), mqvae=model.state_dict()), path)
+    loaded = utils.load_mqvae(path)
     x = torch.rand(2, 3, 16, 16) * 2 - 1
     assert torch.equal(model(x)[0], loaded(x)[0])
     codes, positions, _ = model.encode(x)
@@ -362,16 +365,16 @@ def test_model_checkpoint_round_trip_gives_identical_outputs(tmp_path):
 def test_checkpoint_loading_errors_are_one_line(tmp_path):
     missing = str(tmp_path / "nope.pt")
     with pytest.raises(UserError, match="not found"):
-        mqvae.load_checkpoint(missing, "mqvae")
+        utils.load_checkpoint(missing, "mqvae")
     truncated = tmp_path / "trunc.pt"
     torch.save(dict(kind="mqvae", w=torch.zeros(1000)), truncated)
     truncated.write_bytes(truncated.read_bytes()[:100])
     with pytest.raises(UserError, match="truncated"):
-        mqvae.load_checkpoint(str(truncated), "mqvae")
+        utils.load_checkpoint(str(truncated), "mqvae")
     other = tmp_path / "stage2.pt"
     torch.save(dict(kind="stackformer"), other)
     with pytest.raises(UserError, match="Stackformer"):
-        mqvae.load_checkpoint(str(other), "mqvae")
+        utils.load_checkpoint(str(other), "mqvae")
 
 
 def test_strict_load_rejects_missing_keys():
@@ -399,11 +402,11 @@ def test_random_masker_keeps_n_random_positions_with_unit_scores():
 
 
 def test_bad_inputs_to_model_give_clear_errors():
-    with pytest.raises(UserError, match="keep ratio"):
+    with pytest.raises(ValueError, match="keep ratio"):
         tiny_config(keep_ratio=1.5)
-    with pytest.raises(UserError, match="keep ratio"):
+    with pytest.raises(ValueError, match="keep ratio"):
         tiny_config(keep_ratio=0.0)
-    with pytest.raises(UserError, match="not divisible"):
+    with pytest.raises(ValueError, match="not divisible"):
         MQVAE(tiny_config())(torch.zeros(1, 3, 15, 16))
 
 
@@ -519,7 +522,7 @@ def test_training_writes_grid_log_checkpoint_and_reports_codebook_usage(tmp_path
     assert any("val_psnr" in r for r in records)
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["model"]["keep_ratio"] == 0.25 and config["train"]["preset"] == "tiny"
-    ckpt = mqvae.load_checkpoint(os.path.join(out, "ckpt.pt"), "mqvae")
+    ckpt = utils.load_checkpoint(os.path.join(out, "ckpt.pt"), "mqvae")
     assert {"mqvae", "disc", "opt_ae", "opt_disc", "step", "rng", "train_config", "mqvae_config"} <= set(ckpt)
 
 
@@ -536,7 +539,7 @@ def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path, monkey
     with pytest.raises(UserError) as err:
         train_mqvae.main(TINY_TRAIN[1:] + ["--max-steps", "8", "--out-dir", out, "--ckpt-every", "1", "--log-every", "8"])
     assert "non-finite loss at step 5" in str(err.value) and "(step 4) was left untouched" in str(err.value)
-    ckpt = mqvae.load_checkpoint(os.path.join(out, "ckpt.pt"), "mqvae")
+    ckpt = utils.load_checkpoint(os.path.join(out, "ckpt.pt"), "mqvae")
     assert ckpt["step"] == 4
     assert all(torch.isfinite(v).all() for v in ckpt["mqvae"].values() if v.is_floating_point())
 
@@ -670,19 +673,17 @@ def test_second_prediction_sees_first_prediction_of_its_step_but_not_vice_versa(
 
 # ---------------------------------------------------------------------------- KV cache
 
-# Every conditioning mode with each variant that supports it, and the attention forms that need no Triton.
+# Every conditioning mode with each variant that supports it.
 KV_CACHE_CASES = [("code-first", "none"), ("code-first", "class"), ("code-first", "text"),
                   ("position-first", "none"), ("position-first", "text")]
-TORCH_FORMS = ("sdpa", "matmul", "reduce")
 
 
 @pytest.mark.parametrize("variant,cond", KV_CACHE_CASES)
-@pytest.mark.parametrize("one_query", TORCH_FORMS)
-def test_kv_cache_logits_match_full_forward(variant, cond, one_query):
-    check_kv_cache_logits(variant, cond, one_query)
+def test_kv_cache_logits_match_full_forward(variant, cond):
+    check_kv_cache_logits(variant, cond, stackformer.KVCache)
 
 
-def check_kv_cache_logits(variant, cond, one_query):
+def check_kv_cache_logits(variant, cond, cache_class):
     model = sf_model(variant=variant, cond=cond)
     codes, positions, c = sf_batch(model.config)
     with torch.no_grad():
@@ -690,7 +691,7 @@ def check_kv_cache_logits(variant, cond, one_query):
     lower_logits_full, upper_logits_full = ((code_logits, pos_logits) if variant == "code-first"
                                             else (pos_logits, code_logits))
     lower_targets = codes if variant == "code-first" else positions
-    lower_cache, upper_cache = model.new_kv_caches(codes.size(0), one_query)
+    lower_cache, upper_cache = model.new_kv_caches(codes.size(0), cache_class)
     for t in range(N):
         prev_code = codes[:, t - 1] if t > 0 else None
         prev_position = positions[:, t - 1] if t > 0 else None
@@ -701,42 +702,33 @@ def check_kv_cache_logits(variant, cond, one_query):
             assert torch.allclose(model.upper_head(g), upper_logits_full[:, t], atol=1e-5)
 
 
-def test_reduce_form_cache_stores_values_slot_major_and_returns_the_usual_view():
-    k, v = torch.randn(2, 3, 1, 4), torch.randn(2, 3, 1, 4)
-    for form in TORCH_FORMS:
-        cache = stackformer.KVCache(1, 10, 2, "cpu", one_query=form)
-        cache.attend_len = 8
-        cache.begin_step(torch.tensor([5]))
-        keys, values = cache.store(0, k, v)
-        assert keys.shape == values.shape == (2, 3, 8, 4)
-        assert torch.equal(values[:, :, 5:6], v) and values[:, :, :5].abs().sum() == 0
-        # reduce: the sum over slots runs along contiguous memory (slot stride 1)
-        assert values.stride(2) == (1 if form == "reduce" else 4)
-
-
-@pytest.mark.parametrize("form", ["matmul", "reduce"])
-def test_one_query_attention_equals_masked_sdpa_and_ignores_masked_slots(form):
+def test_kv_cache_step_ignores_slots_not_yet_written():
     torch.manual_seed(0)
-    q, k, v = torch.randn(3, 4, 1, 8), torch.randn(3, 4, 10, 8), torch.randn(3, 4, 10, 8)
-    mask = torch.arange(10)[None] <= 6                               # slots 0..6 written, 7..9 not yet
-    out = stackformer.attend_one_query(q, k, v, mask, form)
-    assert (out - F.scaled_dot_product_attention(q, k, v, attn_mask=mask)).abs().max() < 1e-5
-    k2, v2 = k.clone(), v.clone()
-    k2[:, :, 7:], v2[:, :, 7:] = 1e4, -1e4                           # garbage in the unwritten slots
-    assert torch.equal(stackformer.attend_one_query(q, k2, v2, mask, form), out)
-    with pytest.raises(ValueError, match="one_query must be one of"):
-        stackformer.KVCache(1, 10, 3, "cpu", one_query="flash")
+    cache = stackformer.KVCache(n_layer=1, max_len=10, batch_size=3, device="cpu")
+    q, k, v = torch.randn(3, 3, 4, 1, 8).unbind(0)                  # (B, nh, 1, hd) each
+    cache.allocate(0, k, v)
+    cache.keys[0][:, :, :6], cache.values[0][:, :, :6] = torch.randn(2, 3, 4, 6, 8).unbind(0)   # slots 0..5 written
+    keys, values = cache.keys[0].clone(), cache.values[0].clone()
+    cache.begin_step(torch.tensor([6]))
+    out = cache.attend(0, q, k, v)
+    keys[:, :, 6:7], values[:, :, 6:7] = k, v
+    assert torch.equal(cache.keys[0], keys) and torch.equal(cache.values[0], values)   # slot 6 written, no other
+    expected = F.scaled_dot_product_attention(q, keys[:, :, :7], values[:, :, :7])
+    assert (out - expected).abs().max() < 1e-6
+    cache.keys[0][:, :, 7:], cache.values[0][:, :, 7:] = 1e4, -1e4    # garbage in the unwritten slots
+    cache.begin_step(torch.tensor([6]))
+    assert (cache.attend(0, q, k, v) - expected).abs().max() < 1e-6
 
 
-# The Triton kernel of graphed and compiled GPU sampling (stackformer.attend_cache). Without a GPU these
-# tests run in a subprocess under Triton's interpreter (TRITON_INTERPRET=1, read when the kernel is defined).
-TRITON_RUNS_HERE = stackformer.triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
+# The Triton kernel of fast GPU sampling (fast_sampling.attend_cache). Without a GPU these tests run in
+# a subprocess under Triton's interpreter (TRITON_INTERPRET=1, read when the kernel is defined).
+TRITON_RUNS_HERE = fast_sampling.triton is not None and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1")
 needs_triton = pytest.mark.skipif(not TRITON_RUNS_HERE, reason="runs in test_triton_kernels_pass_under_the_interpreter")
 
 
 def test_triton_kernels_pass_under_the_interpreter():
-    if stackformer.triton is None:
-        pytest.skip("this torch build has no Triton; attend_cache is never chosen (decode_attention_form)")
+    if fast_sampling.triton is None:
+        pytest.skip("this torch build has no Triton; attend_cache is never chosen (fast_sampling.use_kernel)")
     if TRITON_RUNS_HERE:
         pytest.skip("the tests run in this process")
     env = dict(os.environ, TRITON_INTERPRET="1")
@@ -750,60 +742,59 @@ def test_triton_kernels_pass_under_the_interpreter():
 @needs_triton
 @pytest.mark.parametrize("variant,cond", KV_CACHE_CASES)
 def test_triton_kernel_kv_cache_logits_match_full_forward(variant, cond):
-    check_kv_cache_logits(variant, cond, "kernel")
+    check_kv_cache_logits(variant, cond, fast_sampling.KernelKVCache)
 
 
 @needs_triton
 def test_triton_kernel_writes_the_slot_and_equals_masked_sdpa():
     torch.manual_seed(0)
-    B, H, L = 2, 3, stackformer.CACHE_ATTENTION_BLOCK + 22           # slot s > BLOCK: two passes over the cache
+    B, H, L = 2, 3, fast_sampling.CACHE_ATTENTION_BLOCK + 22         # slot s > BLOCK: two passes over the cache
     for head_dim in (8, 12):                                         # 12: padded to 16 inside the kernel
-        for s in (0, 5, stackformer.CACHE_ATTENTION_BLOCK, L - 1):
+        for s in (0, 5, fast_sampling.CACHE_ATTENTION_BLOCK, L - 1):
             qkv = torch.randn(B, 1, 3, H, head_dim)                  # q, k, v as views of one projection
             q, k, v = (x.transpose(1, 2) for x in qkv.unbind(2))    # (B, H, 1, hd), strided
             k_cache, v_cache = torch.randn(B, H, L, head_dim), torch.randn(B, H, L, head_dim)
             k_want, v_want = k_cache.clone(), v_cache.clone()
             k_want[:, :, s:s + 1], v_want[:, :, s:s + 1] = k, v
-            out = stackformer.attend_cache(q, k, v, k_cache, v_cache, torch.tensor([s]))
+            out = fast_sampling.attend_cache(q, k, v, k_cache, v_cache, torch.tensor([s]))
             assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)    # slot s written, no other
             mask = torch.arange(L)[None] <= s
             assert (out - F.scaled_dot_product_attention(q, k_want, v_want, attn_mask=mask)).abs().max() < 1e-5
             k_cache[:, :, s + 1:], v_cache[:, :, s + 1:] = 1e4, -1e4  # slots after s: never read
-            assert torch.equal(stackformer.attend_cache(q, k, v, k_cache, v_cache, torch.tensor([s])), out)
+            assert torch.equal(fast_sampling.attend_cache(q, k, v, k_cache, v_cache, torch.tensor([s])), out)
 
 
 @needs_triton
 @pytest.mark.parametrize("greedy", [True, False])
-def test_triton_kernel_generate_draws_the_sdpa_tokens(monkeypatch, greedy):
+def test_triton_kernel_fast_sampler_draws_the_reference_tokens(greedy):
     model = sf_model(variant="position-first", seq_len=20, num_positions=64)
-    kwargs = dict(batch_size=3, greedy=greedy, cuda_graph=False)
     seeded = lambda: torch.Generator().manual_seed(5)
-    sdpa = model.generate(generator=seeded(), **kwargs)
-    monkeypatch.setattr(stackformer, "decode_attention_form", lambda device, cuda_graph, compile: "kernel")
-    kernel = model.generate(generator=seeded(), **kwargs)
-    assert torch.equal(sdpa[0], kernel[0]) and torch.equal(sdpa[1], kernel[1])
+    reference = model.generate(batch_size=3, greedy=greedy, generator=seeded())
+    fast = fast_sampling.generate(model, batch_size=3, greedy=greedy, generator=seeded(), kernel=True)
+    assert torch.equal(reference[0], fast[0]) and torch.equal(reference[1], fast[1])
 
 
 def test_attend_cache_refuses_layouts_and_sizes_its_kernel_cannot_index():
+    if fast_sampling.triton is None:
+        pytest.skip("this torch build has no Triton")
     q = torch.zeros(2, 2, 1, 64)
-    with pytest.raises(ValueError, match="equal strides"):        # V stored slots-last, as the reduce form does
-        stackformer.attend_cache(q, q, q, torch.zeros(2, 2, 8, 64), torch.zeros(2, 2, 64, 8).transpose(2, 3),
-                                 torch.tensor([0]))
+    with pytest.raises(ValueError, match="equal strides"):        # V stored slots-last
+        fast_sampling.attend_cache(q, q, q, torch.zeros(2, 2, 8, 64), torch.zeros(2, 2, 64, 8).transpose(2, 3),
+                                   torch.tensor([0]))
     huge_k, huge_v = (torch.zeros(1, 1, 1, 64).expand(2 ** 16, 2 ** 5, 2 ** 4, 64) for _ in range(2))   # 2^31 elements
     with pytest.raises(ValueError, match="sample in smaller batches"):
-        stackformer.attend_cache(q, q, q, huge_k, huge_v, torch.tensor([0]))
+        fast_sampling.attend_cache(q, q, q, huge_k, huge_v, torch.tensor([0]))
 
 
-def test_decode_attention_form_is_the_kernel_on_gpus_and_falls_back_without_triton(monkeypatch):
-    form = stackformer.decode_attention_form
-    assert [form("cpu", False, False), form("cpu", True, False), form("cpu", False, True)] == ["sdpa", "matmul", "reduce"]
-    assert form("cuda", False, False) == "sdpa"
-    if stackformer.triton is not None:
-        assert form("cuda", True, False) == form("cuda", False, True) == "kernel"
-    monkeypatch.setattr(stackformer, "triton", None)
-    assert [form("cuda", True, False), form("cuda", False, True)] == ["matmul", "reduce"]
+def test_fast_sampler_uses_the_kernel_on_gpus_with_triton_and_the_reference_cache_elsewhere(monkeypatch):
+    assert not fast_sampling.use_kernel("cpu")
+    assert fast_sampling.use_kernel("cuda") == (fast_sampling.triton is not None)
+    monkeypatch.setattr(fast_sampling, "triton", None)
+    assert not fast_sampling.use_kernel("cuda")
     with pytest.raises(ValueError, match="needs Triton"):
-        stackformer.KVCache(1, 10, 2, "cpu", one_query="kernel")
+        fast_sampling.generate(sf_model(), batch_size=2, kernel=True)
+    with pytest.raises(ValueError, match="CUDA"):
+        fast_sampling.generate(sf_model(), batch_size=2, cuda_graph=True)
 
 
 # ---------------------------------------------------------------------------- text conditioning
@@ -989,82 +980,44 @@ def test_greedy_samples_are_identical_with_and_without_kv_cache(variant, cond, r
     assert torch.equal(cached[0], uncached[0]) and torch.equal(cached[1], uncached[1])
 
 
-def test_cache_runs_cover_every_step_with_aligned_lengths():
-    q = stackformer.ATTEND_QUANTUM
-    for num_steps, prefix_len, segments in [(256, 1, 4), (256, 32, 4), (128, 1, 4), (40, 9, 3), (7, 1, 10), (2, 4, 4)]:
-        runs = stackformer.cache_runs(num_steps, prefix_len, segments)
-        lasts = [last for last, _, _ in runs]
-        assert 1 <= len(runs) <= segments and lasts[-1] == num_steps - 1 and lasts == sorted(set(lasts))
-        for last, lower_len, upper_len in runs:
-            assert prefix_len + last <= lower_len <= prefix_len + num_steps - 1 and last + 1 <= upper_len <= num_steps
-            assert lower_len % q == 0 or lower_len == prefix_len + num_steps - 1
-            assert upper_len % q == 0 or upper_len == num_steps
-    assert stackformer.cache_runs(256, 1, 4) == [(63, 64, 64), (127, 128, 128), (191, 192, 192), (255, 256, 256)]
-    assert stackformer.cache_runs(256, 1, 1) == [(255, 256, 256)] and stackformer.cache_runs(1, 1, 4) == []
-    with pytest.raises(ValueError, match="cache_segments must be at least 1"):
-        stackformer.cache_runs(10, 1, 0)
-
-
-@pytest.mark.parametrize("cond", ["none", "text"])
-def test_cached_steps_attend_over_written_slots_and_no_further_than_their_run(monkeypatch, cond):
-    # Step t must see every slot written so far; with cache_segments it reads only the slots its
-    # run attends over (cache_runs), and the samples are those of reading the whole cache.
-    caches, reads = [], []      # reads: (which cache, attend_len, slot written)
-    new_kv_caches, store = stackformer.Stackformer.new_kv_caches, stackformer.KVCache.store
-    def spy_new(self, *args, **kwargs):
-        caches[:] = new_kv_caches(self, *args, **kwargs)
-        return caches
-    def spy_store(self, layer, k, v):
-        if layer == 0:
-            reads.append((caches.index(self), self.attend_len, int(self.slots[-1])))
-        return store(self, layer, k, v)
-    monkeypatch.setattr(stackformer.Stackformer, "new_kv_caches", spy_new)
-    monkeypatch.setattr(stackformer.KVCache, "store", spy_store)
-    model = sf_model(cond=cond, seq_len=40, num_positions=64)
-    N, offset = model.config.seq_len, model.prefix_len - 1      # lower slot of step t: offset + t
-    _, _, c = sf_batch(model.config, batch_size=2)
-    whole = model.generate(batch_size=2, cond=c, greedy=True, cache_segments=1)
-    assert len(reads) == 2 * N and all(attend == caches[i].max_len for i, attend, _ in reads)
-    reads.clear()
-    segmented = model.generate(batch_size=2, cond=c, greedy=True, cache_segments=4)
-    assert torch.equal(whole[0], segmented[0]) and torch.equal(whole[1], segmented[1])
-    runs = stackformer.cache_runs(N, model.prefix_len, 4)
-    assert len(runs) == 3
-    run_of = {t: next(r for r in runs if r[0] >= t) for t in range(1, N)}
-    lower = [(attend, slot) for i, attend, slot in reads[2:] if i == 0]     # reads[:2]: step 0
-    upper = [(attend, slot) for i, attend, slot in reads[2:] if i == 1]
-    assert lower == [(run_of[t][1], offset + t) for t in range(1, N)]
-    assert upper == [(run_of[t][2], t) for t in range(1, N)]
-    assert all(slot < attend for _, attend, slot in reads)
-    assert sum(a for a, _ in lower) < 0.85 * (N - 1) * caches[0].max_len    # well short of the whole cache
+@pytest.mark.parametrize("variant,cond", KV_CACHE_CASES)
+def test_fast_sampler_steps_from_device_tensors_draw_the_reference_tokens(variant, cond):
+    # fast_sampling.generate runs Stackformer.sample_step with t a device tensor (what a CUDA graph
+    # replays); on the CPU without a graph it must draw exactly the reference sampler's tokens.
+    model = sf_model(variant=variant, cond=cond, seq_len=10)
+    _, _, c = sf_batch(model.config, batch_size=3)
+    seeded = lambda: torch.Generator().manual_seed(7)
+    reference = model.generate(batch_size=3, cond=c, generator=seeded())
+    fast = fast_sampling.generate(model, batch_size=3, cond=c, generator=seeded())
+    assert torch.equal(reference[0], fast[0]) and torch.equal(reference[1], fast[1])
 
 
 @pytest.mark.parametrize("cond", ["class", "text"])
 def test_reused_sampler_draws_what_fresh_calls_draw_and_returns_independent_tensors(cond):
-    # generate(reuse=d) keeps its buffers (and on CUDA its graphs) in d for the next call of the same
-    # shape and settings; each call refills them, so it must sample exactly what a fresh call does.
+    # fast_sampling.generate(reuse=d) keeps its buffers (and on CUDA its graph) in d for the next call of
+    # the same shape and settings; each call refills them, so it must sample exactly what a fresh call does.
     model = sf_model(cond=cond, seq_len=10)
     _, _, c1 = sf_batch(model.config, batch_size=4, seed=1)
     _, _, c2 = sf_batch(model.config, batch_size=4, seed=2)
     def sample(c, seed, **kwargs):
-        return model.generate(cond=c, generator=torch.Generator().manual_seed(seed), **kwargs)
+        return fast_sampling.generate(model, cond=c, generator=torch.Generator().manual_seed(seed), **kwargs)
     reuse = {}
     first = sample(c1, 0, reuse=reuse)
-    buffers = reuse["buffers"]
+    sampler, caches = reuse["sampler"], reuse["caches"]
     second = sample(c2, 1, reuse=reuse)
     third = sample(c1, 0, reuse=reuse)
-    assert all(a is b for a, b in zip(reuse["buffers"], buffers))            # the same buffers every call
+    assert reuse["sampler"] is sampler and reuse["caches"] is caches          # the same buffers every call
     for got, want in [(first, sample(c1, 0)), (second, sample(c2, 1)), (third, sample(c1, 0))]:
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert not torch.equal(first[0], second[0])
     # other settings or another batch size rebuild the kept state
     top1 = sample(c1, 0, reuse=reuse, top_k=1)
-    assert reuse["buffers"][0] is not buffers[0] and torch.equal(top1[0], sample(c1, 0, top_k=1)[0])
+    assert reuse["sampler"] is not sampler and torch.equal(top1[0], sample(c1, 0, top_k=1)[0])
     two = sample(c1[:2], 0, reuse=reuse)
-    assert reuse["buffers"][0].shape[0] == 2 and torch.equal(two[0], sample(c1[:2], 0)[0])
+    assert reuse["sampler"].codes.shape[0] == 2 and torch.equal(two[0], sample(c1[:2], 0)[0])
     model.double()                                                          # new parameter storage
     sample(c1[:2], 0, reuse=reuse)
-    assert reuse["buffers"][0] is not None and reuse["key"][-1] == tuple(p.data_ptr() for p in model.parameters())
+    assert reuse["key"][-1] == tuple(p.data_ptr() for p in model.parameters())
 
 
 def test_top_k_1_equals_greedy():
@@ -1118,6 +1071,7 @@ def test_generate_runs_only_reproducible_attention_kernels(monkeypatch):
     before = torch.backends.cuda.cudnn_sdp_enabled()
     for use_kv_cache in (True, False):
         model.generate(batch_size=2, use_kv_cache=use_kv_cache)
+    fast_sampling.generate(model, batch_size=2)
     assert len(seen) > 10 and not any(seen)
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
     seen.clear()
@@ -1133,30 +1087,30 @@ def test_token_extraction_runs_only_reproducible_attention_kernels(monkeypatch):
 
 
 def test_compiled_sampling_step_draws_the_same_tokens():
-    # generate(compile=True) compiles the per-step function that the CUDA graph replays; on the CPU it
-    # runs compiled but without a graph. Same noise, same (fp32, tie-free) arithmetic up to rounding.
+    # fast_sampling.generate(compile=True) compiles the per-step function that the CUDA graph replays; on
+    # the CPU it runs compiled but without a graph. Same noise, same (fp32, tie-free) arithmetic up to rounding.
     model = sf_model(cond="class", seq_len=8)
     labels = torch.arange(4) % NUM_CLASSES
     eager = model.generate(cond=labels, generator=torch.Generator().manual_seed(5))
-    compiled = model.generate(cond=labels, generator=torch.Generator().manual_seed(5), compile=True)
+    compiled = fast_sampling.generate(model, cond=labels, generator=torch.Generator().manual_seed(5), compile=True)
     assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
 
 
-def test_generate_makes_room_for_compiled_steps_of_several_batch_sizes(monkeypatch):
-    # generate(compile=True) compiles its step once per batch size and cache run; with torch's default
-    # limit of 8 compiled versions, fullgraph compilation fails at the third batch size of four runs.
-    # generate() raises the limit while it samples and restores it after.
-    name = stackformer.recompile_limit_name()
+def test_fast_sampler_makes_room_for_compiled_steps_of_several_batch_sizes(monkeypatch):
+    # generate(compile=True) compiles its step once per batch size and settings; past torch's default
+    # limit of 8 compiled versions a fullgraph compilation fails. The sampler raises the limit while it
+    # samples and restores it after.
+    name = fast_sampling.recompile_limit_name()
     seen = []
-    inner = stackformer.Stackformer._generate
+    inner = stackformer.Stackformer.sample_step
     def spy(self, *args, **kwargs):
         seen.append(getattr(torch._dynamo.config, name))
         return inner(self, *args, **kwargs)
-    monkeypatch.setattr(stackformer.Stackformer, "_generate", spy)
+    monkeypatch.setattr(stackformer.Stackformer, "sample_step", spy)
     with torch._dynamo.config.patch(**{name: 8}):
-        sf_model(seq_len=4).generate(batch_size=2)
+        fast_sampling.generate(sf_model(seq_len=4), batch_size=2)
         assert getattr(torch._dynamo.config, name) == 8
-    assert seen == [stackformer.COMPILED_STEPS] and stackformer.COMPILED_STEPS >= 4 * 8
+    assert set(seen) == {fast_sampling.COMPILED_STEPS} and fast_sampling.COMPILED_STEPS >= 4 * 8
 
 
 def test_generate_restores_training_mode():
@@ -1210,7 +1164,7 @@ def test_state_dict_round_trip_gives_identical_logits(cond):
 @pytest.mark.parametrize("cond", ["none", "class", "text"])
 def test_optimizer_decays_exactly_the_linear_weights(cond):
     model = sf_model(cond=cond)
-    opt = stackformer.configure_optimizer(model, lr=5e-4, weight_decay=0.01, betas=(0.9, 0.95),
+    opt = train_stackformer.configure_optimizer(model, lr=5e-4, weight_decay=0.01, betas=(0.9, 0.95),
                                           device_type="cpu")
     decay_group, no_decay_group = opt.param_groups
     assert decay_group["weight_decay"] == 0.01 and no_decay_group["weight_decay"] == 0.0
@@ -1380,12 +1334,12 @@ def test_non_finite_sqrtm_is_retried_with_eps_on_both_diagonals(monkeypatch, cap
 
 def test_large_imaginary_component_is_an_error():
     # a "covariance" with a negative eigenvalue makes sqrtm genuinely complex
-    with pytest.raises(fid.FIDError, match="imaginary component up to 1"):
+    with pytest.raises(UserError, match="imaginary component up to 1"):
         fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([-1.0, 1.0]))
 
 
 def test_mismatched_dims_are_an_error_naming_both():
-    with pytest.raises(fid.FIDError, match="dims 4 .* vs 6"):
+    with pytest.raises(UserError, match="dims 4 .* vs 6"):
         fid.frechet_distance(np.zeros(4), np.eye(4), np.zeros(6), np.eye(6))
 
 
@@ -1427,7 +1381,7 @@ def test_weights_file_with_missing_key_names_it(fid_model):
     state = fid_random_state_dict(fid_model, fid_expected_key_names())
     del state["Mixed_7c.branch_pool.bn.running_var"]
     before = fid_model.fc.weight.clone()
-    with pytest.raises(fid.FIDError, match=r"missing 1 key\(s\): Mixed_7c\.branch_pool\.bn\.running_var"):
+    with pytest.raises(UserError, match=r"missing 1 key\(s\): Mixed_7c\.branch_pool\.bn\.running_var"):
         fid.load_weights(fid_model, state)
     assert torch.equal(fid_model.fc.weight, before)  # nothing was loaded
 
@@ -1437,13 +1391,13 @@ def test_weights_file_with_extra_or_misshaped_key_names_it(fid_model, tmp_path):
     state["AuxLogits.fc.weight"] = torch.zeros(1008, 768)
     path = tmp_path / "w.pth"
     torch.save(state, path)
-    with pytest.raises(fid.FIDError, match=r"unexpected 1 key\(s\): AuxLogits\.fc\.weight") as err:
+    with pytest.raises(UserError, match=r"unexpected 1 key\(s\): AuxLogits\.fc\.weight") as err:
         fid.load_weights(fid_model, path)
     assert "w.pth" in str(err.value)
 
     del state["AuxLogits.fc.weight"]
     state["fc.weight"] = torch.zeros(1000, 2048)
-    with pytest.raises(fid.FIDError, match=r"fc\.weight \(1000, 2048\) \(expected \(1008, 2048\)\)"):
+    with pytest.raises(UserError, match=r"fc\.weight \(1000, 2048\) \(expected \(1008, 2048\)\)"):
         fid.load_weights(fid_model, state)
 
 
@@ -1586,7 +1540,7 @@ def test_mixed_sizes_are_resized_per_image_and_bad_files_skipped(fid_model64, tm
     np.testing.assert_allclose(mu, one_by_one.mean(0), atol=1e-5, rtol=0)
 
     monkeypatch.setattr(fid, "MAX_FAILED_FRACTION", 0.01)
-    with pytest.raises(fid.FIDError, match="1 of 4 images are unreadable"):
+    with pytest.raises(UserError, match="1 of 4 images are unreadable"):
         fid.compute_statistics(folder, fid_model64, batch_size=4, device="cpu", progress=False)
 
 
@@ -1598,7 +1552,7 @@ def test_missing_weights_message_names_file_url_and_folder(tmp_path, monkeypatch
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(fid.FIDError) as err:
+    with pytest.raises(UserError) as err:
         fid.build_inception()
     msg = str(err.value)
     assert "pt_inception-2015-12-05-6726825d.pth" in msg
@@ -1745,7 +1699,7 @@ def test_importance_and_raster_token_orders_differ_only_by_permutation(stage1_ck
         pairs = lambda t: sorted(zip(t[1][b].tolist(), t[0][b].tolist()))
         assert pairs(raster) == pairs(importance)
     # the cached importance order is the encoder's: re-encoding the first image gives the same sequence
-    model = mqvae.load_mqvae(stage1_ckpt)
+    model = utils.load_mqvae(stage1_ckpt)
     ds = data.build_dataset(str(labelled_folder / "imagenet" / "train"), None, 16, "train")
     ds.mode = "eval"
     codes, positions, _ = model.encode(ds[0]["image"][None])
@@ -1772,10 +1726,10 @@ def test_stage2_checkpoint_embeds_mqvae_and_reloads_strictly_with_identical_logi
     out = tmp_path / "s2"
     train_stackformer.main(stage2_args(stage1_ckpt, out, "--data", "imagenet", "--data-dir",
                                        str(labelled_folder / "imagenet"), "--max-steps", "2"))
-    model, stage1_model, tokenizer, ckpt = stackformer.load_stackformer(str(out / "ckpt.pt"))
+    model, stage1_model, tokenizer, ckpt = utils.load_stackformer(str(out / "ckpt.pt"))
     assert ckpt["stackformer_config"]["cond"] == "class" and ckpt["classes"] == ["n01", "n02", "n03"]
     assert tokenizer is None and "disc" not in ckpt
-    reference = mqvae.load_mqvae(stage1_ckpt)
+    reference = utils.load_mqvae(stage1_ckpt)
     for k, v in reference.state_dict().items():
         assert torch.equal(stage1_model.state_dict()[k], v)
     rebuilt = Stackformer(StackformerConfig(**ckpt["stackformer_config"])).eval()
@@ -1807,7 +1761,7 @@ def test_text_conditional_run_stores_tokenizer_built_from_training_captions(stag
     out = tmp_path / "s2"
     train_stackformer.main(stage2_args(stage1_ckpt, out, "--data", "coco", "--data-dir",
                                        str(labelled_folder / "coco"), "--max-steps", "1"))
-    model, _, tokenizer, ckpt = stackformer.load_stackformer(str(out / "ckpt.pt"))
+    model, _, tokenizer, ckpt = utils.load_stackformer(str(out / "ckpt.pt"))
     assert ckpt["stackformer_config"]["cond"] == "text"
     assert {"red", "blue", "thing", "number"} <= set(tokenizer.words)
     assert model.config.text_vocab_size == tokenizer.vocab_size
@@ -2185,8 +2139,8 @@ def test_data_export_writes_the_eval_images_as_uint8(tmp_path):
 def test_every_script_help_lists_its_flags_with_their_comments():
     for module, config in ((train_mqvae, train_mqvae.TrainConfig), (train_stackformer, train_stackformer.TrainConfig),
                            (sample, sample.SampleConfig)):
-        text = mqvae.config_to_parser(config(), "x").format_help()
-        comments = mqvae.field_comments(config)
+        text = utils.config_to_parser(config(), "x").format_help()
+        comments = utils.field_comments(config)
         assert len(comments) == len(dataclasses.fields(config))      # every field documented
         assert "--batch-size" in text and comments["batch_size"].split()[0] in text
 
@@ -2221,7 +2175,7 @@ def test_bench_ddp_case_runs_under_torchrun_and_reports_scaling(tmp_path):
 
 def test_bench_ddp_needs_torchrun(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
-    with pytest.raises(mqvae.UserError, match="torchrun"):
+    with pytest.raises(utils.UserError, match="torchrun"):
         bench.main(["--ddp", "--cpu-smoke"])
 
 
@@ -2280,7 +2234,7 @@ def test_too_many_unreadable_files_stop_training_with_a_clear_error(tmp_path):
 
 def test_failed_checkpoint_write_leaves_the_previous_checkpoint_loadable(tmp_path, monkeypatch):
     path = str(tmp_path / "ckpt.pt")
-    mqvae.save_checkpoint(dict(kind="mqvae", step=1, w=torch.ones(10)), path)
+    utils.save_checkpoint(dict(kind="mqvae", step=1, w=torch.ones(10)), path)
 
     def dies_mid_write(obj, fh):
         fh.write(b"half a checkpoint")
@@ -2288,9 +2242,9 @@ def test_failed_checkpoint_write_leaves_the_previous_checkpoint_loadable(tmp_pat
 
     monkeypatch.setattr(torch, "save", dies_mid_write)
     with pytest.raises(OSError, match="No space"):
-        mqvae.save_checkpoint(dict(kind="mqvae", step=2, w=torch.zeros(10)), path)
+        utils.save_checkpoint(dict(kind="mqvae", step=2, w=torch.zeros(10)), path)
     monkeypatch.undo()
-    ckpt = mqvae.load_checkpoint(path, "mqvae")
+    ckpt = utils.load_checkpoint(path, "mqvae")
     assert ckpt["step"] == 1 and torch.equal(ckpt["w"], torch.ones(10))
     assert os.listdir(tmp_path) == ["ckpt.pt"]               # no temporary file left behind
 
@@ -2334,7 +2288,7 @@ def test_every_script_rejects_bad_flags_with_one_line_and_no_traceback(both_chec
 
 def checkpoint_step(path, kind):
     """The step of the checkpoint at `path`, or 0 if there is none yet; every file found must load."""
-    return mqvae.load_checkpoint(str(path), kind)["step"] if os.path.isfile(path) else 0
+    return utils.load_checkpoint(str(path), kind)["step"] if os.path.isfile(path) else 0
 
 
 def kill_and_resume_until_done(args, out, kind, final_step, seed=0):

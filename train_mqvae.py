@@ -40,10 +40,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from mqvae import (COMPILE_MODES, MQVAE, MQVAEConfig, NonFiniteGuard, PRESETS, PatchDiscriminator, UserError, atomic_path,
-                   check, check_identical_across_ranks, check_positive, compile_for_training, gather_rng_states,
-                   launch, resume_from, run_main, save_checkpoint, save_grid, seed_or_restore_rng,
-                   strip_compile_prefix, warmup_cosine_lr, write_json)
+from mqvae import MQVAE, MQVAEConfig, PRESETS, PatchDiscriminator
+from utils import (COMPILE_MODES, NonFiniteGuard, UserError, atomic_path, check, check_identical_across_ranks,
+                   check_positive, gather_rng_states, launch, resume_from, run_main, save_checkpoint, save_grid,
+                   seed_or_restore_rng, strip_compile_prefix, warmup_cosine_lr, write_json)
 
 
 # -----------------------------------------------------------------------------
@@ -146,9 +146,21 @@ def validate(cfg: TrainConfig):
 def model_config(cfg: TrainConfig) -> MQVAEConfig:
     overrides = {k: v for k, v in dict(codebook_size=cfg.codebook_size, codebook_dim=cfg.codebook_dim).items()
                  if v is not None}
-    return MQVAEConfig(**{**PRESETS[cfg.preset], **overrides}, resolution=cfg.image_size,
-                       keep_ratio=cfg.keep_ratio, masker=cfg.masker, codebook=cfg.codebook,
-                       demask_attn=cfg.demask_attn)
+    try:
+        return MQVAEConfig(**{**PRESETS[cfg.preset], **overrides}, resolution=cfg.image_size,
+                           keep_ratio=cfg.keep_ratio, masker=cfg.masker, codebook=cfg.codebook,
+                           demask_attn=cfg.demask_attn)
+    except ValueError as e:     # the model's own checks (keep ratio, image size vs f, ...)
+        raise UserError(str(e)) from None
+
+
+def compile_for_training(model: MQVAE, mode: str = "default"):
+    """torch.compile the convolutional parts in place (mode: torch.compile's). The decoder's last conv
+    stays eager: the adaptive GAN weight takes two gradients at its weight every step, and through a
+    compiled region each of those would run the whole decoder backward instead of one conv's."""
+    model.encoder = torch.compile(model.encoder, mode=mode)
+    model.demask = torch.compile(model.demask, mode=mode)
+    model.decoder.features = torch.compile(model.decoder.features, mode=mode)
 
 
 # -----------------------------------------------------------------------------

@@ -34,22 +34,23 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from mqvae import (COMPILE_MODES, NonFiniteGuard, UserError, atomic_path, check, check_identical_across_ranks, check_positive,
-                   gather_rng_states, launch, load_checkpoint, mqvae_from_checkpoint, resume_from,
+from utils import (COMPILE_MODES, NonFiniteGuard, UserError, atomic_path, check, check_identical_across_ranks,
+                   check_positive, gather_rng_states, launch, load_checkpoint, mqvae_from_checkpoint, resume_from,
                    run_main, save_checkpoint, save_grid, seed_or_restore_rng, strip_compile_prefix, warmup_cosine_lr,
                    write_json)
-from stackformer import (PRESETS, Stackformer, StackformerConfig, WordTokenizer, configure_optimizer,
-                         reproducible_attention)
+import fast_sampling
+from stackformer import PRESETS, Stackformer, StackformerConfig, WordTokenizer, reproducible_attention
 
 
 @dataclass
@@ -126,6 +127,24 @@ def validate(cfg: TrainConfig):
     check_positive(cfg, "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches", "ckpt_every",
                    "encode_batch_size", "lr", "epochs", "max_steps")
     check(0.0 <= cfg.dropout < 1.0, f"--dropout must be in [0, 1), got {cfg.dropout}")
+
+
+def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: Tuple[float, float],
+                        device_type: str) -> torch.optim.AdamW:
+    """AdamW with weight decay on the weight matrices of Linear layers only.
+
+    This is minGPT's split, which the official code uses: biases, LayerNorm gains, embedding
+    tables, the start token and the absolute sequence embedding a are not decayed. Each of them
+    is a per-token or per-channel value rather than a map between features, and pulling it
+    toward zero does not regularise the model, it only biases what the value says.
+    """
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
 
 
 def file_sha256(path: str) -> str:
@@ -448,7 +467,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
             cond = val_tokens.batch(np.arange(n) % len(val_tokens), gen)[3].to(device)
         sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)
         with autocast:
-            codes, positions = raw_model.generate(batch_size=n, cond=cond, generator=sample_gen)
+            codes, positions = fast_sampling.generate(raw_model, batch_size=n, cond=cond, generator=sample_gen)
             images = mqvae.decode(codes, positions)
         save_grid((images.float().clamp(-1, 1) + 1) / 2, os.path.join(cfg.out_dir, f"samples_{step:07d}.png"),
                   nrow=int(n ** 0.5 + 0.999))

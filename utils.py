@@ -1,0 +1,356 @@
+"""
+What the scripts share and the models do not need: the user-error type, checkpoint files, DDP set-up,
+config dataclass -> argparse, resuming, per-rank random streams, the NaN guard, the learning-rate
+schedule and image files. Only the scripts import it; mqvae.py and stackformer.py import nothing
+of the project.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import inspect
+import json
+import math
+import os
+import re
+import sys
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from mqvae import MQVAE, MQVAEConfig
+from stackformer import Stackformer, StackformerConfig, WordTokenizer
+
+
+# -----------------------------------------------------------------------------
+# Errors the user can fix: one line on stderr, exit status 2, no traceback
+
+class UserError(Exception):
+    """A problem with the user's input; scripts print it as one line and exit non-zero."""
+
+
+def check(condition: bool, message: str):
+    if not condition:
+        raise UserError(message)
+
+
+def check_positive(cfg, *names: str):
+    """Each named config field, where set (not None), must be > 0; the error names the flag."""
+    for name in names:
+        value = getattr(cfg, name)
+        check(value is None or value > 0, f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes the trainers accept
+
+
+# -----------------------------------------------------------------------------
+# Checkpoints
+
+CHECKPOINT_KINDS = {"mqvae": "an MQ-VAE (stage-1) checkpoint, written by train_mqvae.py",
+                    "stackformer": "a Stackformer (stage-2) checkpoint, written by train_stackformer.py"}
+
+
+@contextlib.contextmanager
+def atomic_path(path: str):
+    """Yields a temporary name beside `path`. When the block finishes it replaces `path`; if the block
+    fails it is deleted. A crash or a full disk mid-write therefore never leaves a half-written file
+    under the real name. The temporary name ends in ".tmp<pid>", not in an image extension, so a folder
+    scan never mistakes a leftover for an image: writers must be given a file handle or a format."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_checkpoint(obj: dict, path: str):
+    """Written atomically and synced to disk: the previous checkpoint survives any failure."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def load_checkpoint(path: str, kind: str, map_location="cpu") -> dict:
+    """Load a checkpoint of the given kind ("mqvae" or "stackformer") or raise a one-line UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, pickled objects we refuse to run
+        raise UserError(f"cannot read checkpoint {path} (truncated or not a checkpoint of this project): "
+                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    found = ckpt.get("kind") if isinstance(ckpt, dict) else None
+    if found != kind:
+        what = CHECKPOINT_KINDS.get(found, "not a checkpoint of this project")
+        raise UserError(f"{path} is {what}; expected {CHECKPOINT_KINDS[kind]}")
+    return ckpt
+
+
+def strip_compile_prefix(state_dict: dict) -> dict:
+    """torch.compile and DDP wrap modules; store plain names so any script can load strictly."""
+    out = {}
+    for key, value in state_dict.items():
+        for prefix in ("_orig_mod.", "module."):
+            key = key.replace(prefix, "")
+        out[key] = value
+    return out
+
+
+# What a checkpoint holds (train_mqvae.py and train_stackformer.py write them):
+#   kind="mqvae":       mqvae_config (dict), mqvae (state dict), disc, opt_ae, opt_disc, train_config, step, rng
+#   kind="stackformer": stackformer_config, model, mqvae_config + mqvae (the frozen stage 1, so the file
+#                       alone rebuilds both), tokenizer (WordTokenizer.to_dict() or None), classes (names or
+#                       None), image_size, train_config, optimizer, step, rng, stage1_sha256
+
+def mqvae_from_checkpoint(ckpt: dict, device="cpu") -> MQVAE:
+    """Rebuild an MQ-VAE from a checkpoint dict (stage 1, or the copy a Stackformer checkpoint embeds),
+    loading every weight strictly, in eval mode."""
+    try:
+        model = MQVAE(MQVAEConfig(**ckpt["mqvae_config"]))
+        model.load_state_dict(ckpt["mqvae"], strict=True)
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"the MQ-VAE weights in the checkpoint do not match their config "
+                        f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return model.to(device).eval()
+
+
+def load_mqvae(path: str, device="cpu") -> MQVAE:
+    return mqvae_from_checkpoint(load_checkpoint(path, "mqvae"), device)
+
+
+def load_stackformer(path: str, device="cpu"):
+    """-> (Stackformer in eval mode, MQ-VAE in eval mode, WordTokenizer or None, checkpoint dict).
+    Every weight is loaded strictly; a wrong, missing or truncated file is a one-line UserError."""
+    ckpt = load_checkpoint(path, "stackformer")
+    try:
+        model = Stackformer(StackformerConfig(**ckpt["stackformer_config"]))
+        model.load_state_dict(ckpt["model"], strict=True)
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"{path}: the Stackformer weights do not match their config "
+                        f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    tokenizer = WordTokenizer.from_dict(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
+    return model.to(device).eval(), mqvae_from_checkpoint(ckpt, device), tokenizer, ckpt
+
+
+# -----------------------------------------------------------------------------
+# torchrun / DDP
+
+def setup_distributed():
+    """-> (rank, world_size, local_rank, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK;
+    NCCL on CUDA, gloo on CPU. A plain `python script.py` runs as rank 0 of 1."""
+    if "RANK" not in os.environ:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return 0, 1, 0, device
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        dist.init_process_group("nccl")
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return rank, world, local_rank, device
+
+
+def cleanup_distributed():
+    """Leave the process group at the end of a run that succeeded on every rank. What still holds the
+    group (DDP's reducer, kept alive by reference cycles) is collected first, and the ranks meet at a
+    barrier, so none tears the group down while another still uses it. After an error, leave the group
+    to the process exit: destroying it while another rank waits in a collective can hang."""
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+# -----------------------------------------------------------------------------
+# Config dataclass -> command line
+
+def field_comments(cls) -> dict:
+    """The comment after each field of a config dataclass, so that --help says what the code says."""
+    comments = {}
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"\s+(\w+):[^#]*#\s*(.*)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2)
+    return comments
+
+
+def config_to_parser(defaults, description: str) -> argparse.ArgumentParser:
+    """One flag per dataclass field: `--batch-size 8` and `--batch-size=8` both work; booleans get
+    `--flag/--no-flag`; a field whose default is None takes the type named in its annotation; the
+    field's comment is its help text."""
+    help_texts = field_comments(type(defaults))
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(defaults):
+        name = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        annotation = str(f.type)
+        help_text = help_texts.get(f.name, "").replace("%", "%%")  # argparse formats help with %
+        if isinstance(default, bool) or "bool" in annotation:
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            kind = (int if "int" in annotation else float if "float" in annotation else str)
+            parser.add_argument(name, type=kind, default=default, help=help_text,
+                                metavar=f.name.upper())
+    return parser
+
+
+def launch(config_class, train_fn, description: str, argv=None):
+    """The entry point of both training scripts: flags -> config_class, torchrun's process group
+    (if any), then train_fn(cfg, explicit_flags, rank, world_size, device)."""
+    parser = config_to_parser(config_class(), description)
+    args = parser.parse_args(argv)
+    explicit = explicit_flags(parser, argv if argv is not None else sys.argv[1:])
+    rank, world, _, device = setup_distributed()
+    result = train_fn(config_class(**vars(args)), explicit, rank, world, device)
+    cleanup_distributed()
+    return result
+
+
+def explicit_flags(parser: argparse.ArgumentParser, argv) -> set:
+    """Names of the options the user actually typed (so --resume knows what to override)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            kwargs = dict(dest=action.dest, default=argparse.SUPPRESS)
+            if isinstance(action, argparse.BooleanOptionalAction):
+                probe.add_argument(*action.option_strings, action=argparse.BooleanOptionalAction, **kwargs)
+            else:
+                probe.add_argument(*action.option_strings, nargs=action.nargs, **kwargs)
+    known, _ = probe.parse_known_args(argv)
+    return set(vars(known))
+
+
+def run_main(main_fn, argv=None):
+    """Run a script's main(): a UserError becomes one line on stderr and exit status 2."""
+    try:
+        return main_fn(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# -----------------------------------------------------------------------------
+# Training runs: the NaN guard, resuming, per-rank random streams, the learning-rate schedule
+
+class NonFiniteGuard:
+    """Remembers on the device the first (1-based) step whose loss was NaN or inf, so the loop needs no
+    host sync per step. `check`, called where the loop syncs anyway (logging, evaluation, before every
+    checkpoint), stops the run before a bad state can overwrite the last good checkpoint."""
+
+    def __init__(self, device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def update(self, loss: torch.Tensor, step: int):
+        bad = ~torch.isfinite(loss.detach()) & (self.first_bad < 0)
+        self.first_bad.copy_(torch.where(bad, step, self.first_bad))
+
+    def check(self, step: int, ckpt_path: str, last_saved, hint: str):
+        bad = self.first_bad.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() >= 0:
+            where = (f"the checkpoint {ckpt_path} (step {last_saved}) was left untouched" if last_saved is not None
+                     else "no checkpoint was written")
+            raise UserError(f"non-finite loss at step {bad.item()}; stopped at step {step}; {where}. {hint}, then --resume")
+
+
+def resumed_config(cfg, saved: dict, explicit: set, run_control: set):
+    """The configuration of a resumed run: the checkpoint's, except the run-control flags the user typed
+    now (and --stop-after, which applies to one invocation). Any other flag typed with a different
+    value is an error: the model, data and optimiser of a run cannot change half-way."""
+    resumed = type(cfg)(**saved)
+    for key in explicit - run_control:
+        check(getattr(cfg, key) == getattr(resumed, key),
+              f"--{key.replace('_', '-')} {getattr(cfg, key)} differs from the checkpoint's "
+              f"{getattr(resumed, key)}; start a new --out-dir to change it")
+    for key in explicit & run_control:
+        setattr(resumed, key, getattr(cfg, key))
+    resumed.stop_after, resumed.resume = cfg.stop_after, True
+    return resumed
+
+
+def resume_from(cfg, kind: str, explicit: set, run_control: set, log):
+    """-> (checkpoint path out_dir/ckpt.pt, the checkpoint or None, the run's configuration). With --resume and
+    a checkpoint there, the checkpoint's configuration as resumed_config merges it; otherwise cfg unchanged."""
+    path = os.path.join(cfg.out_dir, "ckpt.pt")
+    if cfg.resume and os.path.isfile(path):
+        ckpt = load_checkpoint(path, kind)
+        return path, ckpt, resumed_config(cfg, ckpt["train_config"], explicit, run_control)
+    if cfg.resume:
+        log(f"--resume: no checkpoint at {path}, starting from scratch")
+    return path, None, cfg
+
+
+def check_identical_across_ranks(tensors, world: int, what: str) -> str:
+    """Gather a sum and an absolute sum (float64) of each tensor from every rank and raise a UserError
+    unless all ranks agree; DDP and the all-reduced codebook update must keep them identical."""
+    local = torch.stack([t.detach().double().sum() for t in tensors] + [t.detach().double().abs().sum() for t in tensors])
+    gathered = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
+        raise UserError(f"ranks diverged: {what} checksums differ across {world} ranks")
+    return f"rank consistency: all {len(tensors)} {what} identical across {world} ranks"
+
+
+def warmup_cosine_lr(step: int, peak: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
+    """Linear warmup to `peak` over warmup_steps, then cosine decay to min_lr at total_steps."""
+    if step < warmup_steps:
+        return peak * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def gather_rng_states(device: torch.device, world: int) -> list:
+    """Every rank's CPU (and CUDA) RNG state, for the checkpoint: resuming restores each rank's own."""
+    state = dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+    if world == 1:
+        return [state]
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    return states
+
+
+def seed_or_restore_rng(ckpt: Optional[dict], seed: int, rank: int, world: int, device: torch.device, log,
+                        changes: str) -> int:
+    """Per-rank random streams: a fresh run seeds seed + rank; a resumed one restores this rank's state
+    saved by gather_rng_states. If the world size changed, there is no state to restore: it re-seeds and
+    warns that `changes` (what differs from the uninterrupted run). Returns the step to start from."""
+    if ckpt is None:
+        torch.manual_seed(seed + rank)
+        return 0
+    states, start_step = ckpt["rng"], ckpt["step"]
+    if len(states) == world:
+        torch.set_rng_state(states[rank]["cpu"])
+        if device.type == "cuda" and states[rank].get("cuda") is not None:
+            torch.cuda.set_rng_state(states[rank]["cuda"], device)
+    else:
+        torch.manual_seed(seed + rank + start_step)
+        log(f"warning: the checkpoint was written by {len(states)} processes, this run has {world}: {changes} "
+            f"from here on")
+    return start_step
+
+
+# -----------------------------------------------------------------------------
+# Files
+
+def save_grid(images, path: str, nrow: int):
+    """images (B,3,H,W) in [0,1] -> one PNG, written atomically."""
+    import torchvision.utils
+    with atomic_path(path) as tmp:
+        torchvision.utils.save_image(images, tmp, nrow=nrow, padding=2, pad_value=1.0, format="png")
+
+
+def write_json(path: str, obj):
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
+        json.dump(obj, fh, indent=2, default=str)
