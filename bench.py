@@ -280,15 +280,22 @@ def sampling_bench(preset, seq_len, num_positions, batch, device, mode, decoder=
     return dict(images_per_s=batch / seconds, seconds_per_batch=seconds)
 
 
-def greedy_paths_agree(device):
-    """Greedy tokens of the fast (CUDA-graph), eager-KV and no-cache paths (fp32, a small model)."""
+def sampling_paths_agree(device, compile=False) -> bool:
+    """Do the fast sampler (CUDA graph, attend_cache kernel, compiled with compile), the reference KV-cache
+    sampler and the no-cache path draw the same tokens? fp32, a small model, greedy and seeded draws."""
     torch.manual_seed(0)
     cfg = stackformer.StackformerConfig(**stackformer.PRESETS["demo"], codebook_size=256, num_positions=256, seq_len=64)
     model = stackformer.Stackformer(cfg).to(device).eval()
-    outs = [model.generate(batch_size=8, greedy=True), model.generate(batch_size=8, greedy=True, use_kv_cache=False)]
-    if device.type == "cuda":
-        outs.append(fast_sampling.generate(model, batch_size=8, greedy=True))
-    return all(torch.equal(outs[0][0], o[0]) and torch.equal(outs[0][1], o[1]) for o in outs[1:])
+    agree = True
+    for greedy in (True, False):
+        seeded = lambda: torch.Generator(device=device).manual_seed(1)
+        outs = [model.generate(batch_size=8, greedy=greedy, generator=seeded()),
+                model.generate(batch_size=8, greedy=greedy, generator=seeded(), use_kv_cache=False),
+                fast_sampling.generate(model, batch_size=8, greedy=greedy, generator=seeded())]
+        if compile:
+            outs.append(fast_sampling.generate(model, batch_size=8, greedy=greedy, generator=seeded(), compile=True))
+        agree &= all(torch.equal(outs[0][0], o[0]) and torch.equal(outs[0][1], o[1]) for o in outs[1:])
+    return agree
 
 
 # -----------------------------------------------------------------------------
@@ -397,6 +404,143 @@ def ddp_scaling(compile: bool, smoke: bool, json_path: str, compile_mode: str = 
     return results
 
 
+class Results(dict):
+    """The measurements by name; each table row is printed, and the JSON rewritten, as soon as it is measured."""
+
+    def __init__(self, json_path: str, device: torch.device):
+        super().__init__(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                         torch=torch.__version__)
+        self.json_path, self.device = json_path, device
+        print(f"{self['device']}, torch {self['torch']}", flush=True)
+
+    def row(self, name: str, value: str, note: str = ""):
+        print(f"{name:<72}  {value:>26}  {note}", flush=True)
+        with open(self.json_path, "w") as fh:
+            json.dump(self, fh, indent=2)
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def case_1(b: SimpleNamespace, compiled: bool):
+    """MQ-VAE training step (LPIPS + GAN) at several batch sizes; compiled: default and reduce-overhead modes."""
+    results, f8, device = b.results, b.f8, b.device
+    if not compiled:
+        variants = [(8, False), (32, False), (64, False), (8, True)]
+        for batch, channels_last in ([(2, True)] if b.smoke else variants):
+            r = mqvae_step_bench(f8, batch, device, check_sync=batch in (2, 8), channels_last=channels_last, **b.fast)
+            results[f"mqvae_step_b{batch}" + ("_channels_last" if channels_last else "")] = r
+            results.row(f"1 MQ-VAE train step, LPIPS+GAN, batch {batch}" + (", channels_last" if channels_last else ""),
+                        f"{r['images_per_s']:.1f} img/s",
+                        f"{r['peak_memory_gb']:.1f} GB peak; host sync: {r.get('host_sync_in_forward_backward', '-')}")
+        shares = component_shares(f8, 2 if b.smoke else 8, device, **({"warmup": 1, "iters": 1} if b.smoke else {}))
+        results["mqvae_component_shares_b8"] = shares
+        results.row("1 share of fwd+bwd time (parts run alone)", "",
+                    ", ".join(f"{k} {v['share']:.0%}" for k, v in shares.items()))
+        return
+    for channels_last in (False, True):
+        torch._dynamo.reset()
+        r = mqvae_step_bench(f8, 8, device, channels_last=channels_last, compile=True)
+        results[f"mqvae_step_b8{'_channels_last' if channels_last else ''}_compiled"] = r
+        results.row(f"1 MQ-VAE train step, LPIPS+GAN, batch 8{', channels_last' if channels_last else ''}, compiled",
+                    f"{r['images_per_s']:.1f} img/s", f"{r['peak_memory_gb']:.1f} GB peak")
+    # at batch 8 the step is bound by kernel launches; CUDA graphs remove that bound
+    torch._dynamo.reset()
+    r = mqvae_step_bench(f8, 8, device, compile=True, compile_mode="reduce-overhead")
+    results["mqvae_step_b8_compiled_reduce_overhead"] = r
+    results.row("1 MQ-VAE train step, LPIPS+GAN, batch 8, compiled (reduce-overhead)",
+                f"{r['images_per_s']:.1f} img/s", f"{r['peak_memory_gb']:.1f} GB peak")
+
+
+def case_2(b: SimpleNamespace, compiled: bool):
+    """What masking costs: the autoencoder step (no LPIPS, no GAN) of MQ-VAE against a plain VQ autoencoder."""
+    results, f8, device = b.results, b.f8, b.device
+    if not compiled:
+        for batch in ([2] if b.smoke else [8, 32]):
+            full = mqvae_step_bench(f8, batch, device, gan=False, use_lpips=False, **b.fast)
+            no_mask = mqvae_step_bench(mqvae.MQVAEConfig(**{**vars(f8), "keep_ratio": 1.0}), batch, device,
+                                       gan=False, use_lpips=False, **b.fast)
+            plain = mqvae_step_bench(f8, batch, device, plain=True, gan=False, use_lpips=False, **b.fast)
+            results[f"masking_cost_b{batch}"] = dict(masked=full, keep_100=no_mask, plain=plain,
+                                                     overhead=plain["images_per_s"] / full["images_per_s"])
+            results.row(f"2 autoencoder step, batch {batch}: MQ-VAE keep 25% / keep 100% / plain",
+                        f"{full['images_per_s']:.1f} / {no_mask['images_per_s']:.1f} / {plain['images_per_s']:.1f} img/s",
+                        f"masking overhead {plain['images_per_s'] / full['images_per_s']:.2f}x")
+        return
+    for mode in ("default", "reduce-overhead"):
+        torch._dynamo.reset()
+        full = mqvae_step_bench(f8, 8, device, gan=False, use_lpips=False, compile=True, compile_mode=mode)
+        torch._dynamo.reset()
+        plain = mqvae_step_bench(f8, 8, device, plain=True, gan=False, use_lpips=False, compile=True, compile_mode=mode)
+        key = "masking_cost_b8_compiled" + ("" if mode == "default" else "_reduce_overhead")
+        results[key] = dict(masked=full, plain=plain, overhead=plain["images_per_s"] / full["images_per_s"])
+        results.row(f"2 autoencoder step, batch 8, compiled ({mode}): MQ-VAE keep 25% / plain",
+                    f"{full['images_per_s']:.1f} / {plain['images_per_s']:.1f} img/s",
+                    f"masking overhead {plain['images_per_s'] / full['images_per_s']:.2f}x")
+
+
+def case_3(b: SimpleNamespace, compiled: bool):
+    """Stackformer training throughput and MFU."""
+    results = b.results
+    runs = ([(seq_len, num_positions, batch, None) for seq_len, num_positions in b.lengths
+             for batch in ([2] if b.smoke else [10, 64, 128])] if not compiled else
+            [(*b.lengths[0], batch, mode) for batch, mode in ((10, "reduce-overhead"), (10, "default"), (128, "default"))])
+    for seq_len, num_positions, batch, mode in runs:
+        options = b.fast if mode is None else dict(compile=True, compile_mode=mode)
+        r = stackformer_train_bench(b.sf_preset, seq_len, num_positions, batch, b.device, **options)
+        suffix = "" if mode is None else f", compiled ({mode})"
+        results[f"stackformer_train_L{seq_len}_b{batch}" + ("" if mode is None else f"_compiled_{mode}")] = r
+        results.row(f"3 Stackformer {b.sf_preset} ({r['params_m']:.0f}M) train, N={seq_len}, batch {batch}{suffix}",
+                    f"{r['tokens_per_s'] / 1e3:.1f}k tok/s", f"MFU {r['mfu']:.1%}, {r['peak_memory_gb']:.1f} GB")
+
+
+def case_4(b: SimpleNamespace, compiled: bool):
+    """Sampling speed: the fast sampler (graph, and compiled), the reference KV-cache loop, no cache."""
+    results, device = b.results, b.device
+    seq_len, num_positions = b.lengths[0]
+    if compiled:
+        for batch in (64, 256):
+            torch._dynamo.reset()   # each batch size compiles afresh, as in a sample.py run
+            r = sampling_bench(b.sf_preset, seq_len, num_positions, batch, device, "graph+compile")
+            results[f"sampling_b{batch}_graph_compiled"] = r
+            results.row(f"4 sampling {b.sf_preset}, N={seq_len}, batch {batch}, graph, compiled step, tokens only",
+                        f"{r['images_per_s']:.1f} img/s", f"{r['seconds_per_batch']:.2f} s/batch")
+        return
+    decoder = mqvae.MQVAE(b.f8).to(device).eval()
+    check_compiled = b.compile and not b.smoke
+    results["sampling_paths_agree"] = sampling_paths_agree(device, compile=check_compiled)
+    results.row("4 fp32 tokens equal: fast / KV / no-cache" + (" / compiled" if check_compiled else ""),
+                str(results["sampling_paths_agree"]), "greedy and seeded")
+    for batch in ([2] if b.smoke else [64, 256]):
+        for mode in (["kv", "no-cache"] if b.smoke else ["graph", "kv", "no-cache"]):
+            r = sampling_bench(b.sf_preset, seq_len, num_positions, batch, device, mode,
+                               iters=1 if b.smoke or mode == "no-cache" else 2)
+            results[f"sampling_b{batch}_{mode}"] = r
+            results.row(f"4 sampling {b.sf_preset}, N={seq_len}, batch {batch}, {mode}, tokens only",
+                        f"{r['images_per_s']:.1f} img/s", f"{r['seconds_per_batch']:.2f} s/batch")
+        mode = "kv" if b.smoke else "graph"
+        r = sampling_bench(b.sf_preset, seq_len, num_positions, batch, device, mode, decoder=decoder,
+                           iters=1 if b.smoke else 2)
+        results[f"sampling_b{batch}_{mode}_with_decoding"] = r
+        results.row(f"4 sampling batch {batch}, {mode}, with MQ-VAE decoding", f"{r['images_per_s']:.1f} img/s")
+
+
+def case_5(b: SimpleNamespace, compiled: bool):
+    """FID Inception features against pytorch-fid's network (when installed)."""
+    if compiled:
+        return
+    fid_batch = 2 if b.smoke else 200
+    r = fid_bench(fid_batch, b.device, **(dict(rounds=1, iters=1) if b.smoke else {}))
+    b.results["fid_features_b200"] = r
+    b.results.row("5 FID Inception features (fp32, no TF32)", f"{r['images_per_s']:.0f} img/s",
+                  f"batch {fid_batch}; pytorch-fid, same weights: {r['pytorch_fid_images_per_s']:.0f} img/s, largest feature "
+                  f"difference {r['max_feature_difference']:.1e}" if "pytorch_fid_images_per_s" in r
+                  else f"batch {fid_batch}; pytorch-fid not installed, no comparison")
+
+
+CASES = {1: case_1, 2: case_2, 3: case_3, 4: case_4, 5: case_5}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--cases", default="1,2,3,4,5", help="comma-separated case numbers")
@@ -410,133 +554,21 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.ddp:
         return ddp_scaling(args.compile, args.cpu_smoke, args.json, args.compile_mode)
-    cases = {int(c) for c in args.cases.split(",")}
+    cases = sorted({int(c) for c in args.cases.split(",")})
+    utils.check(all(c in CASES for c in cases), f"--cases takes numbers from {sorted(CASES)}, got {args.cases}")
     smoke = args.cpu_smoke
     device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
     fast, f8 = settings(device, smoke)
     sf_preset, lengths = ("tiny", [(16, 64)]) if smoke else ("base", [(256, 1024), (128, 256)])
-    results = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                   torch=torch.__version__)
-    print(f"{results['device']}, torch {results['torch']}", flush=True)
-
-    class Rows(list):
-        """Each row is printed, and the JSON rewritten, as soon as it is measured."""
-        def append(self, row):
-            super().append(row)
-            name, value, note = row
-            print(f"{name:<72}  {value:>26}  {note}", flush=True)
-            with open(args.json, "w") as fh:
-                json.dump(results, fh, indent=2)
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    rows = Rows()
-
-    if 1 in cases:
-        variants = [(8, False, False), (32, False, False), (64, False, False), (8, True, False)]
-        for batch, channels_last, compiled in ([(2, True, False)] if smoke else variants):
-            r = mqvae_step_bench(f8, batch, device, check_sync=not compiled and batch in (2, 8),
-                                 channels_last=channels_last, compile=compiled, **fast)
-            name = f"mqvae_step_b{batch}" + ("_channels_last" if channels_last else "") + ("_compiled" if compiled else "")
-            results[name] = r
-            rows.append((f"1 MQ-VAE train step, LPIPS+GAN, batch {batch}" + (", channels_last" if channels_last else "")
-                         + (", compiled" if compiled else ""), f"{r['images_per_s']:.1f} img/s",
-                         f"{r['peak_memory_gb']:.1f} GB peak; host sync: {r.get('host_sync_in_forward_backward', '-')}"))
-        shares = component_shares(f8, 2 if smoke else 8, device, **({"warmup": 1, "iters": 1} if smoke else {}))
-        results["mqvae_component_shares_b8"] = shares
-        rows.append(("1 share of fwd+bwd time (parts run alone)", "",
-                     ", ".join(f"{k} {v['share']:.0%}" for k, v in shares.items())))
-    if 2 in cases:
-        for batch in ([2] if smoke else [8, 32]):
-            full = mqvae_step_bench(f8, batch, device, gan=False, use_lpips=False, **fast)
-            no_mask = mqvae_step_bench(mqvae.MQVAEConfig(**{**vars(f8), "keep_ratio": 1.0}), batch, device,
-                                       gan=False, use_lpips=False, **fast)
-            plain = mqvae_step_bench(f8, batch, device, plain=True, gan=False, use_lpips=False, **fast)
-            results[f"masking_cost_b{batch}"] = dict(masked=full, keep_100=no_mask, plain=plain,
-                                                     overhead=plain["images_per_s"] / full["images_per_s"])
-            rows.append((f"2 autoencoder step, batch {batch}: MQ-VAE keep 25% / keep 100% / plain",
-                         f"{full['images_per_s']:.1f} / {no_mask['images_per_s']:.1f} / {plain['images_per_s']:.1f} img/s",
-                         f"masking overhead {plain['images_per_s'] / full['images_per_s']:.2f}x"))
-    if 3 in cases:
-        for seq_len, num_positions in lengths:
-            for batch in ([2] if smoke else [10, 64, 128]):
-                r = stackformer_train_bench(sf_preset, seq_len, num_positions, batch, device, **fast)
-                results[f"stackformer_train_L{seq_len}_b{batch}"] = r
-                rows.append((f"3 Stackformer {sf_preset} ({r['params_m']:.0f}M) train, N={seq_len}, batch {batch}",
-                             f"{r['tokens_per_s'] / 1e3:.1f}k tok/s", f"MFU {r['mfu']:.1%}, {r['peak_memory_gb']:.1f} GB"))
-    if 4 in cases:
-        seq_len, num_positions = lengths[0]
-        decoder = mqvae.MQVAE(f8).to(device).eval()
-        results["sampling_greedy_paths_agree"] = greedy_paths_agree(device)
-        rows.append(("4 greedy tokens equal: graph / KV / no-cache", str(results["sampling_greedy_paths_agree"]), ""))
-        for batch in ([2] if smoke else [64, 256]):
-            modes = ["kv", "no-cache"] if smoke else ["graph", "kv", "no-cache"]
-            for mode in modes:
-                r = sampling_bench(sf_preset, seq_len, num_positions, batch, device, mode,
-                                   iters=1 if smoke or mode == "no-cache" else 2)
-                results[f"sampling_b{batch}_{mode}"] = r
-                rows.append((f"4 sampling {sf_preset}, N={seq_len}, batch {batch}, {mode}, tokens only",
-                             f"{r['images_per_s']:.1f} img/s", f"{r['seconds_per_batch']:.2f} s/batch"))
-            if not smoke or batch == 2:
-                mode = "kv" if smoke else "graph"
-                r = sampling_bench(sf_preset, seq_len, num_positions, batch, device, mode, decoder=decoder,
-                                   iters=1 if smoke else 2)
-                results[f"sampling_b{batch}_{mode}_with_decoding"] = r
-                rows.append((f"4 sampling batch {batch}, {mode}, with MQ-VAE decoding", f"{r['images_per_s']:.1f} img/s", ""))
-    if 5 in cases:
-        fid_batch = 2 if smoke else 200
-        r = fid_bench(fid_batch, device, **(dict(rounds=1, iters=1) if smoke else {}))
-        results["fid_features_b200"] = r
-        rows.append(("5 FID Inception features (fp32, no TF32)", f"{r['images_per_s']:.0f} img/s",
-                     f"batch {fid_batch}; pytorch-fid, same weights: {r['pytorch_fid_images_per_s']:.0f} img/s, largest feature "
-                     f"difference {r['max_feature_difference']:.1e}" if "pytorch_fid_images_per_s" in r
-                     else f"batch {fid_batch}; pytorch-fid not installed, no comparison"))
-
+    b = SimpleNamespace(results=Results(args.json, device), device=device, fast=fast, f8=f8, sf_preset=sf_preset,
+                        lengths=lengths, smoke=smoke, compile=args.compile)
+    for c in cases:
+        CASES[c](b, compiled=False)
     if args.compile and not smoke:  # last, since compiling takes a while
-        if 4 in cases:
-            seq_len, num_positions = lengths[0]
-            for batch in (64, 256):
-                torch._dynamo.reset()   # each batch size compiles afresh, as in a sample.py run
-                r = sampling_bench(sf_preset, seq_len, num_positions, batch, device, "graph+compile")
-                results[f"sampling_b{batch}_graph_compiled"] = r
-                rows.append((f"4 sampling {sf_preset}, N={seq_len}, batch {batch}, graph, compiled step, tokens only",
-                             f"{r['images_per_s']:.1f} img/s", f"{r['seconds_per_batch']:.2f} s/batch"))
-        if 1 in cases:
-            for channels_last in (False, True):
-                torch._dynamo.reset()
-                r = mqvae_step_bench(f8, 8, device, channels_last=channels_last, compile=True)
-                name = "_channels_last" if channels_last else ""
-                results[f"mqvae_step_b8{name}_compiled"] = r
-                rows.append((f"1 MQ-VAE train step, LPIPS+GAN, batch 8{', channels_last' if channels_last else ''}, compiled",
-                             f"{r['images_per_s']:.1f} img/s", f"{r['peak_memory_gb']:.1f} GB peak"))
-            # at batch 8 the step is bound by kernel launches; CUDA graphs remove that bound
-            torch._dynamo.reset()
-            r = mqvae_step_bench(f8, 8, device, compile=True, compile_mode="reduce-overhead")
-            results["mqvae_step_b8_compiled_reduce_overhead"] = r
-            rows.append(("1 MQ-VAE train step, LPIPS+GAN, batch 8, compiled (reduce-overhead)",
-                         f"{r['images_per_s']:.1f} img/s", f"{r['peak_memory_gb']:.1f} GB peak"))
-        if 2 in cases:
-            for mode in ("default", "reduce-overhead"):
-                torch._dynamo.reset()
-                full = mqvae_step_bench(f8, 8, device, gan=False, use_lpips=False, compile=True, compile_mode=mode)
-                torch._dynamo.reset()
-                plain = mqvae_step_bench(f8, 8, device, plain=True, gan=False, use_lpips=False, compile=True,
-                                         compile_mode=mode)
-                key = "masking_cost_b8_compiled" + ("" if mode == "default" else "_reduce_overhead")
-                results[key] = dict(masked=full, plain=plain, overhead=plain["images_per_s"] / full["images_per_s"])
-                rows.append((f"2 autoencoder step, batch 8, compiled ({mode}): MQ-VAE keep 25% / plain",
-                             f"{full['images_per_s']:.1f} / {plain['images_per_s']:.1f} img/s",
-                             f"masking overhead {plain['images_per_s'] / full['images_per_s']:.2f}x"))
-        if 3 in cases:
-            seq_len, num_positions = lengths[0]
-            for batch, mode in ((10, "reduce-overhead"), (10, "default"), (128, "default")):
-                r = stackformer_train_bench(sf_preset, seq_len, num_positions, batch, device, compile=True, compile_mode=mode)
-                results[f"stackformer_train_L{seq_len}_b{batch}_compiled_{mode}"] = r
-                rows.append((f"3 Stackformer {sf_preset} train, N={seq_len}, batch {batch}, compiled ({mode})",
-                             f"{r['tokens_per_s'] / 1e3:.1f}k tok/s", f"MFU {r['mfu']:.1%}, {r['peak_memory_gb']:.1f} GB"))
-    return results
+        for c in cases:
+            CASES[c](b, compiled=True)
+    return b.results
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_main(main)

@@ -446,33 +446,17 @@ def sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> di
     device = pick_device(cfg, world, device)
     model, mqvae, tokenizer, ckpt = load_models(cfg.ckpt, device)
     if device.type == "cuda" and cfg.dtype == "bf16":
-        # bf16 weights rather than autocast: generate() then replays its steps as CUDA graphs
+        # bf16 weights rather than autocast: the fast sampler then replays its steps as CUDA graphs
         # (autocast's weight-cast cache does not mix with graph capture). Sampling stays in fp32.
         model.to(torch.bfloat16)
     cond = resolve_conditioning(cfg, model.config, tokenizer, ckpt.get("classes"))
     if cond.mode == "text" and master:
         for message in text_warnings(cond.cycle, tokenizer):
             print(f"warning: {message}", file=sys.stderr)
-
-    # How many, and where they go.
     n = cfg.num_samples
     if n is None:
         n = len(cond.cycle) if (cond.mode == "class" and cfg.classes == "all") or cfg.prompts_file else 64
-    grid = cfg.grid
-    if grid is None and n <= GRID_MAX:
-        grid = os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "samples.png")
-    grid = None if grid is None or grid.lower() == "none" else grid
-    check(grid or cfg.out_dir or cfg.npz, "nothing to write: give --out-dir, --npz or --grid"
-          + (f" (n = {n} > {GRID_MAX} gets no grid by default)" if cfg.grid is None else ""))
-    check(not cfg.show_positions or grid, "--show-positions draws on the grid, which is off; give --grid PATH")
-    positions_grid = os.path.splitext(grid)[0] + "_positions.png" if grid and cfg.show_positions else None
-    grid_what = "the grid" + (" (by default next to the checkpoint; give --grid PATH or --grid none)" if cfg.grid is None else "")
-    for folder, what in ((cfg.out_dir, "images"), (grid and os.path.dirname(os.path.abspath(grid)), grid_what),
-                         (cfg.npz and os.path.dirname(os.path.abspath(cfg.npz)), "the .npz")):
-        if folder:
-            check_writable(folder, what)
-    for path in (grid, cfg.npz):
-        check(not path or not os.path.isdir(path), f"{path} is a folder; give a file name")
+    grid, positions_grid = output_paths(cfg, n)
 
     # What was sampled how: printed, stored in the .npz and next to the PNGs.
     sampling = sampling_kwargs(cfg)
@@ -482,14 +466,7 @@ def sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> di
                   device_type=device.type, **{k: v for k, v in sampling.items() if k != "use_kv_cache"})
     record.update(n=n, conditioning=cond.note)    # the keys above fix the images; these two do not
     if cfg.out_dir and master:
-        record_path = os.path.join(cfg.out_dir, "sample_config.json")
-        if cfg.skip_existing and os.path.isfile(record_path):
-            with open(record_path) as fh:
-                before = json.load(fh)
-            differ = [k for k in record if k not in ("n", "conditioning") and before.get(k) != record[k]]
-            check(not differ, f"{cfg.out_dir} was sampled with other settings ({', '.join(differ)} differ); "
-                              f"--skip-existing would mix two kinds of images there")
-        write_json(record_path, record)
+        write_sample_record(cfg, record)
 
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -498,75 +475,22 @@ def sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> di
         mqvae.demask = torch.compile(mqvae.demask)
         mqvae.decoder = torch.compile(mqvae.decoder)
     mc = mqvae.config
-    chunks = shard_chunks(n, cfg.batch_size, rank, world)
-    num_chunks = math.ceil(n / cfg.batch_size)
     log(f"checkpoint {cfg.ckpt} (step {ckpt.get('step')}): {model.num_params() / 1e6:.1f}M Stackformer parameters, "
         f"{mc.resolution}px images, {mc.grid_size}x{mc.grid_size} latent grid, N = {model.config.seq_len} of "
         f"T = {mc.num_tokens} positions, V = {mc.codebook_size} codes; {cond.note}")
-    log(f"sampling {n} images in {num_chunks} chunks of {cfg.batch_size} over {world} rank(s) on {device} "
-        f"({record['dtype']}), seed {cfg.seed}; " + ", ".join(f"{k}={v}" for k, v in sampling.items()))
-
-    # The loop: each chunk is sampled (or, with --skip-existing, read back), written and kept
-    # as far as the grid and the .npz need it.
+    log(f"sampling {n} images in {math.ceil(n / cfg.batch_size)} chunks of {cfg.batch_size} over {world} rank(s) on "
+        f"{device} ({record['dtype']}), seed {cfg.seed}; " + ", ".join(f"{k}={v}" for k, v in sampling.items()))
+    chunks = shard_chunks(n, cfg.batch_size, rank, world)
     grid_count = min(n, GRID_MAX) if grid else 0
-    share = sum(stop - start for start, stop in chunks)       # this rank's images
-    R = mc.resolution
-    # The .npz share is allocated once: 50k 256px images are 9.8 GB, too much to hold twice.
-    npz_images = np.empty((share, R, R, 3), np.uint8) if cfg.npz else None
-    npz_indices = np.concatenate([np.arange(start, stop) for start, stop in chunks] or [np.zeros(0, np.int64)])
-    grid_images, grid_positions = [], []
-    generated = skipped = done = 0
-    token_s = decode_s = 0.0
-    t_start = t_log = time.perf_counter()
-    writer = ThreadPoolExecutor(max_workers=4) if cfg.out_dir else None   # PNG encoding overlaps the next chunk
-    pending = []
-    kept = {}       # generate()'s buffers and CUDA graphs, captured once and replayed for every chunk
-    try:
-        for k, (start, stop) in enumerate(chunks):
-            files = [png_path(cfg.out_dir, i) for i in range(start, stop)] if cfg.out_dir else []
-            needs_positions = positions_grid is not None and start < grid_count   # not stored in the PNGs
-            images = positions = None
-            if cfg.skip_existing and not needs_positions and all(os.path.isfile(f) for f in files):
-                skipped += stop - start
-                if cfg.npz or start < grid_count:
-                    images = np.stack([read_png(f, R) for f in files])             # (count, H, W, 3)
-            else:
-                chunk = sample_chunk(model, mqvae, start, stop, cfg.batch_size, cond.rows(start, stop), cfg.seed,
-                                     reuse=kept, **sampling)
-                images, positions = chunk.images.numpy(), chunk.positions.numpy()
-                generated += stop - start
-                token_s += chunk.token_seconds
-                decode_s += chunk.decode_seconds
-                for future in pending:   # at most one chunk of PNGs in flight
-                    future.result()
-                pending = [writer.submit(write_png, image, f) for image, f in zip(images, files)] if writer else []
-            if cfg.npz:
-                npz_images[done:done + stop - start] = images
-            if start < grid_count:
-                grid_images.append((start, images[:grid_count - start]))
-                if positions is not None:
-                    grid_positions.append((start, positions[:grid_count - start]))
-            done += stop - start
-            now = time.perf_counter()
-            if master and (k == 0 or done == share or now - t_log >= PROGRESS_EVERY_S):
-                t_log = now
-                rate = generated / max(now - t_start, 1e-9)                       # this rank's
-                eta = (share - done) / rate if rate > 0 else 0.0
-                log(f"{done}/{share} images" + (f" on rank 0 (of {n} on {world} ranks)" if world > 1 else "")
-                    + f" | {rate * world:.1f} img/s | ETA {eta / 60:.1f} min", flush=True)
-        for future in pending:
-            future.result()
-    finally:
-        if writer:
-            writer.shutdown(wait=True)
-    wall_s = time.perf_counter() - t_start
+    result = sample_chunks(cfg, model, mqvae, cond, chunks, sampling, grid_count, positions_grid is not None,
+                           n, world, log)
+    stats, npz_images, npz_indices, grid_images, grid_positions = result
 
     # Gather: the grid's images and the run's numbers to rank 0; the .npz through per-rank parts.
     if cfg.npz and world > 1:
         write_npz(npz_part(cfg.npz, rank, world), dict(images=npz_images, indices=npz_indices))
     elif cfg.npz:   # one process: its chunks are 0..n-1 in order
         write_npz(cfg.npz, dict(images=npz_images, **cond.per_image(n), config=np.asarray(json.dumps(record))))
-    stats = dict(generated=generated, skipped=skipped, token_s=token_s, decode_s=decode_s, wall_s=wall_s)
     if world > 1:
         gathered = [None] * world
         dist.all_gather_object(gathered, (stats, grid_images, grid_positions))   # also the barrier before the merge
@@ -600,6 +524,97 @@ def sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> di
            f"{made / max(stats['token_s'] + stats['decode_s'], 1e-9):.1f} img/s "
            f"(generate {stats['token_s']:.1f} s, decode {stats['decode_s']:.1f} s)" if made else ""))
     return dict(stats, n=n, grid=grid, positions_grid=positions_grid)
+
+
+def output_paths(cfg: SampleConfig, n: int):
+    """-> (grid PNG or None, positions grid PNG or None); checks that every output can be written, before sampling."""
+    grid = cfg.grid
+    if grid is None and n <= GRID_MAX:
+        grid = os.path.join(os.path.dirname(os.path.abspath(cfg.ckpt)), "samples.png")
+    grid = None if grid is None or grid.lower() == "none" else grid
+    check(grid or cfg.out_dir or cfg.npz, "nothing to write: give --out-dir, --npz or --grid"
+          + (f" (n = {n} > {GRID_MAX} gets no grid by default)" if cfg.grid is None else ""))
+    check(not cfg.show_positions or grid, "--show-positions draws on the grid, which is off; give --grid PATH")
+    positions_grid = os.path.splitext(grid)[0] + "_positions.png" if grid and cfg.show_positions else None
+    grid_what = "the grid" + (" (by default next to the checkpoint; give --grid PATH or --grid none)" if cfg.grid is None else "")
+    for folder, what in ((cfg.out_dir, "images"), (grid and os.path.dirname(os.path.abspath(grid)), grid_what),
+                         (cfg.npz and os.path.dirname(os.path.abspath(cfg.npz)), "the .npz")):
+        if folder:
+            check_writable(folder, what)
+    for path in (grid, cfg.npz):
+        check(not path or not os.path.isdir(path), f"{path} is a folder; give a file name")
+    return grid, positions_grid
+
+
+def write_sample_record(cfg: SampleConfig, record: dict):
+    """out_dir/sample_config.json; with --skip-existing, the folder's earlier settings must be these."""
+    record_path = os.path.join(cfg.out_dir, "sample_config.json")
+    if cfg.skip_existing and os.path.isfile(record_path):
+        with open(record_path) as fh:
+            before = json.load(fh)
+        differ = [k for k in record if k not in ("n", "conditioning") and before.get(k) != record[k]]
+        check(not differ, f"{cfg.out_dir} was sampled with other settings ({', '.join(differ)} differ); "
+                          f"--skip-existing would mix two kinds of images there")
+    write_json(record_path, record)
+
+
+def sample_chunks(cfg: SampleConfig, model, mqvae, cond: Conditioning, chunks, sampling: dict, grid_count: int,
+                  want_positions: bool, n: int, world: int, log):
+    """This rank's chunks: each is sampled (or, with --skip-existing, read back), its PNGs written, and kept
+    as far as the grid and the .npz need it. -> (stats, npz images, their indices, grid images, grid positions)."""
+    share = sum(stop - start for start, stop in chunks)       # this rank's images
+    R = mqvae.config.resolution
+    # The .npz share is allocated once: 50k 256px images are 9.8 GB, too much to hold twice.
+    npz_images = np.empty((share, R, R, 3), np.uint8) if cfg.npz else None
+    npz_indices = np.concatenate([np.arange(start, stop) for start, stop in chunks] or [np.zeros(0, np.int64)])
+    grid_images, grid_positions = [], []
+    generated = skipped = done = 0
+    token_s = decode_s = 0.0
+    t_start = t_log = time.perf_counter()
+    writer = ThreadPoolExecutor(max_workers=4) if cfg.out_dir else None   # PNG encoding overlaps the next chunk
+    pending = []
+    kept = {}       # the fast sampler's buffers and CUDA graph, captured once and replayed for every chunk
+    try:
+        for k, (start, stop) in enumerate(chunks):
+            files = [png_path(cfg.out_dir, i) for i in range(start, stop)] if cfg.out_dir else []
+            needs_positions = want_positions and start < grid_count   # not stored in the PNGs
+            images = positions = None
+            if cfg.skip_existing and not needs_positions and all(os.path.isfile(f) for f in files):
+                skipped += stop - start
+                if cfg.npz or start < grid_count:
+                    images = np.stack([read_png(f, R) for f in files])             # (count, H, W, 3)
+            else:
+                chunk = sample_chunk(model, mqvae, start, stop, cfg.batch_size, cond.rows(start, stop), cfg.seed,
+                                     reuse=kept, **sampling)
+                images, positions = chunk.images.numpy(), chunk.positions.numpy()
+                generated += stop - start
+                token_s += chunk.token_seconds
+                decode_s += chunk.decode_seconds
+                for future in pending:   # at most one chunk of PNGs in flight
+                    future.result()
+                pending = [writer.submit(write_png, image, f) for image, f in zip(images, files)] if writer else []
+            if cfg.npz:
+                npz_images[done:done + stop - start] = images
+            if start < grid_count:
+                grid_images.append((start, images[:grid_count - start]))
+                if positions is not None:
+                    grid_positions.append((start, positions[:grid_count - start]))
+            done += stop - start
+            now = time.perf_counter()
+            if k == 0 or done == share or now - t_log >= PROGRESS_EVERY_S:
+                t_log = now
+                rate = generated / max(now - t_start, 1e-9)                       # this rank's
+                eta = (share - done) / rate if rate > 0 else 0.0
+                log(f"{done}/{share} images" + (f" on rank 0 (of {n} on {world} ranks)" if world > 1 else "")
+                    + f" | {rate * world:.1f} img/s | ETA {eta / 60:.1f} min", flush=True)
+        for future in pending:
+            future.result()
+    finally:
+        if writer:
+            writer.shutdown(wait=True)
+    stats = dict(generated=generated, skipped=skipped, token_s=token_s, decode_s=decode_s,
+                 wall_s=time.perf_counter() - t_start)
+    return stats, npz_images, npz_indices, grid_images, grid_positions
 
 
 def npz_part(path: str, rank: int, world: int) -> str:

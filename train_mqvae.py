@@ -31,6 +31,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -41,9 +42,9 @@ from torch.utils.data import DataLoader
 
 import data
 from mqvae import MQVAE, MQVAEConfig, PRESETS, PatchDiscriminator
-from utils import (COMPILE_MODES, NonFiniteGuard, UserError, atomic_path, check, check_identical_across_ranks,
-                   check_positive, gather_rng_states, launch, resume_from, run_main, save_checkpoint, save_grid,
-                   seed_or_restore_rng, strip_compile_prefix, warmup_cosine_lr, write_json)
+from utils import (COMPILE_MODES, TrainingRun, UserError, atomic_path, check, check_identical_across_ranks,
+                   check_positive, launch, resume_from, run_main, save_grid, seed_or_restore_rng, strip_compile_prefix,
+                   warmup_cosine_lr, write_json)
 
 
 # -----------------------------------------------------------------------------
@@ -377,30 +378,94 @@ def main(argv=None):
 
 
 def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.device):
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
+    log = print if rank == 0 else (lambda *a, **k: None)
     cfg = resolve_defaults(cfg)
     ckpt_path, ckpt, cfg = resume_from(cfg, "mqvae", explicit, RUN_CONTROL, log)
     validate(cfg)
     mcfg = model_config(cfg)
+    d = build_data(cfg, rank, world, device)
+    n = build_networks(cfg, mcfg, d.peak_lr, ckpt, rank, world, device)
+    # per-rank randomness (random masker) from here on
+    start_step = seed_or_restore_rng(ckpt, cfg.seed, rank, world, device, log, "the global batch, the lr it "
+                                     "scales, the data order and the random streams all change")
+    run = TrainingRun(cfg, ckpt_path, ckpt is not None, start_step, d.total_steps, rank, world, device,
+                      "Lower the learning rate or use --dtype fp32")
+    if ckpt is not None:
+        log(f"resumed from {ckpt_path} at step {start_step}")
+    if rank == 0:
+        describe_run(cfg, mcfg, d, n, world)
+    stats = TrainingStats(mcfg.codebook_size, device)
+    unreadable = set()      # dataset indices of training files that failed to load
+    stream = micro_batches(d, cfg, start_step)
+    n.model.train()
+    n.disc.train()
+    step = start_step
+    for step in range(start_step, d.total_steps):
+        t0 = time.time()
+        lr = warmup_cosine_lr(step, d.peak_lr, d.warmup_steps, d.total_steps, cfg.min_lr)
+        for group in n.opt_ae.param_groups + n.opt_d.param_groups:
+            group["lr"] = lr
+        gan_on = cfg.disc_weight > 0 and step >= cfg.disc_start
+        for micro in range(cfg.grad_accum):
+            batch = next(stream)
+            skip_unreadable(batch, unreadable, d.train_set, rank, world)
+            x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=n.memory_format)
+            sync = world == 1 or micro == cfg.grad_accum - 1   # DDP all-reduces gradients on the last micro-batch only
+            if n.graphed:
+                torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are no longer read
+            with (nullcontext() if sync else n.model.no_sync()), (nullcontext() if sync else n.disc.no_sync()):
+                out = losses_and_backward(n.model, n.disc, n.raw_model, n.raw_disc, n.lpips_fn, x, cfg, gan_on,
+                                          n.autocast)
+            run.guard.update(out["loss"] + out["d_loss"], step + 1)
+            stats.add(out, step)
+        n.opt_ae.step()
+        n.opt_ae.zero_grad(set_to_none=True)
+        n.raw_model.quantizer.ema_step()  # the codebook moves once per step, whatever the accumulation
+        if gan_on:
+            n.opt_d.step()
+            n.opt_d.zero_grad(set_to_none=True)
+        run.step_times.append(time.time() - t0)
+        done = step + 1
+        if run.due(done, cfg.log_every):
+            log_training(run, stats, done, lr, d, cfg)
+        if run.due(done, cfg.eval_every):
+            run.check_finite(done)
+            metrics, picture = evaluate(n.raw_model, d.val_set, cfg, device, n.autocast, n.lpips_fn, rank, world, n.graphed)
+            report_evaluation(run, done, metrics, picture)
+        if run.due(done, cfg.ckpt_every) or run.stopping(done):
+            run.save(done, checkpoint_state(n, mcfg, cfg, done / d.steps_per_epoch))
+        if run.stopping(done):
+            log(f"stopping after {cfg.stop_after} steps (--stop-after) at step {done}; continue with --resume")
+            break
+    if world > 1:
+        log(rank_consistency(n.raw_model, n.raw_disc, world))
+    run.finish(step)
 
-    # ---- data
+
+def build_data(cfg: TrainConfig, rank: int, world: int, device) -> SimpleNamespace:
+    """Datasets, the resumable sampler and loader, and the schedule they fix (steps, warmup, lr)."""
     train_set = data.build_dataset(cfg.data, cfg.data_dir, cfg.image_size, "train")
     val_set = data.build_dataset(cfg.data, cfg.data_dir, cfg.image_size, "val")
     global_batch = cfg.batch_size * world * cfg.grad_accum
     steps_per_epoch = len(train_set) // global_batch
     check(steps_per_epoch > 0, f"the training set has {len(train_set)} images, fewer than one global batch "
                                f"({global_batch}); lower --batch-size")
-    total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
-    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch)
-    peak_lr = cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch
     sampler = data.ResumableSampler(train_set, num_replicas=world, rank=rank, seed=cfg.seed)
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda", drop_last=True,
                         persistent_workers=False, prefetch_factor=4 if cfg.num_workers > 0 else None,
                         generator=torch.Generator())  # own RNG: starting an epoch must not draw from the global one
+    return SimpleNamespace(train_set=train_set, val_set=val_set, sampler=sampler, loader=loader,
+                           global_batch=global_batch, steps_per_epoch=steps_per_epoch,
+                           total_steps=cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch)),
+                           warmup_steps=int(cfg.warmup_epochs * steps_per_epoch),
+                           peak_lr=cfg.lr if cfg.lr is not None else cfg.base_lr * global_batch)
 
-    # ---- models
+
+def build_networks(cfg: TrainConfig, mcfg: MQVAEConfig, peak_lr: float, ckpt: Optional[dict], rank: int, world: int,
+                   device) -> SimpleNamespace:
+    """MQ-VAE, discriminator, LPIPS and both optimizers, restored from ckpt, then compiled and DDP-wrapped
+    as the flags say. model/disc are what the loop calls; raw_model/raw_disc the unwrapped modules."""
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = MQVAE(mcfg).to(device)
     disc = PatchDiscriminator(n_layers=cfg.disc_layers).to(device)
@@ -418,11 +483,6 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         disc.load_state_dict(ckpt["disc"], strict=True)
         opt_ae.load_state_dict(ckpt["opt_ae"])
         opt_d.load_state_dict(ckpt["opt_disc"])
-    # per-rank randomness (random masker) from here on
-    start_step = seed_or_restore_rng(ckpt, cfg.seed, rank, world, device, log, "the global batch, the lr it "
-                                     "scales, the data order and the random streams all change")
-    if ckpt is not None:
-        log(f"resumed from {ckpt_path} at step {start_step}")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -431,170 +491,134 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     for m in (model, disc, lpips_fn):
         if m is not None:
             m.to(memory_format=memory_format)
-    graphed = cfg.compile and cfg.compile_mode == "reduce-overhead"
+    raw_model, raw_disc = model, disc
     if cfg.compile:
         # reduce-overhead replays the compiled parts as CUDA graphs: at batch 8 the de-mask stack's
         # small kernels otherwise leave the GPU waiting for the CPU to launch them.
         compile_for_training(model, cfg.compile_mode)
-        disc = torch.compile(disc)  # default mode: D is differentiated twice per step (λ, then its loss)
-    raw_model, raw_disc = model, disc
+        disc = raw_disc = torch.compile(disc)  # default mode: D is differentiated twice per step (λ, then its loss)
     if world > 1:
         ddp_args = dict(device_ids=[device.index] if cuda else None,
                         find_unused_parameters=mcfg.keep_ratio >= 1.0)  # keep 100%: the mask token is unused
         model, disc = DDP(model, **ddp_args), ddp_discriminator(disc, ddp_args["device_ids"])
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.dtype == "bf16" else nullcontext())
+    return SimpleNamespace(model=model, disc=disc, raw_model=raw_model, raw_disc=raw_disc, lpips_fn=lpips_fn,
+                           opt_ae=opt_ae, opt_d=opt_d, memory_format=memory_format,
+                           graphed=cfg.compile and cfg.compile_mode == "reduce-overhead",
+                           autocast=torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.dtype == "bf16"
+                           else nullcontext())
 
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        write_json(os.path.join(cfg.out_dir, "config.json"), dict(train=vars(cfg), model=dataclasses.asdict(mcfg)))
-        n_params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
-        log(json.dumps(vars(cfg)))
-        log(f"MQ-VAE {cfg.preset}: {n_params(raw_model):.2f}M parameters (encoder {n_params(raw_model.encoder):.2f}M, "
-            f"mask {n_params(raw_model.mask):.2f}M, de-mask {n_params(raw_model.demask):.2f}M, "
-            f"decoder {n_params(raw_model.decoder):.2f}M); discriminator {n_params(raw_disc):.2f}M")
-        log(f"f={mcfg.downsample_factor}: {mcfg.grid_size}x{mcfg.grid_size} grid, keep {mcfg.keep_ratio:.0%} -> "
-            f"N={mcfg.seq_len} codes per image; codebook {mcfg.codebook_size}x{mcfg.codebook_dim} ({mcfg.codebook})")
-        log(f"data {cfg.data}: {len(train_set)} train / {len(val_set)} val images; global batch {global_batch} "
-            f"({cfg.batch_size} x {world} GPU x {cfg.grad_accum} accum); {steps_per_epoch} steps/epoch, "
-            f"{total_steps} steps, peak lr {peak_lr:.3g}, warmup {warmup_steps} steps")
-        if lpips_fn is None:
-            log("perceptual loss off (--perceptual-weight 0): LPIPS is neither trained on nor reported")
 
-    def micro_batches(step):
-        """Endless stream of micro-batches, resuming at `step` inside its epoch."""
-        epoch, skip = divmod(step, steps_per_epoch)
-        while True:
-            sampler.set_epoch(epoch, skip=skip * cfg.batch_size * cfg.grad_accum)
-            it = iter(loader)
-            for _ in range((steps_per_epoch - skip) * cfg.grad_accum):
-                yield next(it)
-            del it
-            epoch, skip = epoch + 1, 0
+def describe_run(cfg: TrainConfig, mcfg: MQVAEConfig, d: SimpleNamespace, n: SimpleNamespace, world: int):
+    """Rank 0: write config.json and print what will run."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    write_json(os.path.join(cfg.out_dir, "config.json"), dict(train=vars(cfg), model=dataclasses.asdict(mcfg)))
+    millions = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
+    model = n.raw_model
+    print(json.dumps(vars(cfg)))
+    print(f"MQ-VAE {cfg.preset}: {millions(model):.2f}M parameters (encoder {millions(model.encoder):.2f}M, "
+          f"mask {millions(model.mask):.2f}M, de-mask {millions(model.demask):.2f}M, "
+          f"decoder {millions(model.decoder):.2f}M); discriminator {millions(n.raw_disc):.2f}M")
+    print(f"f={mcfg.downsample_factor}: {mcfg.grid_size}x{mcfg.grid_size} grid, keep {mcfg.keep_ratio:.0%} -> "
+          f"N={mcfg.seq_len} codes per image; codebook {mcfg.codebook_size}x{mcfg.codebook_dim} ({mcfg.codebook})")
+    print(f"data {cfg.data}: {len(d.train_set)} train / {len(d.val_set)} val images; global batch {d.global_batch} "
+          f"({cfg.batch_size} x {world} GPU x {cfg.grad_accum} accum); {d.steps_per_epoch} steps/epoch, "
+          f"{d.total_steps} steps, peak lr {d.peak_lr:.3g}, warmup {d.warmup_steps} steps")
+    if n.lpips_fn is None:
+        print("perceptual loss off (--perceptual-weight 0): LPIPS is neither trained on nor reported")
 
-    # ---- the loop
-    V = mcfg.codebook_size
-    last_used = torch.full((V,), -10 ** 9, dtype=torch.long, device=device)  # step each code was last chosen
-    code_counts = torch.zeros(V, device=device)
-    guard = NonFiniteGuard(device)
-    metric_names = ["loss", "rec", "lpips", "commit", "g_loss", "d_loss", "gan_weight", "logits_real", "logits_fake"]  # as returned by losses_and_backward
-    metric_sums = torch.zeros(len(metric_names), device=device)
-    metric_count, unreadable = 0, set()  # unreadable: dataset indices of files that failed to load
-    last_saved = start_step if ckpt is not None else None
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    stream = micro_batches(start_step)
-    t_log, step_times = time.time(), []
 
-    def check_finite(step):
-        guard.check(step, ckpt_path, last_saved, "Lower the learning rate or use --dtype fp32")
+def micro_batches(d: SimpleNamespace, cfg: TrainConfig, step: int):
+    """Endless stream of micro-batches, resuming at `step` inside its epoch."""
+    epoch, skip = divmod(step, d.steps_per_epoch)
+    while True:
+        d.sampler.set_epoch(epoch, skip=skip * cfg.batch_size * cfg.grad_accum)
+        it = iter(d.loader)
+        for _ in range((d.steps_per_epoch - skip) * cfg.grad_accum):
+            yield next(it)
+        del it
+        epoch, skip = epoch + 1, 0
 
-    def checkpoint(step):
-        nonlocal last_saved
-        check_finite(step)
-        rngs = gather_rng_states(device, world)
-        if master:
-            save_checkpoint(dict(kind="mqvae", version=1, mqvae_config=dataclasses.asdict(mcfg),
-                                 train_config=vars(cfg), mqvae=strip_compile_prefix(raw_model.state_dict()),
-                                 disc=strip_compile_prefix(raw_disc.state_dict()), opt_ae=opt_ae.state_dict(),
-                                 opt_disc=opt_d.state_dict(), step=step, epoch=step / steps_per_epoch, rng=rngs),
-                            ckpt_path)
-        last_saved = step
 
-    def run_eval(step):
-        check_finite(step)
-        metrics, picture = evaluate(raw_model, val_set, cfg, device, autocast, lpips_fn, rank, world, graphed)
-        if master:
-            if picture is not None:
-                save_grid(visualisation_grid(*picture), os.path.join(cfg.out_dir, f"recon_{step:07d}.png"), nrow=4)
-            log(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                                 for k, v in metrics.items()))
-            with open(log_path, "a") as fh:
-                fh.write(json.dumps(dict(step=step, **metrics)) + "\n")
+def skip_unreadable(batch: dict, unreadable: set, train_set, rank: int, world: int):
+    """Name each training file that failed to load once (the loader put another image in its place), and
+    stop once more than 1% of this rank's share failed."""
+    for index in set(batch["bad"][batch["bad"] >= 0].tolist()) - unreadable:
+        unreadable.add(index)
+        print(f"warning: rank {rank}: skipped unreadable image {train_set.path(index)} "
+              f"({len(unreadable)} so far)", file=sys.stderr)
+        if len(unreadable) > max(1.0, 0.01 * len(train_set) / world):
+            raise UserError(f"{len(unreadable)} images of this rank's {len(train_set) // world} could not "
+                            f"be read (more than 1%); check the dataset (the files are named above)")
 
-    model.train()
-    disc.train()
-    step = start_step
-    for step in range(start_step, total_steps):
-        t0 = time.time()
-        lr = warmup_cosine_lr(step, peak_lr, warmup_steps, total_steps, cfg.min_lr)
-        for group in opt_ae.param_groups + opt_d.param_groups:
-            group["lr"] = lr
-        gan_on = cfg.disc_weight > 0 and step >= cfg.disc_start
-        for micro in range(cfg.grad_accum):
-            batch = next(stream)
-            for index in set(batch["bad"][batch["bad"] >= 0].tolist()) - unreadable:
-                unreadable.add(index)
-                print(f"warning: rank {rank}: skipped unreadable image {train_set.path(index)} "
-                      f"({len(unreadable)} so far)", file=sys.stderr)
-                if len(unreadable) > max(1.0, 0.01 * len(train_set) / world):
-                    raise UserError(f"{len(unreadable)} images of this rank's {len(train_set) // world} could not "
-                                    f"be read (more than 1%); check the dataset (the files are named above)")
-            x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
-            last_micro = micro == cfg.grad_accum - 1
-            sync = world == 1 or last_micro  # DDP all-reduces gradients on the last micro-batch only
-            if graphed:
-                torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are no longer read
-            with (nullcontext() if sync else model.no_sync()), (nullcontext() if sync else disc.no_sync()):
-                out = losses_and_backward(model, disc, raw_model, raw_disc, lpips_fn, x, cfg, gan_on, autocast)
-            aux = out.pop("aux")
-            loss, d_loss = out["loss"], out["d_loss"]
-            guard.update(loss + d_loss, step + 1)
-            codes = aux["codes"].flatten()
-            last_used.index_fill_(0, codes, step)
-            code_counts.index_add_(0, codes, torch.ones_like(codes, dtype=torch.float))
-            metric_sums += torch.stack([out[name] for name in metric_names]).float()
-            metric_count += 1
-        opt_ae.step()
-        opt_ae.zero_grad(set_to_none=True)
-        raw_model.quantizer.ema_step()  # the codebook moves once per step, whatever the accumulation
-        if gan_on:
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
-        step_times.append(time.time() - t0)
-        done = step + 1
 
-        if done % cfg.log_every == 0 or done == total_steps:
-            check_finite(done)
-            stats = torch.cat([metric_sums / max(metric_count, 1), code_counts])
-            used = last_used.clone()
-            if world > 1:
-                dist.all_reduce(stats)
-                stats[: len(metric_names)] /= world
-                dist.all_reduce(used, op=dist.ReduceOp.MAX)
-            p = stats[len(metric_names):] / stats[len(metric_names):].sum().clamp_min(1)
-            perplexity = torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item()
-            usage = int((used > step - cfg.usage_window).sum().item())
-            values = dict(zip(metric_names, stats[: len(metric_names)].tolist()))
-            elapsed = time.time() - t_log
-            images_per_s = global_batch * metric_count / cfg.grad_accum / max(elapsed, 1e-9)
-            sec_per_step = sum(step_times[-cfg.log_every:]) / len(step_times[-cfg.log_every:])
-            eta = (total_steps - done) * sec_per_step
-            record = dict(step=done, epoch=round(done / steps_per_epoch, 4), lr=lr, **values, codes_used=usage,
-                          perplexity=perplexity, images_per_s=images_per_s, eta_s=eta)
-            if master:
-                log(f"step {done}/{total_steps} ep {record['epoch']:.2f} | loss {values['loss']:.4f} rec {values['rec']:.4f} "
-                    f"lpips {values['lpips']:.4f} commit {values['commit']:.4f} g {values['g_loss']:.3f} "
-                    f"d {values['d_loss']:.3f} λ {values['gan_weight']:.3f} D(x) {values['logits_real']:.2f} "
-                    f"D(x̃) {values['logits_fake']:.2f} | codes {usage}/{V} ppl {perplexity:.1f} | lr {lr:.2e} | "
-                    f"{images_per_s:.1f} img/s | ETA {eta / 60:.1f} min")
-                with open(log_path, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-            metric_sums.zero_()
-            code_counts.zero_()
-            metric_count, t_log = 0, time.time()
-        stopping = cfg.stop_after is not None and done - start_step >= cfg.stop_after
-        if done % cfg.eval_every == 0 or done == total_steps:
-            run_eval(done)
-        if done % cfg.ckpt_every == 0 or done == total_steps or stopping:
-            checkpoint(done)
-        if stopping:
-            log(f"stopping after {cfg.stop_after} steps (--stop-after) at step {done}; continue with --resume")
-            break
-    if world > 1:
-        log(rank_consistency(raw_model, raw_disc, world))
-    if start_step >= total_steps:
-        log(f"nothing to do: the checkpoint is at step {start_step} of {total_steps}")
-    elif step + 1 == total_steps:
-        log(f"done: {total_steps} steps; checkpoint {ckpt_path}")
+class TrainingStats:
+    """Loss terms summed on the device between log lines (no host sync per step), and codebook usage:
+    the step each code was last chosen (usage over a sliding window) and counts since the last log
+    (perplexity)."""
+
+    names = ["loss", "rec", "lpips", "commit", "g_loss", "d_loss", "gan_weight", "logits_real", "logits_fake"]
+
+    def __init__(self, codebook_size: int, device):
+        self.sums = torch.zeros(len(self.names), device=device)
+        self.count = 0
+        self.last_used = torch.full((codebook_size,), -10 ** 9, dtype=torch.long, device=device)
+        self.code_counts = torch.zeros(codebook_size, device=device)
+
+    def add(self, out: dict, step: int):
+        codes = out["aux"]["codes"].flatten()
+        self.last_used.index_fill_(0, codes, step)
+        self.code_counts.index_add_(0, codes, torch.ones_like(codes, dtype=torch.float))
+        self.sums += torch.stack([out[name] for name in self.names]).float()
+        self.count += 1
+
+
+def log_training(run: TrainingRun, stats: TrainingStats, done: int, lr: float, d: SimpleNamespace, cfg: TrainConfig):
+    """Means since the last log line (averaged over ranks), codebook usage and perplexity, speed and ETA."""
+    run.check_finite(done)
+    k = len(stats.names)
+    totals = torch.cat([stats.sums / max(stats.count, 1), stats.code_counts])
+    used = stats.last_used.clone()
+    if run.world > 1:
+        dist.all_reduce(totals)
+        totals[:k] /= run.world
+        dist.all_reduce(used, op=dist.ReduceOp.MAX)
+    p = totals[k:] / totals[k:].sum().clamp_min(1)
+    perplexity = torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item()
+    usage = int((used > done - 1 - cfg.usage_window).sum().item())
+    values = dict(zip(stats.names, totals[:k].tolist()))
+    elapsed, eta = run.interval(done)
+    images_per_s = d.global_batch * stats.count / cfg.grad_accum / elapsed
+    record = dict(step=done, epoch=round(done / d.steps_per_epoch, 4), lr=lr, **values, codes_used=usage,
+                  perplexity=perplexity, images_per_s=images_per_s, eta_s=eta)
+    V = stats.code_counts.numel()
+    run.log(f"step {done}/{run.total_steps} ep {record['epoch']:.2f} | loss {values['loss']:.4f} rec {values['rec']:.4f} "
+            f"lpips {values['lpips']:.4f} commit {values['commit']:.4f} g {values['g_loss']:.3f} "
+            f"d {values['d_loss']:.3f} λ {values['gan_weight']:.3f} D(x) {values['logits_real']:.2f} "
+            f"D(x̃) {values['logits_fake']:.2f} | codes {usage}/{V} ppl {perplexity:.1f} | lr {lr:.2e} | "
+            f"{images_per_s:.1f} img/s | ETA {eta / 60:.1f} min")
+    run.write_record(record)
+    stats.sums.zero_()
+    stats.code_counts.zero_()
+    stats.count = 0
+
+
+def report_evaluation(run: TrainingRun, step: int, metrics: dict, picture):
+    """Rank 0: the picture recon_<step>.png, a log line and a log.jsonl record."""
+    if not run.master:
+        return
+    if picture is not None:
+        save_grid(visualisation_grid(*picture), os.path.join(run.cfg.out_dir, f"recon_{step:07d}.png"), nrow=4)
+    run.log(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in metrics.items()))
+    run.write_record(dict(step=step, **metrics))
+
+
+def checkpoint_state(n: SimpleNamespace, mcfg: MQVAEConfig, cfg: TrainConfig, epoch: float) -> dict:
+    """Everything but step and RNG states (TrainingRun.save adds them): sample.py and train_stackformer.py
+    rebuild the MQ-VAE from mqvae_config + mqvae alone."""
+    return dict(kind="mqvae", version=1, mqvae_config=dataclasses.asdict(mcfg), train_config=vars(cfg),
+                mqvae=strip_compile_prefix(n.raw_model.state_dict()), disc=strip_compile_prefix(n.raw_disc.state_dict()),
+                opt_ae=n.opt_ae.state_dict(), opt_disc=n.opt_d.state_dict(), epoch=epoch)
 
 
 def rank_consistency(model, disc, world: int) -> str:

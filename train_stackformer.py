@@ -45,10 +45,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from utils import (COMPILE_MODES, NonFiniteGuard, UserError, atomic_path, check, check_identical_across_ranks,
-                   check_positive, gather_rng_states, launch, load_checkpoint, mqvae_from_checkpoint, resume_from,
-                   run_main, save_checkpoint, save_grid, seed_or_restore_rng, strip_compile_prefix, warmup_cosine_lr,
-                   write_json)
+from utils import (COMPILE_MODES, TrainingRun, UserError, atomic_path, check, check_identical_across_ranks,
+                   check_positive, launch, load_checkpoint, mqvae_from_checkpoint, resume_from, run_main, save_grid,
+                   seed_or_restore_rng, strip_compile_prefix, warmup_cosine_lr, write_json)
 import fast_sampling
 from stackformer import PRESETS, Stackformer, StackformerConfig, WordTokenizer, reproducible_attention
 
@@ -320,8 +319,7 @@ def main(argv=None):
 
 
 def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.device):
-    master = rank == 0
-    log = print if master else (lambda *a, **k: None)
+    log = print if rank == 0 else (lambda *a, **k: None)
     stage1 = load_checkpoint(cfg.stage1, "mqvae")
     cfg = resolve_defaults(cfg, stage1["train_config"])
     ckpt_path, ckpt, cfg = resume_from(cfg, "stackformer", explicit, RUN_CONTROL, log)
@@ -331,7 +329,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    # ---- stage 1 and its tokens
+    # ---- stage 1, its tokens, the model
     stage1_sha = file_sha256(cfg.stage1)
     if ckpt is not None and ckpt["stage1_sha256"] != stage1_sha:
         raise UserError(f"{cfg.stage1} is not the MQ-VAE this run was trained on (its SHA-256 changed); "
@@ -340,6 +338,107 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     mcfg = mqvae.config
     check(mcfg.codebook_size <= 65536 and mcfg.num_tokens <= 65536,
           "codes and positions are cached as uint16: codebook size and H*W must be at most 65536")
+    tokenizer, classes = conditioning(cfg, ckpt, mcfg)
+    train_tokens = TokenSet(build_token_cache(cfg, mqvae, stage1_sha, "train", device, rank, world, tokenizer), cfg.order)
+    val_tokens = TokenSet(build_token_cache(cfg, mqvae, stage1_sha, "val", device, rank, world, tokenizer), cfg.order)
+    scfg = StackformerConfig(**PRESETS[cfg.preset], codebook_size=mcfg.codebook_size,
+                             num_positions=mcfg.num_tokens, seq_len=mcfg.seq_len, dropout=cfg.dropout,
+                             cond=cfg.cond, num_classes=len(classes) if classes else 1000,
+                             text_vocab_size=tokenizer.vocab_size if tokenizer else 0, abs_pos=cfg.abs_pos,
+                             variant=cfg.variant, order=cfg.order)
+    torch.manual_seed(cfg.seed)
+    raw_model = Stackformer(scfg).to(device)
+    optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (0.9, 0.95), device.type)
+    global_batch = cfg.batch_size * world * cfg.grad_accum
+    steps_per_epoch = train_tokens.num_images // global_batch  # an epoch sees every image once
+    check(steps_per_epoch > 0, f"{train_tokens.num_images} training images are fewer than one global batch ({global_batch})")
+    total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    warmup_steps = cfg.warmup_steps if cfg.warmup_steps is not None else min(5000, total_steps // 50)
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+    # per-rank dropout from here on
+    start_step = seed_or_restore_rng(ckpt, cfg.seed, rank, world, device, log,
+                                     "the global batch, the data order and the random streams change")
+    if ckpt is not None:
+        log(f"resumed from {ckpt_path} at step {start_step}")
+    model, graphed = wrap_for_speed(raw_model, cfg, world, device, log)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.dtype == "bf16" else nullcontext()
+    run = TrainingRun(cfg, ckpt_path, ckpt is not None, start_step, total_steps, rank, world, device,
+                      "Lower the learning rate")
+    if rank == 0:
+        describe_run(cfg, scfg, raw_model, train_tokens, val_tokens, global_batch, steps_per_epoch, total_steps,
+                     warmup_steps)
+    tokens_per_step = global_batch * scfg.seq_len
+    sums = torch.zeros(3, device=device)      # loss, CE_code, CE_pos summed on the device between log lines
+    count = 0
+    model.train()
+    step, perm_epoch = start_step, None
+    for step in range(start_step, total_steps):
+        t0 = time.time()
+        lr = warmup_cosine_lr(step, cfg.lr, warmup_steps, total_steps, cfg.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        epoch, within = divmod(step, steps_per_epoch)
+        # This step's rows: a permutation per epoch (seed + epoch), sharded by rank, so that a resumed
+        # run reads exactly the rows an uninterrupted one would.
+        if epoch != perm_epoch:
+            perm, perm_epoch = train_tokens.epoch_rows(cfg.seed, epoch), epoch
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step * world + rank)
+        for micro in range(cfg.grad_accum):
+            start = ((within * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
+            codes, positions, labels, captions = (t.to(device, non_blocking=True) if t is not None else None
+                                                  for t in train_tokens.batch(np.sort(perm[start:start + cfg.batch_size]), gen))
+            sync = nullcontext() if (world == 1 or micro == cfg.grad_accum - 1) else model.no_sync()
+            if graphed:
+                torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are no longer read
+            with sync:
+                with autocast:
+                    code_logits, pos_logits = model(codes, positions, condition(cfg.cond, labels, captions))
+                code_ce = F.cross_entropy(code_logits.flatten(0, 1).float(), codes.flatten())
+                pos_ce = F.cross_entropy(pos_logits.flatten(0, 1).float(), positions.flatten())
+                loss = code_ce + scfg.pos_weight * pos_ce
+                (loss / cfg.grad_accum).backward()
+            sums += torch.stack([loss.detach(), code_ce.detach(), pos_ce.detach()])
+            count += 1
+            run.guard.update(loss, step + 1)
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        run.step_times.append(time.time() - t0)
+        done = step + 1
+        if run.due(done, cfg.log_every):
+            log_training(run, sums / max(count, 1), count / cfg.grad_accum, done, lr, tokens_per_step,
+                         raw_model.flops_per_token() * tokens_per_step, steps_per_epoch)
+            sums.zero_()
+            count = 0
+        if run.due(done, cfg.eval_every):
+            run.check_finite(done)
+            metrics = evaluate(raw_model, val_tokens, cfg, autocast, rank, world, device)
+            if rank == 0:
+                write_samples(raw_model, mqvae, val_tokens, cfg, autocast, done, device)
+                log(f"eval step {done}: val code loss {metrics['val_code_loss']:.4f}, pos loss {metrics['val_pos_loss']:.4f}")
+                run.write_record(dict(step=done, **metrics))
+            run.t_log = time.time()     # the evaluation's time is not training throughput
+        if run.due(done, cfg.ckpt_every) or run.stopping(done):
+            run.save(done, dict(kind="stackformer", version=1, stackformer_config=dataclasses.asdict(scfg),
+                                model=strip_compile_prefix(raw_model.state_dict()),
+                                mqvae_config=stage1["mqvae_config"], mqvae=stage1["mqvae"],
+                                tokenizer=tokenizer.to_dict() if tokenizer else None, classes=classes,
+                                image_size=mcfg.resolution, train_config=vars(cfg),
+                                optimizer=optimizer.state_dict(), stage1_sha256=stage1_sha))
+        if run.stopping(done):
+            log(f"stopping after {cfg.stop_after} steps (--stop-after) at step {done}; continue with --resume")
+            break
+    if world > 1:
+        log(check_identical_across_ranks(list(raw_model.parameters()), world, "parameters"))
+    run.finish(step, f"; sample with: python sample.py --ckpt {ckpt_path}")
+
+
+def conditioning(cfg: TrainConfig, ckpt: Optional[dict], mcfg) -> tuple:
+    """-> (WordTokenizer or None, class names or None) for --cond text / class. A new text run builds the
+    tokenizer from the training captions; a resumed one takes the checkpoint's."""
     tokenizer, classes = None, None
     if cfg.cond == "text":
         if ckpt is not None:
@@ -358,206 +457,102 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         classes = getattr(probe, "classes", None)
         check(classes is not None, f"--cond class needs labelled data: {cfg.data} has no classes "
                                    f"(ImageNet layout DIR/train/<class>/, or the shapes demo)")
-    train_tokens = TokenSet(build_token_cache(cfg, mqvae, stage1_sha, "train", device, rank, world, tokenizer), cfg.order)
-    val_tokens = TokenSet(build_token_cache(cfg, mqvae, stage1_sha, "val", device, rank, world, tokenizer), cfg.order)
+    return tokenizer, classes
 
-    # ---- model
-    scfg = StackformerConfig(**PRESETS[cfg.preset], codebook_size=mcfg.codebook_size,
-                             num_positions=mcfg.num_tokens, seq_len=mcfg.seq_len, dropout=cfg.dropout,
-                             cond=cfg.cond, num_classes=len(classes) if classes else 1000,
-                             text_vocab_size=tokenizer.vocab_size if tokenizer else 0, abs_pos=cfg.abs_pos,
-                             variant=cfg.variant, order=cfg.order)
-    torch.manual_seed(cfg.seed)
-    model = Stackformer(scfg).to(device)
-    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay, (0.9, 0.95), device.type)
-    global_batch = cfg.batch_size * world * cfg.grad_accum
-    steps_per_epoch = train_tokens.num_images // global_batch  # an epoch sees every image once
-    check(steps_per_epoch > 0, f"{train_tokens.num_images} training images are fewer than one global batch ({global_batch})")
-    total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
-    warmup_steps = cfg.warmup_steps if cfg.warmup_steps is not None else min(5000, total_steps // 50)
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
-    # per-rank dropout from here on
-    start_step = seed_or_restore_rng(ckpt, cfg.seed, rank, world, device, log,
-                                     "the global batch, the data order and the random streams change")
-    if ckpt is not None:
-        log(f"resumed from {ckpt_path} at step {start_step}")
-    raw_model = model
+
+def wrap_for_speed(model: Stackformer, cfg: TrainConfig, world: int, device, log):
+    """-> (the module the loop calls: compiled and/or DDP-wrapped as the flags say, whether it replays CUDA graphs)."""
     graphed = cfg.compile and cfg.compile_mode == "reduce-overhead"
     if cfg.compile:
         # reduce-overhead replays forward and backward as CUDA graphs: at small batches a step is
         # otherwise bound by the CPU launching ~2000 kernels, not by the GPU.
         model = torch.compile(model, mode=cfg.compile_mode)
     if world > 1:
-        model = DDP(model, device_ids=[device.index] if cuda else None)
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
         if graphed:
             log("warning: under DDP, --compile-mode reduce-overhead measured no faster per GPU than the default mode "
                 "(2 H200s, base, 10 sequences per GPU: 94k tok/s in all, against 141k on one GPU without DDP); "
-                "a larger --batch-size per GPU scales better (README, Speed)")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.dtype == "bf16" else nullcontext()
-    tokens_per_step = global_batch * scfg.seq_len
-    flops_per_step = raw_model.flops_per_token() * tokens_per_step
+                "a larger --batch-size per GPU scales better (docs/speed.md)")
+    return model, graphed
 
-    if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        write_json(os.path.join(cfg.out_dir, "config.json"), dict(train=vars(cfg), model=dataclasses.asdict(scfg)))
-        log(json.dumps(vars(cfg)))
-        log(f"Stackformer {cfg.preset}: {raw_model.num_params() / 1e6:.2f}M parameters "
-            f"({scfg.n_code_layers} code + {scfg.n_pos_layers} position layers, width {scfg.n_embd}, "
-            f"{scfg.n_head} heads; {cfg.variant}, {cfg.order} order, abs pos {'on' if cfg.abs_pos else 'off'}, "
-            f"cond {cfg.cond})")
-        log(f"stage 1 {cfg.stage1}: V={scfg.codebook_size} codes, T={scfg.num_positions} positions, "
-            f"N={scfg.seq_len} pairs per image")
-        log(f"tokens: {train_tokens.num_images} train images ({len(train_tokens)} sequences with flips) / "
-            f"{len(val_tokens)} val; global batch {global_batch} "
-            f"({tokens_per_step} tokens); {steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {cfg.lr:g}, "
-            f"warmup {warmup_steps}")
 
-    def checkpoint(step):
-        check_finite(step)
-        rngs = gather_rng_states(device, world)
-        if master:
-            save_checkpoint(dict(kind="stackformer", version=1, stackformer_config=dataclasses.asdict(scfg),
-                                 model=strip_compile_prefix(raw_model.state_dict()),
-                                 mqvae_config=stage1["mqvae_config"], mqvae=stage1["mqvae"],
-                                 tokenizer=tokenizer.to_dict() if tokenizer else None, classes=classes,
-                                 image_size=mcfg.resolution, train_config=vars(cfg),
-                                 optimizer=optimizer.state_dict(), step=step, rng=rngs, stage1_sha256=stage1_sha),
-                            ckpt_path)
-        state["last_saved"] = step
+def describe_run(cfg: TrainConfig, scfg: StackformerConfig, model: Stackformer, train_tokens, val_tokens,
+                 global_batch: int, steps_per_epoch: int, total_steps: int, warmup_steps: int):
+    """Rank 0: write config.json and print what will run."""
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    write_json(os.path.join(cfg.out_dir, "config.json"), dict(train=vars(cfg), model=dataclasses.asdict(scfg)))
+    print(json.dumps(vars(cfg)))
+    print(f"Stackformer {cfg.preset}: {model.num_params() / 1e6:.2f}M parameters "
+          f"({scfg.n_code_layers} code + {scfg.n_pos_layers} position layers, width {scfg.n_embd}, "
+          f"{scfg.n_head} heads; {cfg.variant}, {cfg.order} order, abs pos {'on' if cfg.abs_pos else 'off'}, "
+          f"cond {cfg.cond})")
+    print(f"stage 1 {cfg.stage1}: V={scfg.codebook_size} codes, T={scfg.num_positions} positions, "
+          f"N={scfg.seq_len} pairs per image")
+    print(f"tokens: {train_tokens.num_images} train images ({len(train_tokens)} sequences with flips) / "
+          f"{len(val_tokens)} val; global batch {global_batch} ({global_batch * scfg.seq_len} tokens); "
+          f"{steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {cfg.lr:g}, warmup {warmup_steps}")
 
-    def check_finite(step):
-        guard.check(step, ckpt_path, state["last_saved"], "Lower the learning rate")
 
-    @torch.no_grad()
-    def evaluate(step):
-        check_finite(step)
-        raw_model.eval()
-        gen = torch.Generator().manual_seed(1234)
-        sums = torch.zeros(3, device=device)
-        rows_all = np.arange(len(val_tokens))
-        for b in range(cfg.eval_batches):
-            rows = rows_all[(b * world + rank) * cfg.batch_size:(b * world + rank + 1) * cfg.batch_size]
-            if len(rows) == 0:
-                break
-            codes, positions, labels, captions = (t.to(device) if t is not None else None
-                                                  for t in val_tokens.batch(rows, gen))
-            with autocast:
-                _, code_ce, pos_ce = raw_model.loss(codes, positions, condition(cfg.cond, labels, captions))
-            sums += torch.stack([code_ce.float() * len(rows), pos_ce.float() * len(rows),
-                                 torch.tensor(float(len(rows)), device=device)])
-        if world > 1:
-            dist.all_reduce(sums)
-        metrics = dict(val_code_loss=(sums[0] / sums[2]).item(), val_pos_loss=(sums[1] / sums[2]).item())
-        if master:
-            write_samples(step, gen)
-            log(f"eval step {step}: val code loss {metrics['val_code_loss']:.4f}, pos loss {metrics['val_pos_loss']:.4f}")
-            with open(os.path.join(cfg.out_dir, "log.jsonl"), "a") as fh:
-                fh.write(json.dumps(dict(step=step, **metrics)) + "\n")
-        raw_model.train()
-        return metrics
+def log_training(run: TrainingRun, means: torch.Tensor, steps: float, done: int, lr: float, tokens_per_step: int,
+                 flops_per_step: float, steps_per_epoch: int):
+    """Mean losses since the last log line (averaged over ranks), tokens/s, MFU and ETA."""
+    run.check_finite(done)
+    if run.world > 1:
+        dist.all_reduce(means)
+        means /= run.world
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    elapsed, eta = run.interval(done)
+    tokens_per_s = tokens_per_step * steps / elapsed
+    mfu = flops_per_step * steps / elapsed / (run.cfg.peak_tflops * 1e12 * run.world)
+    loss, code, pos = means.tolist()
+    record = dict(step=done, epoch=round(done / steps_per_epoch, 4), lr=lr, loss=loss, code_loss=code,
+                  pos_loss=pos, tokens_per_s=tokens_per_s, mfu=mfu, eta_s=eta)
+    run.log(f"step {done}/{run.total_steps} ep {record['epoch']:.2f} | loss {loss:.4f} code {code:.4f} "
+            f"pos {pos:.4f} | lr {lr:.2e} | {tokens_per_s / 1e3:.1f}k tok/s, MFU {mfu:.1%} | ETA {eta / 60:.1f} min")
+    run.write_record(record)
 
-    def write_samples(step, gen):
-        n = cfg.num_samples
-        cond = None
-        if cfg.cond == "class":
-            cond = torch.arange(n, device=device) % scfg.num_classes
-        elif cfg.cond == "text":
-            cond = val_tokens.batch(np.arange(n) % len(val_tokens), gen)[3].to(device)
-        sample_gen = torch.Generator(device=device).manual_seed(cfg.seed)
-        with autocast:
-            codes, positions = fast_sampling.generate(raw_model, batch_size=n, cond=cond, generator=sample_gen)
-            images = mqvae.decode(codes, positions)
-        save_grid((images.float().clamp(-1, 1) + 1) / 2, os.path.join(cfg.out_dir, f"samples_{step:07d}.png"),
-                  nrow=int(n ** 0.5 + 0.999))
-        raw_model.train()
 
-    # ---- the loop
-    guard = NonFiniteGuard(device)
-    state = dict(last_saved=start_step if ckpt is not None else None)
+@torch.no_grad()
+def evaluate(model: Stackformer, val_tokens, cfg: TrainConfig, autocast, rank: int, world: int, device) -> dict:
+    """Mean CE_code and CE_pos over --eval-batches validation batches; each rank takes its share."""
+    model.eval()
+    gen = torch.Generator().manual_seed(1234)
     sums = torch.zeros(3, device=device)
-    count, t_log = 0, time.time()
-    step_times = []
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    model.train()
-    step, perm_epoch = start_step, None
-    for step in range(start_step, total_steps):
-        t0 = time.time()
-        lr = warmup_cosine_lr(step, cfg.lr, warmup_steps, total_steps, cfg.min_lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        epoch, within = divmod(step, steps_per_epoch)
-        # This step's rows: a permutation per epoch (seed + epoch), sharded by rank, so that a resumed
-        # run reads exactly the rows an uninterrupted one would.
-        if epoch != perm_epoch:
-            perm = train_tokens.epoch_rows(cfg.seed, epoch)
-            perm_epoch = epoch
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step * world + rank)
-        for micro in range(cfg.grad_accum):
-            start = ((within * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
-            rows = np.sort(perm[start:start + cfg.batch_size])
-            codes, positions, labels, captions = (t.to(device, non_blocking=True) if t is not None else None
-                                                  for t in train_tokens.batch(rows, gen))
-            sync = nullcontext() if (world == 1 or micro == cfg.grad_accum - 1) else model.no_sync()
-            if graphed:
-                torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are no longer read
-            with sync:
-                with autocast:
-                    code_logits, pos_logits = model(codes, positions, condition(cfg.cond, labels, captions))
-                code_ce = F.cross_entropy(code_logits.flatten(0, 1).float(), codes.flatten())
-                pos_ce = F.cross_entropy(pos_logits.flatten(0, 1).float(), positions.flatten())
-                loss = code_ce + scfg.pos_weight * pos_ce
-                (loss / cfg.grad_accum).backward()
-            sums += torch.stack([loss.detach(), code_ce.detach(), pos_ce.detach()])
-            count += 1
-            guard.update(loss, step + 1)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_times.append(time.time() - t0)
-        done = step + 1
-        if done % cfg.log_every == 0 or done == total_steps:
-            check_finite(done)
-            means = sums / max(count, 1)
-            if world > 1:
-                dist.all_reduce(means)
-                means /= world
-            if cuda:
-                torch.cuda.synchronize()
-            elapsed = time.time() - t_log
-            steps_done = count / cfg.grad_accum
-            tokens_per_s = tokens_per_step * steps_done / max(elapsed, 1e-9)
-            mfu = flops_per_step * steps_done / max(elapsed, 1e-9) / (cfg.peak_tflops * 1e12 * world)
-            recent = step_times[-cfg.log_every:]
-            eta = (total_steps - done) * sum(recent) / len(recent)
-            loss_v, code_v, pos_v = means.tolist()
-            record = dict(step=done, epoch=round(done / steps_per_epoch, 4), lr=lr, loss=loss_v, code_loss=code_v,
-                          pos_loss=pos_v, tokens_per_s=tokens_per_s, mfu=mfu, eta_s=eta)
-            if master:
-                log(f"step {done}/{total_steps} ep {record['epoch']:.2f} | loss {loss_v:.4f} code {code_v:.4f} "
-                    f"pos {pos_v:.4f} | lr {lr:.2e} | {tokens_per_s / 1e3:.1f}k tok/s, MFU {mfu:.1%} | "
-                    f"ETA {eta / 60:.1f} min")
-                with open(log_path, "a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-            sums.zero_()
-            count, t_log = 0, time.time()
-        stopping = cfg.stop_after is not None and done - start_step >= cfg.stop_after
-        if done % cfg.eval_every == 0 or done == total_steps:
-            evaluate(done)
-            t_log = time.time()
-        if done % cfg.ckpt_every == 0 or done == total_steps or stopping:
-            checkpoint(done)
-        if stopping:
-            log(f"stopping after {cfg.stop_after} steps (--stop-after) at step {done}; continue with --resume")
+    rows_all = np.arange(len(val_tokens))
+    for b in range(cfg.eval_batches):
+        rows = rows_all[(b * world + rank) * cfg.batch_size:(b * world + rank + 1) * cfg.batch_size]
+        if len(rows) == 0:
             break
+        codes, positions, labels, captions = (t.to(device) if t is not None else None
+                                              for t in val_tokens.batch(rows, gen))
+        with autocast:
+            _, code_ce, pos_ce = model.loss(codes, positions, condition(cfg.cond, labels, captions))
+        sums += torch.stack([code_ce.float() * len(rows), pos_ce.float() * len(rows),
+                             torch.tensor(float(len(rows)), device=device)])
     if world > 1:
-        log(check_identical_across_ranks(list(raw_model.parameters()), world, "parameters"))
-    if start_step >= total_steps:
-        log(f"nothing to do: the checkpoint is at step {start_step} of {total_steps}")
-    elif step + 1 == total_steps:
-        log(f"done: {total_steps} steps; checkpoint {ckpt_path}; sample with: python sample.py --ckpt {ckpt_path}")
+        dist.all_reduce(sums)
+    model.train()
+    return dict(val_code_loss=(sums[0] / sums[2]).item(), val_pos_loss=(sums[1] / sums[2]).item())
+
+
+@torch.no_grad()
+def write_samples(model: Stackformer, mqvae, val_tokens, cfg: TrainConfig, autocast, step: int, device):
+    """samples_<step>.png: --num-samples images from the fast sampler, seeded with --seed (classes 0, 1, ...;
+    captions of the first validation images)."""
+    n = cfg.num_samples
+    cond = None
+    if cfg.cond == "class":
+        cond = torch.arange(n, device=device) % model.config.num_classes
+    elif cfg.cond == "text":
+        cond = val_tokens.batch(np.arange(n) % len(val_tokens), torch.Generator().manual_seed(1234))[3].to(device)
+    with autocast:
+        codes, positions = fast_sampling.generate(model, batch_size=n, cond=cond,
+                                                  generator=torch.Generator(device=device).manual_seed(cfg.seed))
+        images = mqvae.decode(codes, positions)
+    save_grid((images.float().clamp(-1, 1) + 1) / 2, os.path.join(cfg.out_dir, f"samples_{step:07d}.png"),
+              nrow=int(n ** 0.5 + 0.999))
+    model.train()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import math
 import os
 import re
 import sys
+import time
 from typing import Optional
 
 import torch
@@ -263,6 +264,65 @@ class NonFiniteGuard:
             where = (f"the checkpoint {ckpt_path} (step {last_saved}) was left untouched" if last_saved is not None
                      else "no checkpoint was written")
             raise UserError(f"non-finite loss at step {bad.item()}; stopped at step {step}; {where}. {hint}, then --resume")
+
+
+class TrainingRun:
+    """The bookkeeping both training loops share: logging on rank 0 (stdout and out_dir/log.jsonl), the
+    NaN guard, atomic checkpoints holding every rank's RNG state, step times for the ETA, and when to
+    log, evaluate, checkpoint and stop. `cfg` needs out_dir, log_every, eval_every, ckpt_every, stop_after."""
+
+    def __init__(self, cfg, ckpt_path: str, resumed: bool, start_step: int, total_steps: int, rank: int, world: int,
+                 device, nan_hint: str):
+        self.cfg, self.ckpt_path, self.nan_hint = cfg, ckpt_path, nan_hint
+        self.start_step, self.total_steps = start_step, total_steps
+        self.master, self.world, self.device = rank == 0, world, device
+        self.guard = NonFiniteGuard(device)
+        self.last_saved = start_step if resumed else None     # the step of the checkpoint on disk
+        self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
+        self.step_times = []
+        self.t_log = time.time()
+
+    def log(self, message: str):
+        if self.master:
+            print(message, flush=True)
+
+    def write_record(self, record: dict):
+        """One JSON line in log.jsonl (rank 0)."""
+        if self.master:
+            with open(self.log_path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def check_finite(self, step: int):
+        """Stop with a clear error if any rank saw a NaN/inf loss (a sync point: call where the loop syncs anyway)."""
+        self.guard.check(step, self.ckpt_path, self.last_saved, self.nan_hint)
+
+    def save(self, step: int, state: dict):
+        """Checkpoint `state` plus the step and every rank's RNG state, atomically, after the NaN check."""
+        self.check_finite(step)
+        rngs = gather_rng_states(self.device, self.world)
+        if self.master:
+            save_checkpoint(dict(state, step=step, rng=rngs), self.ckpt_path)
+        self.last_saved = step
+
+    def due(self, done: int, every: int) -> bool:
+        return done % every == 0 or done == self.total_steps
+
+    def stopping(self, done: int) -> bool:
+        """--stop-after: this invocation has run its share of steps."""
+        return self.cfg.stop_after is not None and done - self.start_step >= self.cfg.stop_after
+
+    def interval(self, done: int):
+        """-> (seconds since the last call, ETA in seconds from the mean of the last log_every step times)."""
+        now = time.time()
+        elapsed, self.t_log = now - self.t_log, now
+        recent = self.step_times[-self.cfg.log_every:]
+        return max(elapsed, 1e-9), (self.total_steps - done) * sum(recent) / max(len(recent), 1)
+
+    def finish(self, last_step: int, note: str = ""):
+        if self.start_step >= self.total_steps:
+            self.log(f"nothing to do: the checkpoint is at step {self.start_step} of {self.total_steps}")
+        elif last_step + 1 == self.total_steps:
+            self.log(f"done: {self.total_steps} steps; checkpoint {self.ckpt_path}{note}")
 
 
 def resumed_config(cfg, saved: dict, explicit: set, run_control: set):
