@@ -45,11 +45,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-from utils import (COMPILE_MODES, TrainingRun, UserError, atomic_path, check, check_identical_across_ranks,
-                   check_positive, launch, load_checkpoint, mqvae_from_checkpoint, resume_from, run_main, save_grid,
-                   seed_or_restore_rng, strip_compile_prefix, warmup_cosine_lr, write_json)
 import fast_sampling
 from stackformer import PRESETS, Stackformer, StackformerConfig, WordTokenizer, reproducible_attention
+from utils import (COMPILE_MODES, TrainingRun, UserError, atomic_path, check, check_identical_across_ranks,
+                   check_positive, fill_defaults, launch, load_checkpoint, mqvae_from_checkpoint, resume_from, run_main,
+                   save_grid, seed_or_restore_rng, strip_compile_prefix, warmup_cosine_lr, write_json)
 
 
 @dataclass
@@ -108,12 +108,7 @@ def resolve_defaults(cfg: TrainConfig, stage1_train: dict) -> TrainConfig:
                     preset="demo" if demo else "base", batch_size=32 if demo else 10,
                     lr=1e-3 if demo else 5e-4, epochs=4.0 if demo else (120.0 if cfg.data == "coco" else 100.0),
                     eval_every=500 if demo else 2000)
-    for key, value in defaults.items():
-        if getattr(cfg, key) is None:
-            setattr(cfg, key, value)
-    if cfg.out_dir is None:
-        cfg.out_dir = os.path.join("out", "stackformer-" + os.path.basename(os.path.normpath(cfg.data)))
-    return cfg
+    return fill_defaults(cfg, defaults, "stackformer")
 
 
 def validate(cfg: TrainConfig):

@@ -325,6 +325,16 @@ class TrainingRun:
             self.log(f"done: {self.total_steps} steps; checkpoint {self.ckpt_path}{note}")
 
 
+def fill_defaults(cfg, defaults: dict, stage: str):
+    """Flags left at None take the value `defaults` gives for this data; --out-dir defaults to out/<stage>-<data>."""
+    for key, value in defaults.items():
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, value)
+    if cfg.out_dir is None:
+        cfg.out_dir = os.path.join("out", f"{stage}-" + os.path.basename(os.path.normpath(cfg.data)))
+    return cfg
+
+
 def resumed_config(cfg, saved: dict, explicit: set, run_control: set):
     """The configuration of a resumed run: the checkpoint's, except the run-control flags the user typed
     now (and --stop-after, which applies to one invocation). Any other flag typed with a different
