@@ -111,16 +111,22 @@ def strip_compile_prefix(state_dict: dict) -> dict:
 #                       alone rebuilds both), tokenizer (WordTokenizer.to_dict() or None), classes (names or
 #                       None), image_size, train_config, optimizer, step, rng, stage1_sha256
 
+def rebuild_strictly(model_class, config_class, ckpt: dict, config_key: str, weights_key: str, what: str):
+    """model_class(config_class(**ckpt[config_key])) holding ckpt[weights_key], loaded strictly; a config or weights
+    that do not fit this code are a one-line UserError naming `what`."""
+    try:
+        model = model_class(config_class(**ckpt[config_key]))
+        model.load_state_dict(ckpt[weights_key], strict=True)
+    except (TypeError, ValueError, RuntimeError, KeyError) as e:
+        raise UserError(f"{what}: the weights do not match their config "
+                        f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    return model
+
+
 def mqvae_from_checkpoint(ckpt: dict, device="cpu") -> MQVAE:
     """Rebuild an MQ-VAE from a checkpoint dict (stage 1, or the copy a Stackformer checkpoint embeds),
     loading every weight strictly, in eval mode."""
-    try:
-        model = MQVAE(MQVAEConfig(**ckpt["mqvae_config"]))
-        model.load_state_dict(ckpt["mqvae"], strict=True)
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:
-        raise UserError(f"the MQ-VAE weights in the checkpoint do not match their config "
-                        f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    return model.to(device).eval()
+    return rebuild_strictly(MQVAE, MQVAEConfig, ckpt, "mqvae_config", "mqvae", "the MQ-VAE").to(device).eval()
 
 
 def load_mqvae(path: str, device="cpu") -> MQVAE:
@@ -131,12 +137,7 @@ def load_stackformer(path: str, device="cpu"):
     """-> (Stackformer in eval mode, MQ-VAE in eval mode, WordTokenizer or None, checkpoint dict).
     Every weight is loaded strictly; a wrong, missing or truncated file is a one-line UserError."""
     ckpt = load_checkpoint(path, "stackformer")
-    try:
-        model = Stackformer(StackformerConfig(**ckpt["stackformer_config"]))
-        model.load_state_dict(ckpt["model"], strict=True)
-    except (TypeError, ValueError, RuntimeError, KeyError) as e:
-        raise UserError(f"{path}: the Stackformer weights do not match their config "
-                        f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    model = rebuild_strictly(Stackformer, StackformerConfig, ckpt, "stackformer_config", "model", f"{path}: the Stackformer")
     tokenizer = WordTokenizer.from_dict(ckpt["tokenizer"]) if ckpt.get("tokenizer") else None
     return model.to(device).eval(), mqvae_from_checkpoint(ckpt, device), tokenizer, ckpt
 
