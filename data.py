@@ -173,7 +173,8 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "
 class ShapesDataset(Dataset):
     """A few coloured shapes on a flat or smoothly shaded background, drawn from the index alone
     (any resolution, no files). The shapes are where the detail is; the background is nearly free
-    to encode, so a good importance map lights up the shapes. Labels: the kind of the first shape
+    to encode, so a good importance map lights up the shapes; each item also carries the shapes'
+    per-pixel coverage, `objects`, to measure that. Labels: the kind of the first shape
     (0 circle, 1 square, 2 triangle), for class-conditional runs; captions such as "a red circle
     and a blue square on a gray background", for text-conditional runs."""
 
@@ -205,10 +206,13 @@ class ShapesDataset(Dataset):
             shapes.append((kind, color, cx, cy, radius, angle))
         return background, bg_a, bg_b, shapes
 
-    def render(self, index: int) -> Image.Image:
+    def render(self, index: int, objects_only: bool = False) -> Image.Image:
+        """The RGB image; objects_only: the shapes' coverage instead, an "L" image (255 = shape)."""
         background, bg_a, bg_b, shapes = self.describe(index)
         S = self.size * 2  # draw at 2x and downsample: anti-aliased edges
-        if background == "flat":
+        if objects_only:
+            img = Image.new("L", (S, S), 0)
+        elif background == "flat":
             img = Image.new("RGB", (S, S), bg_a)
         else:
             t = np.linspace(0.0, 1.0, S)[None, :, None]
@@ -217,13 +221,14 @@ class ShapesDataset(Dataset):
         draw = ImageDraw.Draw(img)
         for kind, color, cx, cy, r, angle in shapes:
             cx, cy, r = cx * S, cy * S, r * S
+            fill = 255 if objects_only else COLORS[color]
             if kind == 0:
-                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLORS[color])
+                draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
             else:
                 corners = 4 if kind == 1 else 3
                 pts = [(cx + r * math.cos(angle + 2 * math.pi * i / corners),
                         cy + r * math.sin(angle + 2 * math.pi * i / corners)) for i in range(corners)]
-                draw.polygon(pts, fill=COLORS[color])
+                draw.polygon(pts, fill=fill)
         return img.resize((self.size, self.size), Image.BILINEAR)
 
     def label(self, index: int) -> int:
@@ -237,7 +242,10 @@ class ShapesDataset(Dataset):
 
     def __getitem__(self, key):
         index = key[0] if isinstance(key, tuple) else key
-        return dict(image=to_tensor(self.render(index)), label=self.label(index), index=index, bad=-1)
+        # objects: the fraction of each pixel the shapes cover (1,H,W) in [0,1], which the mask
+        # measurements of train_mqvae.evaluate compare the importance map with
+        objects = torch.from_numpy(np.asarray(self.render(index, objects_only=True), dtype=np.float32) / 255.0)[None]
+        return dict(image=to_tensor(self.render(index)), objects=objects, label=self.label(index), index=index, bad=-1)
 
 
 def list_images(root: str) -> List[str]:

@@ -48,6 +48,7 @@ class MQVAEConfig:
     codebook_dim: int = 256               # D
     codebook: str = "ema"                 # "ema" (official code) | "grad" (VQ-VAE codebook loss)
     beta: float = 0.25                    # commitment weight β
+    commit_through_score: bool = True     # official: L_commit sees s·u, its gradient reaches the scoring net; False: sg(s)·u
     ema_decay: float = 0.99
     ema_eps: float = 1e-5
     restart_dead_codes: bool = True       # EMA only: re-seed codes whose EMA count fell below 1
@@ -228,63 +229,30 @@ class Encoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-class Decoder(nn.Module):
-    """The VQGAN decoder without conv_in and mid block: the de-mask module takes their place and
-    feeds it a (B, ch·ch_mult[-1], H, W) map."""
-
-    def __init__(self, cfg: MQVAEConfig):
-        super().__init__()
-        attn_res = _attn_resolutions(cfg)
-        block_in = cfg.ch * cfg.ch_mult[-1]
-        res = cfg.grid_size
-        self.up = nn.ModuleList()
-        for i in reversed(range(len(cfg.ch_mult))):
-            level = nn.Module()
-            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
-            for _ in range(cfg.num_res_blocks + 1):
-                level.block.append(ResnetBlock(block_in, cfg.ch * cfg.ch_mult[i], cfg.dropout))
-                block_in = cfg.ch * cfg.ch_mult[i]
-                if res in attn_res:
-                    level.attn.append(AttnBlock(block_in))
-            if i != 0:
-                level.upsample = Upsample(block_in)
-                res *= 2
-            self.up.insert(0, level)  # up[0] is the full-resolution level, as in taming
-        self.norm_out = Normalize(block_in)
-        self.conv_out = nn.Conv2d(block_in, cfg.in_channels, 3, padding=1)
-
-    def features(self, h):
-        """Everything but the last conv (which the adaptive GAN weight differentiates at)."""
-        for level in reversed(self.up):
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn) > 0:
-                    h = level.attn[j](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return F.silu(self.norm_out(h))
-
-    def forward(self, h):
-        return self.conv_out(self.features(h))
-
-
 # -----------------------------------------------------------------------------
-# The three MQ-VAE modules: adaptive mask, quantizer, adaptive de-mask
+# The three MQ-VAE modules between encoder and decoder: adaptive mask, quantizer, adaptive de-mask
 
 class AdaptiveMask(nn.Module):
     """Scores every latent token, keeps the top N and turns them into codebook-space vectors.
 
     score s = sigmoid(BN(conv1x1(ReLU(conv3x3(norm(Ẑ))))))   per position, (B, H·W)
     kept    = top-N positions by the *detached* score, in descending-score order
-    z_i     = W_pre · (s_i · LN(Ẑ_i))                        for each kept i
+    z_i     = W_pre · (s_i · LN(Ẑ_i)) = s_i · u_i,  u_i = W_pre · LN(Ẑ_i)   for each kept i
 
     The selection itself is not differentiable; the scoring net learns only through s_i, which
     scales each kept token: tokens whose scale matters for reconstruction get pushed up.
+
+    The commitment term β‖z_i − sg(Ẑ^q_i)‖² sees s_i too in the official code, so its gradient
+    pushes down the scores of the tokens that quantize worst, which are often the detailed ones:
+    on object-centric data the map can learn to keep the background (docs/findings.md). With
+    commit_through_score=False the commitment term sees sg(s_i) · u_i instead, and the scoring net
+    learns from the reconstruction alone; z_i, the selection and the codebook are unchanged.
     """
 
-    def __init__(self, z_channels: int, codebook_dim: int, keep_ratio: float, mode: str = "adaptive"):
+    def __init__(self, z_channels: int, codebook_dim: int, keep_ratio: float, mode: str = "adaptive",
+                 commit_through_score: bool = True):
         super().__init__()
-        self.keep_ratio, self.mode = keep_ratio, mode
+        self.keep_ratio, self.mode, self.commit_through_score = keep_ratio, mode, commit_through_score
         # the random-mask ablation has no scoring net (unused weights would also break DDP)
         self.score_net = None if mode == "random" else nn.Sequential(
             nn.GroupNorm(1, z_channels, affine=False),  # one norm over (C,H,W) per sample, any grid size
@@ -297,6 +265,7 @@ class AdaptiveMask(nn.Module):
         self.pre_projection = nn.Linear(z_channels, codebook_dim, bias=False)
 
     def forward(self, h):
+        """Ẑ (B,C,H,W) -> z (B,N,D), z_commit (B,N,D) (what L_commit sees), positions (B,N), scores (B,H,W)."""
         B, C, H, W = h.shape
         N = num_kept(self.keep_ratio, H * W)
         tokens = F.layer_norm(h.flatten(2).transpose(1, 2).float(), (C,))        # (B,T,C), no affine
@@ -308,10 +277,12 @@ class AdaptiveMask(nn.Module):
         else:  # ablation: N random positions, every score 1
             scores = torch.ones(B, H * W, device=h.device)
             positions = torch.rand(B, H * W, device=h.device).topk(N, dim=1).indices
-        kept = tokens.gather(1, positions[..., None].expand(-1, -1, C))           # (B,N,C)
-        kept = kept * scores.gather(1, positions)[..., None]                       # s_i · LN(Ẑ_i), not detached
-        z = self.pre_projection(kept)                                             # (B,N,D)
-        return z, positions, scores.view(B, H, W)
+        kept = tokens.gather(1, positions[..., None].expand(-1, -1, C))           # (B,N,C) LN(Ẑ_i)
+        u = self.pre_projection(kept)                                             # (B,N,D)
+        s = scores.gather(1, positions)[..., None]                                # (B,N,1) s_i, not detached
+        z = s * u                                                                 # = W_pre·(s_i·LN(Ẑ_i))
+        z_commit = z if self.commit_through_score else s.detach() * u
+        return z, z_commit, positions, scores.view(B, H, W)
 
 
 class VectorQuantizer(nn.Module):
@@ -346,7 +317,9 @@ class VectorQuantizer(nn.Module):
     def lookup(self, codes):
         return F.embedding(codes, self.codebook)
 
-    def forward(self, z, collect_stats: bool = False):
+    def forward(self, z, collect_stats: bool = False, z_commit=None):
+        """z (B,N,D) -> (Ẑ^q with the straight-through gradient, codes (B,N), L_commit). L_commit is taken
+        on z_commit when given (AdaptiveMask's sg(s)·u), else on z."""
         B, N, D = z.shape
         z = z.float()                                     # distances and EMA statistics in fp32
         flat = z.reshape(-1, D)                           # (B·N, D)
@@ -357,7 +330,8 @@ class VectorQuantizer(nn.Module):
         z_q = self.lookup(codes).view(B, N, D)            # Ẑ^q, from the codebook before this step's update
         if collect_stats and self.mode == "ema":
             self._collect(flat.detach(), codes)
-        commit_loss = self.beta * F.mse_loss(z, z_q.detach())             # β·||Ẑ - sg(Ẑ^q)||²
+        commit_input = z if z_commit is None else z_commit.float()
+        commit_loss = self.beta * F.mse_loss(commit_input, z_q.detach())  # β·||Ẑ - sg(Ẑ^q)||²
         if self.mode == "grad":
             commit_loss = commit_loss + F.mse_loss(z_q, z.detach())      # ||sg(Ẑ) - Ẑ^q||² trains the codes
         # Straight-through estimator: the forward value is Ẑ^q, the backward passes the decoder's
@@ -457,6 +431,46 @@ class AdaptiveDemask(nn.Module):
         return self.final_block(h)
 
 
+class Decoder(nn.Module):
+    """The VQGAN decoder without conv_in and mid block: the de-mask module takes their place and
+    feeds it a (B, ch·ch_mult[-1], H, W) map."""
+
+    def __init__(self, cfg: MQVAEConfig):
+        super().__init__()
+        attn_res = _attn_resolutions(cfg)
+        block_in = cfg.ch * cfg.ch_mult[-1]
+        res = cfg.grid_size
+        self.up = nn.ModuleList()
+        for i in reversed(range(len(cfg.ch_mult))):
+            level = nn.Module()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(cfg.num_res_blocks + 1):
+                level.block.append(ResnetBlock(block_in, cfg.ch * cfg.ch_mult[i], cfg.dropout))
+                block_in = cfg.ch * cfg.ch_mult[i]
+                if res in attn_res:
+                    level.attn.append(AttnBlock(block_in))
+            if i != 0:
+                level.upsample = Upsample(block_in)
+                res *= 2
+            self.up.insert(0, level)  # up[0] is the full-resolution level, as in taming
+        self.norm_out = Normalize(block_in)
+        self.conv_out = nn.Conv2d(block_in, cfg.in_channels, 3, padding=1)
+
+    def features(self, h):
+        """Everything but the last conv (which the adaptive GAN weight differentiates at)."""
+        for level in reversed(self.up):
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn) > 0:
+                    h = level.attn[j](h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return F.silu(self.norm_out(h))
+
+    def forward(self, h):
+        return self.conv_out(self.features(h))
+
+
 # -----------------------------------------------------------------------------
 # MQ-VAE
 
@@ -465,7 +479,7 @@ class MQVAE(nn.Module):
         super().__init__()
         self.config = cfg
         self.encoder = Encoder(cfg)
-        self.mask = AdaptiveMask(cfg.z_channels, cfg.codebook_dim, cfg.keep_ratio, cfg.masker)
+        self.mask = AdaptiveMask(cfg.z_channels, cfg.codebook_dim, cfg.keep_ratio, cfg.masker, cfg.commit_through_score)
         self.quantizer = VectorQuantizer(cfg)
         self.demask = AdaptiveDemask(cfg)
         self.decoder = Decoder(cfg)
@@ -482,17 +496,19 @@ class MQVAE(nn.Module):
         collected; call self.quantizer.ema_step() once per optimizer step to apply them."""
         self._check_input(x)
         h = self.encoder(x)                                            # Ẑ grid (B,C,H',W')
-        z, positions, scores = self.mask(h)                            # (B,N,D), (B,N), (B,H',W')
-        z_q, codes, commit_loss = self.quantizer(z, collect_stats=self.training)
+        z, z_commit, positions, scores = self.mask(h)                  # (B,N,D) twice, (B,N), (B,H',W')
+        z_q, codes, commit_loss = self.quantizer(z, collect_stats=self.training, z_commit=z_commit)
         x_rec = self.decoder(self.demask(z_q, positions, h.shape[2:]))
-        return x_rec, dict(commit_loss=commit_loss, codes=codes, positions=positions, scores=scores)
+        # feature_norms ‖Ẑ_i‖ (B,H',W'): for relating the importance map to the features (supp. Fig. 5)
+        return x_rec, dict(commit_loss=commit_loss, codes=codes, positions=positions, scores=scores,
+                           feature_norms=h.detach().float().norm(dim=1))
 
     @torch.no_grad()
     def encode(self, x):
         """-> codes (B,N), positions (B,N) raster indices row*W+col, in descending-importance order,
         and the importance map (B,H',W'). Never updates the codebook."""
         self._check_input(x)
-        z, positions, scores = self.mask(self.encoder(x))
+        z, _, positions, scores = self.mask(self.encoder(x))
         _, codes, _ = self.quantizer(z)
         return codes, positions, scores
 

@@ -94,7 +94,7 @@ class SampleConfig:
     # run
     device: Optional[str] = None            # default cuda if available; under torchrun every rank uses cuda:LOCAL_RANK
     dtype: str = "bf16"                     # bf16 | fp32: Stackformer weights on CUDA (CPU runs fp32; decoding always fp32)
-    compile: bool = False                   # torch.compile the sampling step and the MQ-VAE decoder: compiles first (base's step: 22 s on an H200), then faster; the images differ from an uncompiled run's and between two compiled runs (see README, Reproducibility)
+    compile: bool = False                   # torch.compile the sampling step and the MQ-VAE decoder: compiles first (base's step: 22 s on an H200), then faster; the images differ from an uncompiled run's and between two compiled runs (docs/speed.md, Reproducibility)
 
 
 GRID_MAX = 256              # images in a grid at most; also the largest n that gets a grid by default

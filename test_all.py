@@ -92,7 +92,8 @@ def test_vectorised_mask_gather_equals_per_sample_loop():
     torch.manual_seed(0)
     mask = mqvae.AdaptiveMask(z_channels=8, codebook_dim=4, keep_ratio=0.25).eval()
     h = torch.randn(3, 8, 4, 4)
-    z, positions, scores = mask(h)
+    z, z_commit, positions, scores = mask(h)
+    assert torch.equal(z_commit, z)                     # official: the commitment term sees z itself
     for b in range(3):  # the official code's loop, one sample at a time
         s = scores[b].flatten()
         order = torch.sort(s, descending=True).indices[:4]
@@ -100,6 +101,46 @@ def test_vectorised_mask_gather_equals_per_sample_loop():
         expected = mask.pre_projection(tokens[order] * s[order, None])
         assert torch.equal(positions[b], order)
         torch.testing.assert_close(z[b], expected)
+
+
+def commitment_and_reconstruction_grads(through: bool):
+    """Gradients of the scoring net, the encoder and the pre-projection from L_commit alone and from a
+    reconstruction loss alone, for one fixed batch and set of weights."""
+    torch.manual_seed(0)
+    model = MQVAE(tiny_config(commit_through_score=through, beta=1.0))
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    parts = {"score": model.mask.score_net, "encoder": model.encoder, "pre": model.mask.pre_projection}
+    grads = {}
+    for which in ("commit", "rec"):
+        model.zero_grad()
+        x_rec, aux = model(x)
+        (aux["commit_loss"] if which == "commit" else (x_rec - x).abs().mean()).backward()
+        for name, module in parts.items():
+            grads[which, name] = torch.cat([p.grad.flatten() if p.grad is not None else torch.zeros(p.numel())
+                                            for p in module.parameters()])
+    return grads
+
+
+def test_commitment_off_the_score_leaves_the_scoring_net_to_the_reconstruction():
+    on, off = commitment_and_reconstruction_grads(True), commitment_and_reconstruction_grads(False)
+    assert on["commit", "score"].abs().max() > 1e-6          # official: L_commit reaches the scoring net
+    assert off["commit", "score"].abs().max() == 0.0         # sg(s)·u: not at all
+    for name in ("score", "encoder", "pre"):                # the reconstruction gradient is the same
+        torch.testing.assert_close(off["rec", name], on["rec", name], rtol=0, atol=0)
+    assert off["commit", "encoder"].abs().max() > 1e-6       # the encoder still commits to its codes
+    assert off["commit", "pre"].abs().max() > 1e-6
+
+
+def test_commitment_off_the_score_keeps_selection_codes_and_output():
+    torch.manual_seed(0)
+    on = MQVAE(tiny_config(commit_through_score=True)).eval()
+    off = MQVAE(tiny_config(commit_through_score=False)).eval()
+    off.load_state_dict(on.state_dict())
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    (rec_on, aux_on), (rec_off, aux_off) = on(x), off(x)
+    assert torch.equal(rec_on, rec_off) and torch.equal(aux_on["codes"], aux_off["codes"])
+    assert torch.equal(aux_on["positions"], aux_off["positions"])
+    torch.testing.assert_close(aux_on["commit_loss"], aux_off["commit_loss"])   # same value, other gradient
 
 
 def test_scatter_then_gather_is_identity():
@@ -519,11 +560,73 @@ def test_training_writes_grid_log_checkpoint_and_reports_codebook_usage(tmp_path
     assert [r["step"] for r in train_rec] == [1, 2, 3]
     assert all(0 < r["codes_used"] <= 64 and r["perplexity"] >= 1 for r in train_rec)
     assert train_rec[-1]["gan_weight"] > 0  # GAN on from step 1
-    assert any("val_psnr" in r for r in records)
+    evals = [r for r in records if "val_psnr" in r]
+    assert evals and all(0 <= r["mask_on_objects"] <= 1 and 0 < r["mask_chance"] < 1 and 0 <= r["mask_auroc"] <= 1
+                         and abs(r["mask_lift"] - r["mask_on_objects"] / r["mask_chance"]) < 1e-9
+                         and -1 <= r["mask_r_detail"] <= 1 and 0 <= r["mask_p_feature"] <= 1 for r in evals)
+    assert "mask: " in r.stdout and "of kept tokens on objects" in r.stdout.splitlines()[-1]   # the last line
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["model"]["keep_ratio"] == 0.25 and config["train"]["preset"] == "tiny"
     ckpt = utils.load_checkpoint(os.path.join(out, "ckpt.pt"), "mqvae")
     assert {"mqvae", "disc", "opt_ae", "opt_disc", "step", "rng", "train_config", "mqvae_config"} <= set(ckpt)
+
+
+def test_mask_statistics_count_kept_object_tokens_and_rank_scores():
+    rng = np.random.default_rng(0)
+    objects = np.zeros((2, 8))
+    objects[:, :2] = 1.0                        # tokens 0, 1 fully on an object, token 2 a quarter (background)
+    objects[:, 2] = 0.25
+    kept = np.zeros((2, 8))
+    kept[0, [0, 1, 5]] = kept[1, [0, 4, 5]] = 1  # 3 of the 6 kept tokens on objects
+    detail = rng.random((2, 8))
+    scores = 0.5 + detail                       # perfectly rising with detail
+    m = train_mqvae.mask_statistics(scores, kept, detail * 3, detail, objects)
+    assert m["mask_on_objects"] == 0.5 and m["mask_chance"] == 0.25 and m["mask_lift"] == 2.0
+    assert abs(m["mask_r_detail"] - 1) < 1e-12 and abs(m["mask_r_feature"] - 1) < 1e-12
+    ranked = np.tile(np.arange(8.0)[::-1], (2, 1))            # object tokens score highest: AUROC 1
+    assert train_mqvae.mask_statistics(ranked, kept, detail, detail, objects)["mask_auroc"] == 1.0
+    assert train_mqvae.mask_statistics(-ranked, kept, detail, detail, objects)["mask_auroc"] == 0.0
+    flat = np.ones((2, 8))                      # ties everywhere: chance, and no correlation to report
+    m = train_mqvae.mask_statistics(flat, kept, detail, detail, objects)
+    assert m["mask_auroc"] == 0.5 and "mask_r_detail" not in m
+    assert train_mqvae.inversion_warning(train_mqvae.mask_statistics(1 - detail, kept, detail, detail)) is not None
+    assert train_mqvae.inversion_warning(train_mqvae.mask_statistics(detail, kept, detail, detail)) is None
+
+
+def inverted_mask_checkpoint(path):
+    """A tiny MQ-VAE whose scoring net scores flatness: conv3x3 computes a Laplacian of every feature channel
+    (+ and − copies, so the ReLU gives its magnitude), conv1x1 sums them negatively. The score is then high
+    where the features are locally constant, i.e. on flat image regions, and low at edges: an inverted map."""
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = MQVAE(cfg).eval()
+    score_net = model.mask.score_net
+    C = cfg.z_channels
+    laplacian = torch.tensor([[-1.0, -1.0, -1.0], [-1.0, 8.0, -1.0], [-1.0, -1.0, -1.0]])
+    with torch.no_grad():
+        score_net[1].weight.zero_()
+        score_net[1].bias.zero_()
+        for c in range(C // 2):
+            score_net[1].weight[2 * c, c] = laplacian
+            score_net[1].weight[2 * c + 1, c] = -laplacian
+        score_net[3].weight.fill_(-4.0 / C)
+        score_net[3].bias.fill_(2.0)
+    train_cfg = dataclasses.asdict(train_mqvae.TrainConfig(preset="tiny", image_size=16, batch_size=8, num_workers=0,
+                                                           eval_images=64))
+    save_checkpoint(dict(kind="mqvae", version=1, mqvae_config=dataclasses.asdict(cfg), train_config=train_cfg,
+                         mqvae=model.state_dict(), step=0), str(path))
+
+
+def test_analysing_an_inverted_checkpoint_warns_and_writes_its_numbers(tmp_path, capsys):
+    path = tmp_path / "inverted.pt"
+    inverted_mask_checkpoint(path)
+    metrics = train_mqvae.main(["--analyse", str(path), "--out-dir", str(tmp_path / "analysis")])
+    out = capsys.readouterr().out
+    assert metrics["mask_r_detail"] < -0.1 and metrics["mask_p_detail"] < 1e-3
+    assert "looks inverted" in out and "--commit-through-score off" in out
+    saved = json.load(open(tmp_path / "analysis" / "mask_analysis.json"))
+    assert saved["mask_r_detail"] == metrics["mask_r_detail"] and saved["val_images"] == 64
+    assert Image.open(tmp_path / "analysis" / "mask_analysis.png").size == (4 * 16 + 5 * 2, 8 * 16 + 9 * 2)
 
 
 def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -551,6 +654,7 @@ def test_cli_bad_values_give_one_line_errors(tmp_path):
         (["--data", str(tmp_path / "missing")], "unknown dataset"),
         (["--batch-size", "-1"], "--batch-size must be positive"),
         (["--preset", "huge"], "unknown preset"),
+        (["--commit-through-score", "maybe"], "--commit-through-score must be on or off"),
     ]
     for args, expected in cases:
         r = run_script(TINY_TRAIN + args + ["--max-steps", "1", "--out-dir", str(tmp_path / "o")])

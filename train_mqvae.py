@@ -3,7 +3,8 @@ Train the MQ-VAE (stage 1): VQGAN's losses and nothing special for the mask (sup
 
     L_AE = L_rec + λ·L_G + L_commit
     L_rec    = |x - x̃|₁ (official code; --rec-loss l2 is the supplementary's ||x - x̃||²) + 1.0·LPIPS(x, x̃)
-    L_commit = β·||Ẑ - sg(Ẑ^q)||²            (plus the codebook loss with --codebook grad)
+    L_commit = β·||Ẑ - sg(Ẑ^q)||²            (plus the codebook loss with --codebook grad); by default taken
+                                             on sg(s)·u, so the mask learns from L_rec alone (--commit-through-score)
     L_G      = -mean D(x̃)                    hinge GAN, PatchGAN discriminator D
     λ        = min(0.75 · ||∇_W L_rec|| / (||∇_W L_G|| + 1e-4), 1.0), W = the decoder's last layer
     L_D      = ½·[mean ReLU(1 - D(x)) + mean ReLU(1 + D(x̃))]
@@ -18,8 +19,13 @@ ImageNet 0.5) then cosine. bf16 autocast + TF32 on CUDA, DDP through torchrun.
         train_mqvae.py --data imagenet                        # multi-node: run on each node with its rank
     python train_mqvae.py --data ffhq --resume                # continue out/mqvae-ffhq/ckpt.pt exactly
 
+    python train_mqvae.py --analyse out/mqvae-ffhq/ckpt.pt   # only measure a checkpoint's mask
+
 Outputs in --out-dir: config.json, log.jsonl (one JSON line per log step and per evaluation),
-recon_<step>.png (input | importance map | kept regions | reconstruction), ckpt.pt.
+recon_<step>.png (input | importance map | kept regions | reconstruction), ckpt.pt. Every evaluation
+also measures where the mask keeps (mask_statistics): its correlation with pixel detail and feature
+magnitude, and on the shapes data the share of kept tokens on the shapes; it warns when the map looks
+inverted.
 """
 
 import dataclasses
@@ -34,6 +40,8 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Optional
 
+import numpy as np
+import scipy.stats
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -43,8 +51,8 @@ from torch.utils.data import DataLoader
 import data
 from mqvae import MQVAE, MQVAEConfig, PRESETS, PatchDiscriminator
 from utils import (COMPILE_MODES, TrainingRun, UserError, atomic_path, check, check_identical_across_ranks,
-                   check_positive, launch, resume_from, run_main, save_grid, seed_or_restore_rng, strip_compile_prefix,
-                   warmup_cosine_lr, write_json)
+                   check_positive, fill_defaults, launch, load_checkpoint, mqvae_from_checkpoint, resume_from, run_main,
+                   save_grid, seed_or_restore_rng, strip_compile_prefix, warmup_cosine_lr, write_json)
 
 
 # -----------------------------------------------------------------------------
@@ -69,6 +77,7 @@ class TrainConfig:
     rec_loss: str = "l1"                  # l1 (official) | l2 (supplementary)
     perceptual_weight: Optional[float] = None  # LPIPS weight (1.0; 0 for the shapes demo)
     codebook_weight: Optional[float] = None  # weight of L_commit (1.0; 0.1 for the shapes demo)
+    commit_through_score: str = "off"     # off: L_commit sees sg(s)·u, the mask learns from reconstruction alone | on: official (docs/findings.md)
     disc_weight: float = 0.75             # 0.75 × adaptive λ
     disc_weight_max: float = 1.0          # cap on λ (official code)
     disc_start: Optional[int] = None      # step at which the GAN terms switch on (0; later for the demo)
@@ -78,7 +87,7 @@ class TrainConfig:
     batch_size: Optional[int] = None      # per GPU (8; 16 for the demo)
     grad_accum: int = 1                   # micro-batches per optimizer step
     base_lr: float = 4.5e-6               # lr = base_lr × global batch (batch × GPUs × accumulation)
-    lr: Optional[float] = None            # set to override the scaled lr
+    lr: Optional[float] = None            # set to override the scaled lr (the demo: 3e-4)
     min_lr: float = 0.0                   # end of the cosine
     warmup_epochs: Optional[float] = None # ffhq 5, imagenet 0.5
     epochs: Optional[float] = None        # ffhq 150, imagenet 50
@@ -97,14 +106,15 @@ class TrainConfig:
     ckpt_every: int = 1000                # steps between checkpoints (also written at the end)
     usage_window: int = 100               # codebook usage = distinct codes over the last this many steps
     resume: bool = False                  # continue from out_dir/ckpt.pt
+    analyse: Optional[str] = None         # only measure this checkpoint's mask on the validation split: mask_analysis.json/.png
 
 
 DATA_DEFAULTS = {
-    # The demo: minutes on a CPU. LPIPS needs downloaded VGG weights, so it is off. With the official
-    # commitment weight 1.0 the short run learns an inverted map (it keeps flat background, whose tokens
-    # quantize with the least error, see README); 0.1 lets the reconstruction term win within minutes.
+    # The demo: minutes on a CPU. LPIPS needs downloaded VGG weights, so it is off. Commitment weight 0.1
+    # and lr 3e-4: with the official weight 1.0, or at lr 1e-3, the short runs' masks drifted off the shapes
+    # in most seeds; with these, 3 of 3 seeds kept them (docs/findings.md has the table).
     "shapes":   dict(image_size=32, preset="demo", batch_size=16, perceptual_weight=0.0, codebook_weight=0.1,
-                     disc_start=1000, warmup_epochs=0.02, epochs=1.0, eval_every=250, eval_images=256, lr=1e-3,
+                     disc_start=1000, warmup_epochs=0.02, epochs=1.0, eval_every=250, eval_images=256, lr=3e-4,
                      num_workers=0),
     "ffhq":     dict(warmup_epochs=5.0, epochs=150.0),
     "imagenet": dict(warmup_epochs=0.5, epochs=50.0),
@@ -120,12 +130,7 @@ RUN_CONTROL = {"max_steps", "stop_after", "epochs", "num_workers", "log_every", 
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     kind = cfg.data if cfg.data in DATA_DEFAULTS else "folder"
-    for key, value in {**COMMON_DEFAULTS, **DATA_DEFAULTS[kind]}.items():
-        if getattr(cfg, key) is None:
-            setattr(cfg, key, value)
-    if cfg.out_dir is None:
-        cfg.out_dir = os.path.join("out", "mqvae-" + os.path.basename(os.path.normpath(cfg.data)))
-    return cfg
+    return fill_defaults(cfg, {**COMMON_DEFAULTS, **DATA_DEFAULTS[kind]}, "mqvae")
 
 
 def validate(cfg: TrainConfig):
@@ -133,6 +138,8 @@ def validate(cfg: TrainConfig):
     check_positive(cfg, "image_size", "batch_size", "grad_accum", "max_steps", "epochs", "log_every", "eval_every",
                    "ckpt_every", "eval_images", "usage_window")
     check(cfg.rec_loss in ("l1", "l2"), f"--rec-loss must be l1 or l2, got {cfg.rec_loss!r}")
+    check(cfg.commit_through_score in ("on", "off"),
+          f"--commit-through-score must be on or off, got {cfg.commit_through_score!r}")
     check(cfg.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
     check(cfg.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     check(cfg.perceptual_weight >= 0 and cfg.disc_weight >= 0, "loss weights must be non-negative")
@@ -150,7 +157,7 @@ def model_config(cfg: TrainConfig) -> MQVAEConfig:
     try:
         return MQVAEConfig(**{**PRESETS[cfg.preset], **overrides}, resolution=cfg.image_size,
                            keep_ratio=cfg.keep_ratio, masker=cfg.masker, codebook=cfg.codebook,
-                           demask_attn=cfg.demask_attn)
+                           demask_attn=cfg.demask_attn, commit_through_score=cfg.commit_through_score == "on")
     except ValueError as e:     # the model's own checks (keep ratio, image size vs f, ...)
         raise UserError(str(e)) from None
 
@@ -331,16 +338,18 @@ def visualisation_grid(x, x_rec, scores, positions):
 
 @torch.no_grad()
 def evaluate(model, val_set, cfg, device, autocast, lpips_fn, rank, world, graphed=False):
-    """Mean L1, PSNR (on [0,1] images) and LPIPS over the first --eval-images validation images, and
-    the number of distinct codes they use. Each rank takes a shard; sums are all-reduced."""
+    """Mean L1, PSNR (on [0,1] images) and LPIPS over the first --eval-images validation images, the
+    number of distinct codes they use, and how the importance map relates to the images (mask_statistics).
+    Each rank takes a shard; sums are all-reduced, per-token arrays gathered. -> (metrics, picture)."""
     model.eval()
     n = min(cfg.eval_images, len(val_set))
     indices = list(range(rank, n, world))
     loader = DataLoader(torch.utils.data.Subset(val_set, indices), batch_size=cfg.batch_size,
                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda", generator=torch.Generator())
-    V = model.config.codebook_size
+    V, f = model.config.codebook_size, model.config.downsample_factor
     sums = torch.zeros(4, device=device)  # l1, psnr, lpips, count
     used = torch.zeros(V, device=device)
+    tokens = {k: [] for k in ("scores", "kept", "feature_norms", "detail", "objects")}   # per token, (B, T) each
     shown = []
     for batch in loader:
         x = batch["image"].to(device, non_blocking=True)
@@ -355,32 +364,105 @@ def evaluate(model, val_set, cfg, device, autocast, lpips_fn, rank, world, graph
         lp = lpips_fn(x, x_rec).flatten() if lpips_fn is not None else torch.zeros_like(l1)
         sums += torch.stack([l1.sum(), psnr.sum(), lp.float().sum(), torch.tensor(float(len(x)), device=device)])
         used.index_fill_(0, aux["codes"].flatten(), 1.0)
+        scores = aux["scores"].float().flatten(1)                                           # (B, T)
+        tokens["scores"].append(scores)
+        tokens["kept"].append(torch.zeros_like(scores).scatter_(1, aux["positions"], 1.0))
+        tokens["feature_norms"].append(aux["feature_norms"].flatten(1))
+        tokens["detail"].append(F.unfold(x, f, stride=f).std(dim=1))                         # pixel std per patch
+        if "objects" in batch:
+            tokens["objects"].append(F.avg_pool2d(batch["objects"].to(device), f).flatten(1))   # coverage per patch
         if len(shown) < 8:  # the first 8 images go into the picture
             shown.append((x.cpu(), x_rec.cpu(), aux["scores"].float().cpu(), aux["positions"].cpu()))
+    tokens = {k: torch.cat(v).cpu().numpy() for k, v in tokens.items() if v}
     if world > 1:
         dist.all_reduce(sums)
         dist.all_reduce(used, op=dist.ReduceOp.MAX)
+        shards = [None] * world
+        dist.all_gather_object(shards, tokens)
+        tokens = {k: np.concatenate([shard[k] for shard in shards if k in shard]) for k in tokens}
     model.train()
     count = max(sums[3].item(), 1.0)
     metrics = dict(val_l1=sums[0].item() / count, val_psnr=sums[1].item() / count,
                    val_codes_used=int(used.sum().item()), val_images=int(sums[3].item()))
     if lpips_fn is not None:
         metrics["val_lpips"] = sums[2].item() / count
+    if "scores" in tokens:
+        metrics.update(mask_statistics(**tokens))
     picture = [torch.cat(parts)[:8] for parts in zip(*shown)] if shown else None
     return metrics, picture
+
+
+def mask_statistics(scores, kept, feature_norms, detail, objects=None) -> dict:
+    """How the importance map relates to the images; per-token arrays (images, T).
+
+    mask_r_detail, mask_p_detail: Pearson r and p between the score and the std of the pixels of the
+        token's patch (its detail). A map that keeps what matters correlates positively; clearly
+        negative means it keeps flat regions (see inversion_warning).
+    mask_r_feature, mask_p_feature: the same with the encoded feature magnitude ‖Ẑ_i‖ (supp. Fig. 5).
+    With objects (the fraction of each token's patch that objects cover; the shapes data knows it),
+    a token is on an object when that fraction is at least 1/2, and:
+    mask_on_objects: the share of kept tokens on objects; mask_chance: the share of all tokens on
+        objects, what a random mask keeps; mask_lift: their ratio (1 = no better than random);
+    mask_auroc: the AUROC of the score for object against background tokens, the mean over images
+        that have both (0.5 = chance, 1 = every object token scores above every background token).
+    """
+    metrics = {}
+    if scores.std() > 0:     # the random-mask ablation scores every token 1: no correlation to speak of
+        for name, values in (("detail", detail), ("feature", feature_norms)):
+            r, p = scipy.stats.pearsonr(scores.ravel(), values.ravel())
+            metrics[f"mask_r_{name}"], metrics[f"mask_p_{name}"] = float(r), float(p)
+    if objects is not None:
+        on = objects >= 0.5
+        metrics["mask_on_objects"] = float((kept * on).sum() / max(kept.sum(), 1))
+        metrics["mask_chance"] = float(on.mean())
+        metrics["mask_lift"] = metrics["mask_on_objects"] / max(metrics["mask_chance"], 1e-12)
+        n_on = on.sum(1)
+        both = (n_on > 0) & (n_on < on.shape[1])
+        if both.any():
+            ranks = scipy.stats.rankdata(scores[both], axis=1)                   # ties share their mean rank
+            n_pos, n_neg = n_on[both], on.shape[1] - n_on[both]
+            auroc = ((ranks * on[both]).sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+            metrics["mask_auroc"] = float(auroc.mean())
+    return metrics
+
+
+def mask_summary(metrics: dict) -> Optional[str]:
+    """One line: where the kept tokens sit, for the log and the end of a run."""
+    parts = []
+    if "mask_lift" in metrics:
+        parts.append(f"{metrics['mask_on_objects']:.0%} of kept tokens on objects (chance {metrics['mask_chance']:.0%}), "
+                     f"lift {metrics['mask_lift']:.2f}" + (f", AUROC {metrics['mask_auroc']:.2f}" if "mask_auroc" in metrics else ""))
+    if "mask_r_detail" in metrics:
+        parts.append(f"score vs pixel detail r = {metrics['mask_r_detail']:.2f}, vs feature magnitude "
+                     f"r = {metrics['mask_r_feature']:.2f}")
+    return "mask: " + "; ".join(parts) if parts else None
+
+
+def inversion_warning(metrics: dict) -> Optional[str]:
+    """A warning when the importance map is clearly anti-correlated with pixel detail: it keeps flat regions."""
+    r, p = metrics.get("mask_r_detail"), metrics.get("mask_p_detail")
+    if r is None or not (r < -0.1 and p < 1e-3):
+        return None
+    return (f"warning: the importance map looks inverted: its correlation with pixel detail is r = {r:.2f} "
+            f"(p = {p:.1g}), so the mask keeps flat regions and drops detailed ones; train with "
+            f"--commit-through-score off (docs/findings.md)")
 
 
 # -----------------------------------------------------------------------------
 # Training
 
 def main(argv=None):
-    launch(TrainConfig, train, __doc__.split("\n\n")[0].strip(), argv)
+    return launch(TrainConfig, train, __doc__.split("\n\n")[0].strip(), argv)
 
 
 def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.device):
     log = print if rank == 0 else (lambda *a, **k: None)
+    if cfg.analyse:
+        return analyse_checkpoint(cfg, explicit, rank, world, device)
     cfg = resolve_defaults(cfg)
     ckpt_path, ckpt, cfg = resume_from(cfg, "mqvae", explicit, RUN_CONTROL, log)
+    if ckpt is not None and "commit_through_score" not in ckpt["train_config"]:
+        cfg.commit_through_score = "on"     # written before the flag existed, with the official commitment term
     validate(cfg)
     mcfg = model_config(cfg)
     d = build_data(cfg, rank, world, device)
@@ -396,6 +478,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         describe_run(cfg, mcfg, d, n, world)
     stats = TrainingStats(mcfg.codebook_size, device)
     unreadable = set()      # dataset indices of training files that failed to load
+    metrics = {}            # of the last evaluation
     stream = micro_batches(d, cfg, start_step)
     n.model.train()
     n.disc.train()
@@ -430,7 +513,8 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
             log_training(run, stats, done, lr, d, cfg)
         if run.due(done, cfg.eval_every):
             run.check_finite(done)
-            metrics, picture = evaluate(n.raw_model, d.val_set, cfg, device, n.autocast, n.lpips_fn, rank, world, n.graphed)
+            metrics, picture = evaluate(n.raw_model, d.val_set, cfg, device, n.autocast, n.lpips_fn, rank, world,
+                                        n.graphed)
             report_evaluation(run, done, metrics, picture)
         if run.due(done, cfg.ckpt_every) or run.stopping(done):
             run.save(done, checkpoint_state(n, mcfg, cfg, done / d.steps_per_epoch))
@@ -440,6 +524,35 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     if world > 1:
         log(rank_consistency(n.raw_model, n.raw_disc, world))
     run.finish(step)
+    if mask_summary(metrics):
+        log(f"last evaluation, {mask_summary(metrics)}")
+
+
+def analyse_checkpoint(cfg: TrainConfig, explicit: set, rank: int, world: int, device):
+    """--analyse CKPT: evaluate a checkpoint on the validation split of its data (--data-dir, --eval-images,
+    --batch-size and --num-workers may be given) and write mask_analysis.json and mask_analysis.png
+    (input | importance map | kept regions | reconstruction) to --out-dir, by default beside the checkpoint."""
+    ckpt = load_checkpoint(cfg.analyse, "mqvae")
+    run_cfg = TrainConfig(**ckpt["train_config"])
+    for key in explicit & {"data_dir", "eval_images", "batch_size", "num_workers"}:
+        setattr(run_cfg, key, getattr(cfg, key))
+    model = mqvae_from_checkpoint(ckpt, device)
+    val_set = data.build_dataset(run_cfg.data, run_cfg.data_dir, run_cfg.image_size, "val")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    metrics, picture = evaluate(model, val_set, run_cfg, device, autocast, None, rank, world)
+    if rank != 0:
+        return metrics
+    out_dir = cfg.out_dir if "out_dir" in explicit else os.path.dirname(os.path.abspath(cfg.analyse))
+    write_json(os.path.join(out_dir, "mask_analysis.json"), dict(ckpt=os.path.abspath(cfg.analyse),
+                                                                 step=ckpt["step"], **metrics))
+    save_grid(visualisation_grid(*picture), os.path.join(out_dir, "mask_analysis.png"), nrow=4)
+    print(f"{cfg.analyse} (step {ckpt['step']}), {metrics['val_images']} validation images of {run_cfg.data}: "
+          f"PSNR {metrics['val_psnr']:.2f} dB, {metrics['val_codes_used']} codes used")
+    for line in (mask_summary(metrics), inversion_warning(metrics)):
+        if line:
+            print(line)
+    print(f"wrote {os.path.join(out_dir, 'mask_analysis.json')} and mask_analysis.png")
+    return metrics
 
 
 def build_data(cfg: TrainConfig, rank: int, world: int, device) -> SimpleNamespace:
@@ -603,13 +716,17 @@ def log_training(run: TrainingRun, stats: TrainingStats, done: int, lr: float, d
 
 
 def report_evaluation(run: TrainingRun, step: int, metrics: dict, picture):
-    """Rank 0: the picture recon_<step>.png, a log line and a log.jsonl record."""
+    """Rank 0: the picture recon_<step>.png, log lines (the metrics, where the mask keeps, a warning if it
+    looks inverted) and a log.jsonl record."""
     if not run.master:
         return
     if picture is not None:
         save_grid(visualisation_grid(*picture), os.path.join(run.cfg.out_dir, f"recon_{step:07d}.png"), nrow=4)
     run.log(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                                             for k, v in metrics.items()))
+                                             for k, v in metrics.items() if k.startswith("val_")))
+    for line in (mask_summary(metrics), inversion_warning(metrics)):
+        if line:
+            run.log(line)
     run.write_record(dict(step=step, **metrics))
 
 
