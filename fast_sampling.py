@@ -172,8 +172,8 @@ def generate(model: Stackformer, batch_size: Optional[int] = None, cond: Optiona
 
     settings: generate()'s sampling arguments (temperature, top_k, top_p, pos_temperature, pos_top_k,
     pos_top_p, position_rule, greedy).
-    cuda_graph: replay steps 2..N-1 as one captured CUDA graph (default: on CUDA when no autocast is
-        active; cast the model to bf16 instead of using autocast).
+    cuda_graph: after two warm-up steps, capture one step as a CUDA graph and replay it for the rest
+        (default: on CUDA when no autocast is active; cast the model to bf16 instead of using autocast).
     compile: torch.compile the step first (then captured): fewer, fused kernels per step, after a
         compilation of ~22 s for `base` on an H200, again for each batch size. Its arithmetic differs
         from the eager step's, so the samples differ from the reference sampler's in bf16; calls in
