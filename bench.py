@@ -17,7 +17,6 @@ times pytorch-fid's network with the same weights and compares the features, whe
 installed (it is not a dependency: `pip install pytorch-fid` for the comparison).
 """
 
-import argparse
 import gc
 import json
 import os
@@ -542,7 +541,7 @@ CASES = {1: case_1, 2: case_2, 3: case_3, 4: case_4, 5: case_5}
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    parser = utils.FlagParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--cases", default="1,2,3,4,5", help="comma-separated case numbers")
     parser.add_argument("--cpu-smoke", action="store_true", help="each case once, tiny models, CPU")
     parser.add_argument("--compile", action="store_true", help="cases 1-4 also with torch.compile")

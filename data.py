@@ -381,15 +381,15 @@ def export_images(name: str, data_dir: Optional[str], size: int, split: str, cou
 
 
 def main(argv=None):
-    import argparse
-    parser = argparse.ArgumentParser(description="Export a dataset split as a uint8 .npz (a reference set for fid.py).",
-                                     epilog="example: python data.py shapes --size 32 --split val --n 1000 --npz out/shapes-val.npz")
+    from utils import FlagParser
+    parser = FlagParser(description="Export a dataset split as a uint8 .npz (a reference set for fid.py).",
+                        epilog="example: python data.py shapes --size 32 --split val --n 1000 --npz out/shapes-val.npz")
     parser.add_argument("data", help="shapes | ffhq | imagenet | coco | PATH")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--size", type=int, default=256)
-    parser.add_argument("--split", default="val", choices=("train", "val"))
+    parser.add_argument("--data-dir", default=None, help="root of ffhq/imagenet/coco (default: data/<name>)")
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels, as the models see them (default: 256)")
+    parser.add_argument("--split", default="val", choices=("train", "val"), help="which split (default: val)")
     parser.add_argument("--n", type=int, default=None, help="number of images (default: the whole split)")
-    parser.add_argument("--npz", required=True)
+    parser.add_argument("--npz", required=True, help="the .npz to write: uint8 (n, size, size, 3) 'images'")
     args = parser.parse_args(argv)
     if args.size <= 0 or (args.n is not None and args.n <= 0):
         raise UserError("--size and --n must be positive")

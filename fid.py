@@ -67,7 +67,7 @@ from torchvision.models.inception import (
 )
 from tqdm import tqdm
 
-from utils import UserError
+from utils import FlagParser, UserError
 
 WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/"
@@ -592,7 +592,7 @@ def _describe(meta, kind):
 
 
 def _parser():
-    p = argparse.ArgumentParser(
+    p = FlagParser(
         description="FID between two image sets, matching pytorch-fid. Each PATH is a folder of\n"
                     "images (searched recursively), a .npz of uint8 NHWC images (key 'images'),\n"
                     "or a .npz of statistics (mu, sigma).",
@@ -687,9 +687,8 @@ def _run(args):
 
 
 def main(argv=None):
-    args = _parser().parse_args(argv)
     try:
-        return _run(args)
+        return _run(_parser().parse_args(argv))
     except UserError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
         return 1

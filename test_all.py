@@ -1777,13 +1777,13 @@ def test_stage2_token_cache_is_reused_and_rebuilt_when_stage1_changes(stage1_ckp
     first = json.loads(meta.read_text())
     assert first["rows"] == 2 * first["images"]  # originals + flipped copies
     mtime = meta.stat().st_mtime_ns
-    train_stackformer.main(stage2_args(stage1_ckpt, out, "--data", folder, "--max-steps", "1"))
+    train_stackformer.main(stage2_args(stage1_ckpt, out, "--data", folder, "--max-steps", "1", "--overwrite"))
     assert meta.stat().st_mtime_ns == mtime  # same stage 1: reused
     changed = tmp_path / "changed.pt"
     ckpt = torch.load(stage1_ckpt, weights_only=True)
     ckpt["mqvae"]["quantizer.codebook"] = ckpt["mqvae"]["quantizer.codebook"] + 1.0
     torch.save(ckpt, changed)
-    train_stackformer.main(stage2_args(str(changed), out, "--data", folder, "--max-steps", "1"))
+    train_stackformer.main(stage2_args(str(changed), out, "--data", folder, "--max-steps", "1", "--overwrite"))
     second = json.loads(meta.read_text())
     assert second["key"]["stage1_sha256"] != first["key"]["stage1_sha256"]
     assert second["key"]["stage1_sha256"] == train_stackformer.file_sha256(str(changed))
@@ -2381,7 +2381,17 @@ def test_every_script_rejects_bad_flags_with_one_line_and_no_traceback(both_chec
         (["sample.py", "--ckpt", stage2, "--n", "-3", "--device", "cpu"], "must be positive"),
         (["fid.py", missing, missing], "missing"),
         (["data.py", "shapes", "--size", "-1", "--npz", str(tmp_path / "x.npz")], "must be positive"),
+        (TINY_TRAIN + ["--max-step", "5"], "did you mean --max-steps"),             # no abbreviations
+        (TINY_TRAIN + ["--bach-size", "4"], "did you mean --batch-size"),           # a typo
+        (TINY_TRAIN + ["--resume", "--overwrite"], "give one"),
+        (TINY_TRAIN + ["--ckpt-minutes", "0"], "--ckpt-minutes must be positive"),
+        (["train_stackformer.py", "--stage1", stage1, "--lrr", "1e-3"], "did you mean --lr"),
+        (["sample.py", "--ckpt", stage2, "--temprature", "2"], "did you mean --temperature"),
+        (["fid.py", missing, missing, "--batch", "5"], "did you mean --batch-size"),
+        (["data.py", "shapes", "--sise", "3", "--npz", str(tmp_path / "x.npz")], "did you mean --size"),
+        (["bench.py", "--case", "4"], "did you mean --cases"),
     ]
+    assert len(cases) >= 25
     for args, expected in cases:
         r = run_script(args + (["--out-dir", str(tmp_path / "o")] if args[0].startswith("train") else []))
         lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
@@ -2485,6 +2495,100 @@ def test_stage2_sigkill_at_random_moments_never_loses_a_checkpoint_and_resume_ma
     full = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["model"]
     resumed = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=True)["model"]
     assert all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def wait_for_log_steps(log_path, count, proc):
+    """Block until log.jsonl holds `count` training lines (the event a test acts on), or the process ended."""
+    import time
+    while proc.poll() is None:
+        if os.path.isfile(log_path) and sum('"loss"' in line for line in open(log_path)) >= count:
+            return
+        time.sleep(0.02)
+
+
+def test_sigint_stops_after_the_step_with_a_checkpoint_and_resume_matches_an_uninterrupted_run(tmp_path):
+    import signal
+    args = TINY_TRAIN + ["--max-steps", "40", "--ckpt-every", "1000", "--eval-every", "1000"]
+    full = run_script(args + ["--out-dir", str(tmp_path / "full")])
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "stopped"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable] + args + ["--out-dir", str(out)], cwd=HERE, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    wait_for_log_steps(out / "log.jsonl", 5, proc)
+    proc.send_signal(signal.SIGINT)                                  # Ctrl-C
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr[-2000:]
+    assert "stopping after the current step" in stderr
+    step = utils.load_checkpoint(str(out / "ckpt.pt"), "mqvae")["step"]
+    assert 5 <= step < 40                                            # written at the step it stopped, not at 1000
+    resume_line = stdout.strip().splitlines()[-1]
+    assert f"stopped by SIGINT at step {step}" in resume_line and resume_line.endswith("--resume")
+    r = run_script(resume_line.split("continue with: ")[1].split()[1:])   # the command it printed, minus "python"
+    assert r.returncode == 0, r.stderr
+    steps = [rec["step"] for rec in read_jsonl(out / "log.jsonl") if "loss" in rec]
+    assert steps == list(range(1, 41))                               # every step logged once
+    a = torch.load(tmp_path / "full" / "ckpt.pt", weights_only=True)["mqvae"]
+    b = torch.load(out / "ckpt.pt", weights_only=True)["mqvae"]
+    assert all(torch.equal(a[k], b[k]) for k in a)                   # bitwise equal on CPU
+
+
+def test_a_second_signal_aborts_at_once_but_a_forwarded_repeat_does_not(monkeypatch):
+    import signal
+    now, exits = [100.0], []
+    monkeypatch.setattr(utils.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(utils.os, "_exit", exits.append)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        stop = utils.StopSignals()
+        stop.handle(signal.SIGTERM, None)
+        now[0] += 0.5
+        stop.handle(signal.SIGINT, None)       # torchrun forwarding the terminal's Ctrl-C: the same request
+        assert stop.requested == signal.SIGTERM and exits == []
+        now[0] += 2.0
+        stop.handle(signal.SIGINT, None)       # the user again: abort
+        assert exits == [128 + signal.SIGINT]
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def test_a_second_run_without_resume_leaves_the_checkpoint_untouched(tmp_path):
+    out = str(tmp_path / "run")
+    assert run_script(TINY_TRAIN + ["--max-steps", "3", "--out-dir", out]).returncode == 0
+    before = open(os.path.join(out, "ckpt.pt"), "rb").read()
+    log_before = open(os.path.join(out, "log.jsonl")).read()
+    r = run_script(TINY_TRAIN + ["--max-steps", "1", "--out-dir", out])
+    assert r.returncode == 2 and "--resume" in r.stderr and "--overwrite" in r.stderr and "Traceback" not in r.stderr
+    assert open(os.path.join(out, "ckpt.pt"), "rb").read() == before
+    assert open(os.path.join(out, "log.jsonl")).read() == log_before
+    r = run_script(TINY_TRAIN + ["--max-steps", "1", "--out-dir", out, "--overwrite"])
+    assert r.returncode == 0, r.stderr
+    assert utils.load_checkpoint(os.path.join(out, "ckpt.pt"), "mqvae")["step"] == 1
+    assert [rec["step"] for rec in read_jsonl(os.path.join(out, "log.jsonl")) if "loss" in rec] == [1]
+    assert not os.path.exists(os.path.join(out, "recon_0000003.png"))       # the old run's pictures are gone
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_with_one_checkpoint(tmp_path):
+    import signal
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] +
+                            TINY_TRAIN + ["--max-steps", "100000", "--ckpt-every", "100000", "--out-dir", str(out)],
+                            cwd=HERE, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    wait_for_log_steps(out / "log.jsonl", 3, proc)
+    workers = subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    proc.send_signal(signal.SIGTERM)                                 # the cluster preempts the job
+    output = proc.communicate(timeout=180)[0]
+    assert proc.returncode != 0
+    stopped = re.findall(r"stopped by SIGTERM at step (\d+)", output)
+    assert len(stopped) == 1, output[-3000:]                         # rank 0 reports the one step both stopped at
+    ckpt = utils.load_checkpoint(str(out / "ckpt.pt"), "mqvae")
+    assert ckpt["step"] == int(stopped[0]) >= 3 and len(ckpt["rng"]) == 2
+    leftover = subprocess.run(["ps", "-o", "pid=", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert leftover == []                                            # no process of the job is left behind
 
 
 def test_when_one_ddp_rank_dies_the_other_exits_within_a_timeout(tmp_path):

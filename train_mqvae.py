@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader
 import data
 from mqvae import MQVAE, MQVAEConfig, PRESETS, PatchDiscriminator
 from utils import (COMPILE_MODES, TrainingRun, UserError, atomic_path, check, check_identical_across_ranks,
-                   check_positive, fill_defaults, launch, load_checkpoint, mqvae_from_checkpoint, resume_from, run_main,
+                   check_positive, default_workers, fill_defaults, ignore_interrupts, launch, load_checkpoint, mqvae_from_checkpoint, resume_from, run_main,
                    save_grid, seed_or_restore_rng, strip_compile_prefix, warmup_cosine_lr, write_json)
 
 
@@ -63,8 +63,8 @@ class TrainConfig:
     # data
     data: str = "shapes"                  # shapes | ffhq | imagenet | coco | PATH to a folder of images
     data_dir: Optional[str] = None        # root of ffhq/imagenet/coco (default data/<name>)
-    image_size: Optional[int] = None      # 256 for real data, 64 for shapes
-    num_workers: Optional[int] = None     # data loader processes per GPU (8; 0 for shapes, drawn in-process)
+    image_size: Optional[int] = None      # 256 for real data, 32 for the shapes demo
+    num_workers: Optional[int] = None     # data loader processes per GPU (8, at most the CPU cores; 0 for shapes, drawn in-process)
     # model
     preset: Optional[str] = None          # f8 | f16 | f32 | demo | tiny (f8 for real data, demo for shapes)
     keep_ratio: float = 0.25              # k; the mask ratio is 1 - k (N = int(k·H·W) codes per image)
@@ -103,9 +103,11 @@ class TrainConfig:
     log_every: int = 50                   # steps between log lines
     eval_every: Optional[int] = None      # steps between evaluations (default 2000; demo 250)
     eval_images: Optional[int] = None     # validation images per evaluation (1000; 256 for the demo)
-    ckpt_every: int = 1000                # steps between checkpoints (also written at the end)
+    ckpt_every: int = 1000                # steps between checkpoints (also written at the end and on SIGINT/SIGTERM)
+    ckpt_minutes: float = 30.0            # also checkpoint when this many minutes have passed since the last one
     usage_window: int = 100               # codebook usage = distinct codes over the last this many steps
     resume: bool = False                  # continue from out_dir/ckpt.pt
+    overwrite: bool = False               # start over in an --out-dir that holds a checkpoint (replaces it and its log)
     analyse: Optional[str] = None         # only measure this checkpoint's mask on the validation split: mask_analysis.json/.png
 
 
@@ -122,11 +124,12 @@ DATA_DEFAULTS = {
     "folder":   dict(warmup_epochs=1.0, epochs=100.0),
 }
 COMMON_DEFAULTS = dict(image_size=256, preset="f8", batch_size=8, perceptual_weight=1.0, codebook_weight=1.0,
-                       disc_start=0, eval_every=2000, eval_images=1000, num_workers=8)
+                       disc_start=0, eval_every=2000, eval_images=1000, num_workers=default_workers(8))
 
 # Flags that may change when resuming; the others (model, data, optimiser) come from the checkpoint.
 RUN_CONTROL = {"max_steps", "stop_after", "epochs", "num_workers", "log_every", "eval_every", "eval_images", "ckpt_every",
-               "compile", "compile_mode", "channels_last", "usage_window", "resume", "data_dir", "lpips_vgg", "out_dir"}
+               "ckpt_minutes", "compile", "compile_mode", "channels_last", "usage_window", "resume", "data_dir",
+               "lpips_vgg", "out_dir"}
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     kind = cfg.data if cfg.data in DATA_DEFAULTS else "folder"
@@ -144,6 +147,7 @@ def validate(cfg: TrainConfig):
     check(cfg.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     check(cfg.perceptual_weight >= 0 and cfg.disc_weight >= 0, "loss weights must be non-negative")
     check(cfg.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.num_workers}")
+    check(cfg.ckpt_minutes > 0, f"--ckpt-minutes must be positive, got {cfg.ckpt_minutes}")
     check(cfg.disc_layers >= 1, f"--disc-layers must be >= 1, got {cfg.disc_layers}")
     min_size = 2 ** cfg.disc_layers * 3  # the last two 4x4 convs need a map of at least 3x3 after the strided ones
     check(cfg.disc_weight == 0 or cfg.image_size >= min_size,
@@ -345,7 +349,8 @@ def evaluate(model, val_set, cfg, device, autocast, lpips_fn, rank, world, graph
     n = min(cfg.eval_images, len(val_set))
     indices = list(range(rank, n, world))
     loader = DataLoader(torch.utils.data.Subset(val_set, indices), batch_size=cfg.batch_size,
-                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", generator=torch.Generator())
+                        num_workers=cfg.num_workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_interrupts,
+                        generator=torch.Generator())
     V, f = model.config.codebook_size, model.config.downsample_factor
     sums = torch.zeros(4, device=device)  # l1, psnr, lpips, count
     used = torch.zeros(V, device=device)
@@ -516,10 +521,11 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
             metrics, picture = evaluate(n.raw_model, d.val_set, cfg, device, n.autocast, n.lpips_fn, rank, world,
                                         n.graphed)
             report_evaluation(run, done, metrics, picture)
-        if run.due(done, cfg.ckpt_every) or run.stopping(done):
+        save, stop = run.after_step(done)
+        if save:
             run.save(done, checkpoint_state(n, mcfg, cfg, done / d.steps_per_epoch))
-        if run.stopping(done):
-            log(f"stopping after {cfg.stop_after} steps (--stop-after) at step {done}; continue with --resume")
+        if stop:
+            log(run.stop_message(done))
             break
     if world > 1:
         log(rank_consistency(n.raw_model, n.raw_disc, world))
@@ -567,7 +573,7 @@ def build_data(cfg: TrainConfig, rank: int, world: int, device) -> SimpleNamespa
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.num_workers,
                         pin_memory=device.type == "cuda", drop_last=True,
                         persistent_workers=False, prefetch_factor=4 if cfg.num_workers > 0 else None,
-                        generator=torch.Generator())  # own RNG: starting an epoch must not draw from the global one
+                        worker_init_fn=ignore_interrupts, generator=torch.Generator())  # own RNG: starting an epoch must not draw from the global one
     return SimpleNamespace(train_set=train_set, val_set=val_set, sampler=sampler, loader=loader,
                            global_batch=global_batch, steps_per_epoch=steps_per_epoch,
                            total_steps=cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch)),

@@ -48,7 +48,7 @@ import data
 import fast_sampling
 from stackformer import PRESETS, Stackformer, StackformerConfig, WordTokenizer, reproducible_attention
 from utils import (COMPILE_MODES, TrainingRun, UserError, atomic_path, check, check_identical_across_ranks,
-                   check_positive, fill_defaults, launch, load_checkpoint, mqvae_from_checkpoint, resume_from, run_main,
+                   check_positive, default_workers, fill_defaults, ignore_interrupts, launch, load_checkpoint, mqvae_from_checkpoint, resume_from, run_main,
                    save_grid, seed_or_restore_rng, strip_compile_prefix, warmup_cosine_lr, write_json)
 
 
@@ -89,15 +89,17 @@ class TrainConfig:
     eval_every: Optional[int] = None      # default 2000 (demo 500)
     eval_batches: int = 20                # validation batches per evaluation
     num_samples: int = 16                 # images in samples_<step>.png
-    ckpt_every: int = 1000                # steps between checkpoints (also written at the end)
+    ckpt_every: int = 1000                # steps between checkpoints (also written at the end and on SIGINT/SIGTERM)
+    ckpt_minutes: float = 30.0            # also checkpoint when this many minutes have passed since the last one
     encode_batch_size: int = 64           # batch size of the token pre-extraction
-    num_workers: int = 8                  # data loader processes for the token extraction
+    num_workers: Optional[int] = None     # data loader processes for the token extraction (8, at most the CPU cores)
     resume: bool = False                  # continue from out_dir/ckpt.pt
+    overwrite: bool = False               # start over in an --out-dir that holds a checkpoint (replaces it and its log)
 
 
 RUN_CONTROL = {"max_steps", "stop_after", "epochs", "log_every", "eval_every", "eval_batches", "num_samples",
-               "ckpt_every", "compile", "compile_mode", "resume", "data_dir", "out_dir", "encode_batch_size", "num_workers",
-               "peak_tflops", "stage1"}
+               "ckpt_every", "ckpt_minutes", "compile", "compile_mode", "resume", "data_dir", "out_dir", "encode_batch_size",
+               "num_workers", "peak_tflops", "stage1"}
 
 
 def resolve_defaults(cfg: TrainConfig, stage1_train: dict) -> TrainConfig:
@@ -107,7 +109,7 @@ def resolve_defaults(cfg: TrainConfig, stage1_train: dict) -> TrainConfig:
     defaults = dict(cond={"imagenet": "class", "coco": "text"}.get(cfg.data, "none"),
                     preset="demo" if demo else "base", batch_size=32 if demo else 10,
                     lr=1e-3 if demo else 5e-4, epochs=4.0 if demo else (120.0 if cfg.data == "coco" else 100.0),
-                    eval_every=500 if demo else 2000)
+                    eval_every=500 if demo else 2000, num_workers=default_workers(8))
     return fill_defaults(cfg, defaults, "stackformer")
 
 
@@ -121,6 +123,8 @@ def validate(cfg: TrainConfig):
     check_positive(cfg, "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches", "ckpt_every",
                    "encode_batch_size", "lr", "epochs", "max_steps")
     check(0.0 <= cfg.dropout < 1.0, f"--dropout must be in [0, 1), got {cfg.dropout}")
+    check(cfg.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.num_workers}")
+    check(cfg.ckpt_minutes > 0, f"--ckpt-minutes must be positive, got {cfg.ckpt_minutes}")
 
 
 def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: Tuple[float, float],
@@ -169,7 +173,7 @@ def encode_split(mqvae, dataset, flip: bool, batch_size: int, num_workers: int, 
     as the mask emits them. Flipped copies follow the originals: row k of the copy is image k mirrored."""
     indices = list(range(rank, len(dataset), world))
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+                        pin_memory=device.type == "cuda", worker_init_fn=ignore_interrupts)
     out = {k: [] for k in ("index", "codes", "positions", "label", "bad")}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     t0, done = time.time(), 0
@@ -416,15 +420,16 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
                 log(f"eval step {done}: val code loss {metrics['val_code_loss']:.4f}, pos loss {metrics['val_pos_loss']:.4f}")
                 run.write_record(dict(step=done, **metrics))
             run.t_log = time.time()     # the evaluation's time is not training throughput
-        if run.due(done, cfg.ckpt_every) or run.stopping(done):
+        save, stop = run.after_step(done)
+        if save:
             run.save(done, dict(kind="stackformer", version=1, stackformer_config=dataclasses.asdict(scfg),
                                 model=strip_compile_prefix(raw_model.state_dict()),
                                 mqvae_config=stage1["mqvae_config"], mqvae=stage1["mqvae"],
                                 tokenizer=tokenizer.to_dict() if tokenizer else None, classes=classes,
                                 image_size=mcfg.resolution, train_config=vars(cfg),
                                 optimizer=optimizer.state_dict(), stage1_sha256=stage1_sha))
-        if run.stopping(done):
-            log(f"stopping after {cfg.stop_after} steps (--stop-after) at step {done}; continue with --resume")
+        if stop:
+            log(run.stop_message(done))
             break
     if world > 1:
         log(check_identical_across_ranks(list(raw_model.parameters()), world, "parameters"))

@@ -8,12 +8,15 @@ of the project.
 import argparse
 import contextlib
 import dataclasses
+import difflib
 import gc
 import inspect
 import json
 import math
 import os
 import re
+import shlex
+import signal
 import sys
 import time
 from typing import Optional
@@ -186,18 +189,35 @@ def field_comments(cls) -> dict:
     return comments
 
 
-def config_to_parser(defaults, description: str) -> argparse.ArgumentParser:
+class FlagParser(argparse.ArgumentParser):
+    """argparse for every script: no abbreviations (`--max-step` is not taken for `--max-steps`), and a bad
+    command line is a one-line UserError that names the closest valid flag, not a page of usage."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
+
+    def error(self, message: str):
+        flags = [s for action in self._actions for s in action.option_strings]
+        typed = re.findall(r"(--?[\w-]+)", message.split(":", 1)[1]) if "unrecognized arguments" in message else []
+        hints = [f"{flag} (did you mean {close[0]}?)" for flag in typed
+                 for close in [difflib.get_close_matches(flag.split("=")[0], flags, n=1, cutoff=0.6)] if close]
+        raise UserError(f"unknown flag {', '.join(hints)}; see --help" if hints else f"{message}; see --help")
+
+
+def config_to_parser(defaults, description: str) -> FlagParser:
     """One flag per dataclass field: `--batch-size 8` and `--batch-size=8` both work; booleans get
     `--flag/--no-flag`; a field whose default is None takes the type named in its annotation; the
-    field's comment is its help text."""
+    field's comment is its help text, followed by the default where the comment does not give it."""
     help_texts = field_comments(type(defaults))
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = FlagParser(description=description)
     for f in dataclasses.fields(defaults):
         name = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         annotation = str(f.type)
-        help_text = help_texts.get(f.name, "").replace("%", "%%")  # argparse formats help with %
+        help_text = help_texts.get(f.name, "")
+        if default not in (None, "") and "default" not in help_text:
+            help_text += f" (default: {default})"
+        help_text = help_text.replace("%", "%%")  # argparse formats help with %
         if isinstance(default, bool) or "bool" in annotation:
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
@@ -214,7 +234,15 @@ def launch(config_class, train_fn, description: str, argv=None):
     args = parser.parse_args(argv)
     explicit = explicit_flags(parser, argv if argv is not None else sys.argv[1:])
     rank, world, _, device = setup_distributed()
-    result = train_fn(config_class(**vars(args)), explicit, rank, world, device)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}   # TrainingRun replaces them
+    try:
+        result = train_fn(config_class(**vars(args)), explicit, rank, world, device)
+    except Interrupted as stopped:      # every rank stopped at the same step, with a checkpoint
+        cleanup_distributed()
+        sys.exit(stopped.code)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     cleanup_distributed()
     return result
 
@@ -267,10 +295,53 @@ class NonFiniteGuard:
             raise UserError(f"non-finite loss at step {bad.item()}; stopped at step {step}; {where}. {hint}, then --resume")
 
 
+def ignore_interrupts(worker_id: int):
+    """worker_init_fn of the training loaders: Ctrl-C reaches every process of the terminal's group, and a
+    loader worker that dies of it would break the graceful stop of StopSignals in the main process."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def default_workers(wanted: int = 8) -> int:
+    """Loader processes: `wanted`, but no more than this machine's CPU cores."""
+    return max(1, min(wanted, os.cpu_count() or 1))
+
+
+class Interrupted(Exception):
+    """A run stopped by SIGINT/SIGTERM after writing its checkpoint; launch() exits with `code`."""
+
+    def __init__(self, code: int):
+        super().__init__(code)
+        self.code = code
+
+
+class StopSignals:
+    """SIGINT (Ctrl-C) and SIGTERM (a cluster's preemption): the first asks the training loop to stop after the
+    current step, with a checkpoint; another one, 2 s or more later, aborts at once (the last checkpoint stays
+    whole: every write is atomic). A repeat within 2 s is taken as the same request, since torchrun forwards to
+    its workers the Ctrl-C that the terminal already sent them."""
+
+    def __init__(self):
+        self.requested, self.first_at = 0, 0.0
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self.handle)
+
+    def handle(self, signum, frame):
+        now = time.monotonic()
+        if self.requested and now - self.first_at >= 2.0:
+            print(f"{signal.Signals(signum).name} again: aborting now; the last checkpoint is intact",
+                  file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        if not self.requested:
+            self.requested, self.first_at = signum, now
+            print(f"{signal.Signals(signum).name}: stopping after the current step, with a checkpoint "
+                  f"(send it again to abort at once)", file=sys.stderr, flush=True)
+
+
 class TrainingRun:
     """The bookkeeping both training loops share: logging on rank 0 (stdout and out_dir/log.jsonl), the
     NaN guard, atomic checkpoints holding every rank's RNG state, step times for the ETA, and when to
-    log, evaluate, checkpoint and stop. `cfg` needs out_dir, log_every, eval_every, ckpt_every, stop_after."""
+    log, evaluate, checkpoint and stop, which every rank must answer alike. `cfg` needs out_dir, log_every,
+    eval_every, ckpt_every, ckpt_minutes and stop_after."""
 
     def __init__(self, cfg, ckpt_path: str, resumed: bool, start_step: int, total_steps: int, rank: int, world: int,
                  device, nan_hint: str):
@@ -281,7 +352,25 @@ class TrainingRun:
         self.last_saved = start_step if resumed else None     # the step of the checkpoint on disk
         self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
         self.step_times = []
-        self.t_log = time.time()
+        self.t_log = self.t_saved = time.time()
+        self.signals = StopSignals()
+        self.interrupted = 0                                    # the signal that stopped the run
+        # The per-step agreement on signals and wall-clock checkpoints goes over a CPU (gloo) group, so that
+        # it never waits for the GPU.
+        self.control = dist.new_group(backend="gloo") if world > 1 else None
+        if self.master and not resumed:     # a new run (or one started over): no pictures of an earlier one
+            for name in os.listdir(cfg.out_dir) if os.path.isdir(cfg.out_dir) else []:
+                if re.fullmatch(r"(recon|samples)_\d+\.png", name):
+                    os.remove(os.path.join(cfg.out_dir, name))
+        if self.master and os.path.isfile(self.log_path):
+            # A resumed run logs the steps after its checkpoint again: drop the lines the checkpoint did not
+            # keep, so every step appears once (a new run starts the log afresh).
+            keep = []
+            if resumed:
+                with open(self.log_path) as fh:
+                    keep = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= start_step]
+            with atomic_path(self.log_path) as tmp, open(tmp, "w") as fh:
+                fh.writelines(keep)
 
     def log(self, message: str):
         if self.master:
@@ -303,14 +392,33 @@ class TrainingRun:
         rngs = gather_rng_states(self.device, self.world)
         if self.master:
             save_checkpoint(dict(state, step=step, rng=rngs), self.ckpt_path)
-        self.last_saved = step
+        self.last_saved, self.t_saved = step, time.time()
 
     def due(self, done: int, every: int) -> bool:
         return done % every == 0 or done == self.total_steps
 
-    def stopping(self, done: int) -> bool:
-        """--stop-after: this invocation has run its share of steps."""
-        return self.cfg.stop_after is not None and done - self.start_step >= self.cfg.stop_after
+    def after_step(self, done: int):
+        """-> (checkpoint now, stop now), the same on every rank. A checkpoint is due every ckpt_every steps,
+        every ckpt_minutes of wall time, at the end, and before stopping; the run stops at --stop-after or
+        at a signal (self.interrupted then names it)."""
+        signum = self.signals.requested
+        overdue = time.time() - self.t_saved >= self.cfg.ckpt_minutes * 60
+        if self.control is not None:
+            flags = torch.tensor([signum, int(overdue)])
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
+            signum, overdue = int(flags[0]), bool(flags[1])
+        self.interrupted = signum
+        stop = bool(signum) or (self.cfg.stop_after is not None and done - self.start_step >= self.cfg.stop_after)
+        return self.due(done, self.cfg.ckpt_every) or overdue or stop, stop
+
+    def stop_message(self, done: int) -> str:
+        """What to tell the user when the loop stops early."""
+        if not self.interrupted:
+            return f"stopping after {self.cfg.stop_after} steps (--stop-after) at step {done}; continue with --resume"
+        args = [a for a in sys.argv[1:] if a != "--resume"] + ["--resume"]
+        launcher = (f"torchrun --nproc_per_node={self.world} " if self.world > 1 else "python ") + sys.argv[0]
+        return (f"stopped by {signal.Signals(self.interrupted).name} at step {done}; checkpoint {self.ckpt_path}; "
+                f"continue with: {launcher} {' '.join(shlex.quote(a) for a in args)}")
 
     def interval(self, done: int):
         """-> (seconds since the last call, ETA in seconds from the mean of the last log_every step times)."""
@@ -320,6 +428,9 @@ class TrainingRun:
         return max(elapsed, 1e-9), (self.total_steps - done) * sum(recent) / max(len(recent), 1)
 
     def finish(self, last_step: int, note: str = ""):
+        """The closing line; a run stopped by a signal raises Interrupted (exit status 128 + the signal)."""
+        if self.interrupted:
+            raise Interrupted(128 + self.interrupted)
         if self.start_step >= self.total_steps:
             self.log(f"nothing to do: the checkpoint is at step {self.start_step} of {self.total_steps}")
         elif last_step + 1 == self.total_steps:
@@ -347,7 +458,7 @@ def resumed_config(cfg, saved: dict, explicit: set, run_control: set):
               f"{getattr(resumed, key)}; start a new --out-dir to change it")
     for key in explicit & run_control:
         setattr(resumed, key, getattr(cfg, key))
-    resumed.stop_after, resumed.resume = cfg.stop_after, True
+    resumed.stop_after, resumed.resume, resumed.overwrite = cfg.stop_after, True, False
     return resumed
 
 
@@ -355,11 +466,15 @@ def resume_from(cfg, kind: str, explicit: set, run_control: set, log):
     """-> (checkpoint path out_dir/ckpt.pt, the checkpoint or None, the run's configuration). With --resume and
     a checkpoint there, the checkpoint's configuration as resumed_config merges it; otherwise cfg unchanged."""
     path = os.path.join(cfg.out_dir, "ckpt.pt")
+    check(not (cfg.resume and cfg.overwrite), "--resume continues the run in --out-dir, --overwrite starts it over; give one")
     if cfg.resume and os.path.isfile(path):
         ckpt = load_checkpoint(path, kind)
         return path, ckpt, resumed_config(cfg, ckpt["train_config"], explicit, run_control)
     if cfg.resume:
         log(f"--resume: no checkpoint at {path}, starting from scratch")
+    elif os.path.isfile(path) and not cfg.overwrite:
+        raise UserError(f"{cfg.out_dir} already holds a run's checkpoint; continue it with --resume, or start it over "
+                        f"with --overwrite (which replaces its checkpoint and log), or give another --out-dir")
     return path, None, cfg
 
 
