@@ -20,6 +20,7 @@ import json
 import math
 import os
 import random
+import sys
 import warnings
 from typing import List, Optional
 
@@ -159,6 +160,28 @@ class ImageFiles(Dataset):
             raise UserError(f"16 consecutive unreadable images starting at {self.path(index)}")
         label = int(self.labels[i]) if self.labels is not None else -1
         return dict(image=image, label=label, index=i, bad=bad)
+
+
+class UnreadableFiles:
+    """The files of a split that failed to load (an item whose `bad` is ≥ 0 carries the next readable image
+    in its place). Each is named once on stderr; more than 1% of the `share` images this process reads is
+    an error. Training counts them and goes on with the replacement; evaluation, token extraction and
+    export drop such items (`keep`), so that no image is counted twice."""
+
+    def __init__(self, dataset, share: int, what: str):
+        self.dataset, self.share, self.what = dataset, share, what
+        self.seen = set()
+
+    def note(self, bad: torch.Tensor) -> torch.Tensor:
+        """bad (B,) from a batch -> keep (B,) bool, the items that hold their own image."""
+        for index in sorted(set(bad[bad >= 0].tolist()) - self.seen):
+            self.seen.add(index)
+            print(f"warning: skipped unreadable {self.what} image {self.dataset.path(index)} "
+                  f"({len(self.seen)} so far)", file=sys.stderr)
+            if len(self.seen) > max(1.0, 0.01 * self.share):
+                raise UserError(f"{len(self.seen)} of {self.share} {self.what} images could not be read (more "
+                                f"than 1%); check the dataset (the files are named above)")
+        return bad < 0
 
 
 def index_seed(index: int) -> int:
@@ -369,15 +392,19 @@ class ResumableSampler(DistributedSampler):
 # Export a split as uint8 images: the reference set for fid.py, at the resolution the models see
 
 def export_images(name: str, data_dir: Optional[str], size: int, split: str, count: Optional[int], npz_path: str):
-    """Write the first `count` images of a split (resize + center crop) as a uint8 (n, S, S, 3) .npz."""
+    """Write the first `count` readable images of a split (resize + center crop) as a uint8 (n, S, S, 3) .npz.
+    Unreadable files are skipped and named (UnreadableFiles). -> (shape, number skipped)."""
     dataset = build_dataset(name, data_dir, size, split)
     if isinstance(dataset, ImageFiles):
         dataset.mode = "eval"
     n = len(dataset) if count is None else min(count, len(dataset))
-    images = np.concatenate([to_uint8(dataset[i]["image"][None]).numpy() for i in range(n)])
+    unreadable = UnreadableFiles(dataset, n, split)
+    images = [to_uint8(item["image"][None]).numpy() for item in (dataset[i] for i in range(n))
+              if unreadable.note(torch.tensor([item["bad"]]))[0]]
+    images = np.concatenate(images)
     with atomic_path(npz_path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, images=images)
-    return images.shape
+    return images.shape, len(unreadable.seen)
 
 
 def main(argv=None):
@@ -393,8 +420,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.size <= 0 or (args.n is not None and args.n <= 0):
         raise UserError("--size and --n must be positive")
-    shape = export_images(args.data, args.data_dir, args.size, args.split, args.n, args.npz)
-    print(f"wrote {args.npz}: {shape[0]} images of {shape[1]}x{shape[2]}")
+    shape, skipped = export_images(args.data, args.data_dir, args.size, args.split, args.n, args.npz)
+    print(f"wrote {args.npz}: {shape[0]} images of {shape[1]}x{shape[2]}"
+          + (f"; {skipped} unreadable files skipped (named above)" if skipped else ""))
 
 
 if __name__ == "__main__":

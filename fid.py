@@ -604,6 +604,7 @@ def _parser():
     )
     p.add_argument("path", nargs="+", metavar="PATH", help="two inputs to compare, or one with --save-stats")
     p.add_argument("--save-stats", metavar="OUT.npz", help="save the statistics of the single PATH instead")
+    p.add_argument("--overwrite", action="store_true", help="with --save-stats: replace an existing file")
     p.add_argument("--dims", type=int, choices=DIMS_CHOICES, default=None,
                    help="feature layer (default: 2048, or the dims of a given statistics file)")
     p.add_argument("--weights", metavar="PATH",
@@ -626,6 +627,8 @@ def _run(args):
         raise UserError(f"expected two inputs to compare, got {len(paths)}")
     if args.save_stats is not None and not args.save_stats.lower().endswith(".npz"):
         raise UserError(f"--save-stats file name must end in .npz: {args.save_stats}")
+    if args.save_stats is not None and os.path.exists(args.save_stats) and not args.overwrite:
+        raise UserError(f"{args.save_stats} exists; give --overwrite to replace it, or another file name")
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {args.batch_size}")
 

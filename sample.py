@@ -76,6 +76,7 @@ class SampleConfig:
     npz: Optional[str] = None               # .npz with uint8 (n, H, W, 3) 'images' (+ 'labels' or 'prompts'), what fid.py reads
     show_positions: bool = False            # also write <grid stem>_positions.png: latent cells that got no code dimmed
     skip_existing: bool = False             # with --out-dir: chunks whose PNGs all exist are not sampled again (resume)
+    overwrite: bool = False                 # replace outputs that exist already (the grid, the .npz, the PNGs in --out-dir)
     # conditioning
     class_id: Optional[str] = None          # class-conditional: every image this class (an index, or a name the checkpoint stores)
     classes: Optional[str] = None           # class-conditional: '0,1,2' cycled over the images, or 'all'; no class flag = cycle over all classes
@@ -543,6 +544,13 @@ def output_paths(cfg: SampleConfig, n: int):
             check_writable(folder, what)
     for path in (grid, cfg.npz):
         check(not path or not os.path.isdir(path), f"{path} is a folder; give a file name")
+    for path in (grid, positions_grid, cfg.npz):
+        check(not path or cfg.overwrite or not os.path.exists(path),
+              f"{path} exists; give --overwrite to replace it, or another path")
+    if cfg.out_dir and not (cfg.overwrite or cfg.skip_existing):
+        found = [name for name in os.listdir(cfg.out_dir) if re.fullmatch(r"\d{6}\.png", name)]
+        check(not found, f"{cfg.out_dir} holds {len(found)} sampled images already; --skip-existing keeps them and "
+                         f"samples the rest, --overwrite replaces them")
     return grid, positions_grid
 
 

@@ -2328,6 +2328,25 @@ def test_training_proceeds_past_hostile_files_and_names_them(hostile_folder, tmp
     assert "Traceback" not in r.stderr
 
 
+def test_a_corrupt_validation_file_is_reported_and_never_counted_twice(tmp_path):
+    _write_images(tmp_path / "set" / "train", 24, size=16)
+    _write_images(tmp_path / "set" / "val", 20, size=16, seed=1)
+    (tmp_path / "set" / "val" / "010.png").write_bytes(b"not a png")         # image 10 of 20 is broken
+    npz = tmp_path / "val.npz"
+    r = run_script(["data.py", str(tmp_path / "set"), "--size", "16", "--npz", str(npz)])
+    assert r.returncode == 0, r.stderr
+    assert "010.png" in r.stderr and "1 unreadable files skipped" in r.stdout
+    images = np.load(npz)["images"]
+    assert len(images) == 19 and len({im.tobytes() for im in images}) == 19     # 19 readable, none twice
+    out = tmp_path / "run"
+    r = run_script(TINY_TRAIN + ["--data", str(tmp_path / "set"), "--max-steps", "2", "--eval-images", "100",
+                                 "--out-dir", str(out)])
+    assert r.returncode == 0, r.stderr
+    assert "unreadable validation image" in r.stderr and "010.png" in r.stderr
+    evals = [rec for rec in read_jsonl(out / "log.jsonl") if "val_psnr" in rec]
+    assert evals[-1]["val_images"] == 19 and evals[-1]["val_skipped"] == 1
+
+
 def test_too_many_unreadable_files_stop_training_with_a_clear_error(tmp_path):
     _write_images(tmp_path / "imgs", 20, size=16)
     for i in range(5):
@@ -2567,6 +2586,26 @@ def test_a_second_run_without_resume_leaves_the_checkpoint_untouched(tmp_path):
     assert utils.load_checkpoint(os.path.join(out, "ckpt.pt"), "mqvae")["step"] == 1
     assert [rec["step"] for rec in read_jsonl(os.path.join(out, "log.jsonl")) if "loss" in rec] == [1]
     assert not os.path.exists(os.path.join(out, "recon_0000003.png"))       # the old run's pictures are gone
+
+
+def test_sampling_and_fid_stats_refuse_to_overwrite_their_outputs_without_overwrite(both_checkpoints, tmp_path, capsys):
+    _, stage2 = both_checkpoints
+    grid, folder = str(tmp_path / "grid.png"), str(tmp_path / "pngs")
+    args = ["--ckpt", stage2, "--device", "cpu", "--n", "4", "--batch-size", "4", "--grid", grid, "--out-dir", folder]
+    sample.main(args)
+    grid_bytes = open(grid, "rb").read()
+    with pytest.raises(UserError, match="exists; give --overwrite"):
+        sample.main(args + ["--seed", "1"])
+    os.remove(grid)
+    with pytest.raises(UserError, match="holds 4 sampled images already; --skip-existing .* --overwrite"):
+        sample.main(args + ["--seed", "1"])
+    sample.main(args + ["--seed", "1", "--overwrite"])
+    assert open(grid, "rb").read() != grid_bytes                          # replaced: another seed
+    stats = tmp_path / "stats.npz"
+    fid.save_stats(stats, np.zeros(4), np.eye(4))
+    before = stats.read_bytes()
+    assert fid.main([folder, "--save-stats", str(stats), "--dims", "64"]) != 0 and stats.read_bytes() == before
+    assert "stats.npz exists; give --overwrite" in capsys.readouterr().err
 
 
 def test_sigterm_to_torchrun_stops_both_ranks_at_one_step_with_one_checkpoint(tmp_path):

@@ -32,7 +32,6 @@ import dataclasses
 import json
 import os
 import socket
-import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -352,11 +351,16 @@ def evaluate(model, val_set, cfg, device, autocast, lpips_fn, rank, world, graph
                         num_workers=cfg.num_workers, pin_memory=device.type == "cuda", worker_init_fn=ignore_interrupts,
                         generator=torch.Generator())
     V, f = model.config.codebook_size, model.config.downsample_factor
-    sums = torch.zeros(4, device=device)  # l1, psnr, lpips, count
+    sums = torch.zeros(5, device=device)  # l1, psnr, lpips, count, skipped
     used = torch.zeros(V, device=device)
     tokens = {k: [] for k in ("scores", "kept", "feature_norms", "detail", "objects")}   # per token, (B, T) each
     shown = []
+    unreadable = data.UnreadableFiles(val_set, len(indices), "validation")
     for batch in loader:
+        keep = unreadable.note(batch["bad"])        # a replaced item would count its neighbour twice
+        if not keep.any():
+            continue
+        batch = {k: v[keep] for k, v in batch.items()}
         x = batch["image"].to(device, non_blocking=True)
         if graphed:
             torch.compiler.cudagraph_mark_step_begin()
@@ -367,7 +371,7 @@ def evaluate(model, val_set, cfg, device, autocast, lpips_fn, rank, world, graph
         mse = ((x.clamp(-1, 1) - x_rec.clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)
         psnr = 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
         lp = lpips_fn(x, x_rec).flatten() if lpips_fn is not None else torch.zeros_like(l1)
-        sums += torch.stack([l1.sum(), psnr.sum(), lp.float().sum(), torch.tensor(float(len(x)), device=device)])
+        sums[:4] += torch.stack([l1.sum(), psnr.sum(), lp.float().sum(), torch.tensor(float(len(x)), device=device)])
         used.index_fill_(0, aux["codes"].flatten(), 1.0)
         scores = aux["scores"].float().flatten(1)                                           # (B, T)
         tokens["scores"].append(scores)
@@ -379,6 +383,7 @@ def evaluate(model, val_set, cfg, device, autocast, lpips_fn, rank, world, graph
         if len(shown) < 8:  # the first 8 images go into the picture
             shown.append((x.cpu(), x_rec.cpu(), aux["scores"].float().cpu(), aux["positions"].cpu()))
     tokens = {k: torch.cat(v).cpu().numpy() for k, v in tokens.items() if v}
+    sums[4] = len(unreadable.seen)
     if world > 1:
         dist.all_reduce(sums)
         dist.all_reduce(used, op=dist.ReduceOp.MAX)
@@ -389,6 +394,8 @@ def evaluate(model, val_set, cfg, device, autocast, lpips_fn, rank, world, graph
     count = max(sums[3].item(), 1.0)
     metrics = dict(val_l1=sums[0].item() / count, val_psnr=sums[1].item() / count,
                    val_codes_used=int(used.sum().item()), val_images=int(sums[3].item()))
+    if sums[4] > 0:
+        metrics["val_skipped"] = int(sums[4].item())      # unreadable validation files left out
     if lpips_fn is not None:
         metrics["val_lpips"] = sums[2].item() / count
     if "scores" in tokens:
@@ -482,7 +489,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     if rank == 0:
         describe_run(cfg, mcfg, d, n, world)
     stats = TrainingStats(mcfg.codebook_size, device)
-    unreadable = set()      # dataset indices of training files that failed to load
+    unreadable = data.UnreadableFiles(d.train_set, len(d.train_set) // world, "training")
     metrics = {}            # of the last evaluation
     stream = micro_batches(d, cfg, start_step)
     n.model.train()
@@ -496,7 +503,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         gan_on = cfg.disc_weight > 0 and step >= cfg.disc_start
         for micro in range(cfg.grad_accum):
             batch = next(stream)
-            skip_unreadable(batch, unreadable, d.train_set, rank, world)
+            unreadable.note(batch["bad"])       # counted and named; the loader put the next image in its place
             x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=n.memory_format)
             sync = world == 1 or micro == cfg.grad_accum - 1   # DDP all-reduces gradients on the last micro-batch only
             if n.graphed:
@@ -656,18 +663,6 @@ def micro_batches(d: SimpleNamespace, cfg: TrainConfig, step: int):
             yield next(it)
         del it
         epoch, skip = epoch + 1, 0
-
-
-def skip_unreadable(batch: dict, unreadable: set, train_set, rank: int, world: int):
-    """Name each training file that failed to load once (the loader put another image in its place), and
-    stop once more than 1% of this rank's share failed."""
-    for index in set(batch["bad"][batch["bad"] >= 0].tolist()) - unreadable:
-        unreadable.add(index)
-        print(f"warning: rank {rank}: skipped unreadable image {train_set.path(index)} "
-              f"({len(unreadable)} so far)", file=sys.stderr)
-        if len(unreadable) > max(1.0, 0.01 * len(train_set) / world):
-            raise UserError(f"{len(unreadable)} images of this rank's {len(train_set) // world} could not "
-                            f"be read (more than 1%); check the dataset (the files are named above)")
 
 
 class TrainingStats:

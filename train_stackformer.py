@@ -174,10 +174,16 @@ def encode_split(mqvae, dataset, flip: bool, batch_size: int, num_workers: int, 
     indices = list(range(rank, len(dataset), world))
     loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
                         pin_memory=device.type == "cuda", worker_init_fn=ignore_interrupts)
-    out = {k: [] for k in ("index", "codes", "positions", "label", "bad")}
+    out = {k: [] for k in ("index", "codes", "positions", "label")}
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    unreadable = data.UnreadableFiles(dataset, len(indices), "stage-2")
     t0, done = time.time(), 0
     for batch in loader:
+        keep = unreadable.note(batch["bad"])     # a replaced item would encode its neighbour twice
+        done += len(keep)
+        if not keep.any():
+            continue
+        batch = {k: v[keep] for k, v in batch.items()}
         x = batch["image"].to(device, non_blocking=True)
         for mirrored in ((False, True) if flip else (False,)):
             with autocast, reproducible_attention():   # the same images give the same token cache, run after run
@@ -186,14 +192,13 @@ def encode_split(mqvae, dataset, flip: bool, batch_size: int, num_workers: int, 
             out["positions"].append((positions.cpu().numpy().astype(np.uint16), mirrored))
         out["index"].append(batch["index"].numpy())
         out["label"].append(batch["label"].numpy())
-        out["bad"].append(batch["bad"].numpy())
-        done += len(x)
         if rank == 0 and time.time() - t0 > 0 and done % (batch_size * 20) == 0:
             rate = done * world / (time.time() - t0)
             print(f"  encoded {done * world}/{len(dataset)} images, {rate:.0f} img/s, "
                   f"ETA {(len(dataset) - done * world) / rate / 60:.1f} min", flush=True)
     empty = np.zeros(0, dtype=np.int64)  # a rank can get no images when there are fewer than ranks
-    result = {k: np.concatenate(out[k]) if out[k] else empty for k in ("index", "label", "bad")}
+    result = {k: np.concatenate(out[k]) if out[k] else empty for k in ("index", "label")}
+    result["bad"] = np.array(sorted(unreadable.seen), dtype=np.int64)     # the files left out
     for key in ("codes", "positions"):
         plain = [a for a, m in out[key] if not m]
         mirrored = [a for a, m in out[key] if m]
@@ -252,11 +257,11 @@ def build_token_cache(cfg, mqvae, stage1_sha: str, split: str, device, rank: int
         for r in range(world):
             os.remove(os.path.join(folder, f"shard{r}.npz"))
         unreadable = sorted({int(b) for b in bad if b >= 0})
-        write_json(meta_path, dict(key=key, images=len(dataset), rows=int(arrays["codes"].shape[0]),
+        write_json(meta_path, dict(key=key, images=len(index), rows=int(arrays["codes"].shape[0]),
                                    seq_len=int(arrays["codes"].shape[1]), unreadable=len(unreadable),
                                    unreadable_files=[dataset.path(i) for i in unreadable[:100]]))
         if unreadable:
-            print(f"warning: {len(unreadable)} unreadable images were replaced by their neighbours "
+            print(f"warning: {len(unreadable)} unreadable images were left out "
                   f"(listed in {meta_path})", file=sys.stderr)
     barrier(world)
     return folder
