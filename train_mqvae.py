@@ -40,7 +40,6 @@ from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
-import scipy.stats
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -418,6 +417,7 @@ def mask_statistics(scores, kept, feature_norms, detail, objects=None) -> dict:
     mask_auroc: the AUROC of the score for object against background tokens, the mean over images
         that have both (0.5 = chance, 1 = every object token scores above every background token).
     """
+    import scipy.stats      # here, not at the top: it adds half a second to every start of the script
     metrics = {}
     if scores.std() > 0:     # the random-mask ablation scores every token 1: no correlation to speak of
         for name, values in (("detail", detail), ("feature", feature_norms)):
