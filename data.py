@@ -339,9 +339,18 @@ def _coco(root, size, split):
                       captions=[captions[im["id"]] for im in images])
 
 
+def _is_class_layout(train_dir: str) -> bool:
+    """torchvision's ImageFolder layout: the images sit in two or more class subfolders, none loose beside them."""
+    entries = os.listdir(train_dir)
+    loose = [e for e in entries if e.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(train_dir, e))]
+    return not loose and sum(os.path.isdir(os.path.join(train_dir, e)) for e in entries) >= 2
+
+
 def _folder(root, size, split):
     _require_dir(root, "image folder")
     if os.path.isdir(os.path.join(root, "train")) and os.path.isdir(os.path.join(root, "val")):
+        if _is_class_layout(os.path.join(root, "train")):    # PATH/train/<class>/, PATH/val/<class>/: labelled
+            return _imagenet(root, size, split)
         files = list_images(os.path.join(root, split if split == "train" else "val"))
     else:
         files = list_images(root)

@@ -171,7 +171,7 @@ def generate(model: Stackformer, batch_size: Optional[int] = None, cond: Optiona
     """model.generate(batch_size, cond, generator=generator, **settings), faster: the same steps, the same noise.
 
     settings: generate()'s sampling arguments (temperature, top_k, top_p, pos_temperature, pos_top_k,
-    pos_top_p, position_rule, greedy).
+    pos_top_p, position_rule, greedy, cfg_scale, cfg_schedule, cfg_codes_only).
     cuda_graph: after two warm-up steps, capture one step as a CUDA graph and replay it for the rest
         (default: on CUDA when no autocast is active; cast the model to bf16 instead of using autocast).
     compile: torch.compile the step first (then captured): fewer, fused kernels per step, after a
@@ -201,15 +201,17 @@ def generate(model: Stackformer, batch_size: Optional[int] = None, cond: Optiona
         sampler, caches, t_now, graph = reuse["sampler"], reuse["caches"], reuse["t_now"], reuse["graph"]
     else:
         sampler = Sampler(model, batch_size, cond, **settings)
-        caches = model.new_kv_caches(sampler.batch_size, KernelKVCache if kernel else KVCache)
+        caches = model.new_kv_caches(sampler.rows, KernelKVCache if kernel else KVCache)
         t_now = torch.zeros(1, dtype=torch.long, device=device)    # the step counter, on the device
         graph = None
     sampler.draw_noise(generator)
     N = model.config.seq_len
     was_training = model.training
     model.eval()
+    if kept and cond is not None:    # the kept sampler's condition rows are this call's
+        sampler.cond = torch.cat([cond, model.null_condition(cond)]) if sampler.guided else cond
     with reproducible_attention(), room_for_compiled_steps():
-        model.sample_step(sampler, caches, 0, cond)     # step 0 reads the condition (a whole caption for text)
+        model.sample_step(sampler, caches, 0, sampler.cond)     # step 0 reads the condition (a whole caption for text)
         t_now.fill_(1)
 
         def step():
@@ -242,9 +244,10 @@ def generate(model: Stackformer, batch_size: Optional[int] = None, cond: Optiona
                 for _ in range(N - 1 - warmup):
                     graph.replay()
     model.train(was_training)
+    codes, positions = sampler.result()
     if reuse is None:
-        return sampler.codes, sampler.positions
+        return codes, positions
     if not kept:
         reuse.clear()
         reuse.update(key=key, sampler=sampler, caches=caches, t_now=t_now, graph=graph)
-    return sampler.codes.clone(), sampler.positions.clone()     # the kept buffers are overwritten by the next call
+    return codes.clone(), positions.clone()     # the kept buffers are overwritten by the next call

@@ -91,6 +91,9 @@ class SampleConfig:
     pos_top_p: float = 0.95                 # positions: nucleus mass (1 = off)
     position_rule: Optional[str] = None     # increasing | unique (default: the model's own, increasing after raster-order training, unique after importance-order)
     greedy: bool = False                    # argmax everywhere, ignoring temperatures and filters (images then differ only by condition)
+    cfg_scale: float = 1.0                  # classifier-free guidance: logits uncond + s·(cond − uncond); 1 = none (models trained with --cond-drop)
+    cfg_schedule: str = "constant"          # constant | linear (s ramps from 1 at the first step to --cfg-scale at the last)
+    cfg_codes_only: bool = False            # guide the codes only; positions from the conditional logits
     kv_cache: bool = True                   # --no-kv-cache recomputes the whole prefix each step (reference path, slow)
     # run
     device: Optional[str] = None            # default cuda if available; under torchrun every rank uses cuda:LOCAL_RANK
@@ -116,6 +119,8 @@ def validate(cfg: SampleConfig):
     check(cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}")
     check(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")
     check(cfg.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
+    check(cfg.cfg_scale >= 0, f"--cfg-scale must be >= 0 (1 = no guidance), got {cfg.cfg_scale}")
+    check(cfg.cfg_schedule in ("constant", "linear"), f"--cfg-schedule must be constant or linear, got {cfg.cfg_schedule!r}")
     check(cfg.position_rule in (None, "increasing", "unique"),
           f"--position-rule must be increasing or unique, got {cfg.position_rule!r}")
     for name in ("temperature", "pos_temperature"):
@@ -269,7 +274,8 @@ def sampling_kwargs(cfg: SampleConfig) -> dict:
     """The generate() arguments the flags set."""
     return dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, pos_temperature=cfg.pos_temperature,
                 pos_top_k=cfg.pos_top_k, pos_top_p=cfg.pos_top_p, position_rule=cfg.position_rule,
-                greedy=cfg.greedy, use_kv_cache=cfg.kv_cache, compile=cfg.compile)
+                greedy=cfg.greedy, cfg_scale=cfg.cfg_scale, cfg_schedule=cfg.cfg_schedule,
+                cfg_codes_only=cfg.cfg_codes_only, use_kv_cache=cfg.kv_cache, compile=cfg.compile)
 
 
 def _sync(device: torch.device):
@@ -451,6 +457,9 @@ def sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> di
         # (autocast's weight-cast cache does not mix with graph capture). Sampling stays in fp32.
         model.to(torch.bfloat16)
     cond = resolve_conditioning(cfg, model.config, tokenizer, ckpt.get("classes"))
+    check(cfg.cfg_scale == 1 or model.config.cond_drop > 0,
+          f"--cfg-scale {cfg.cfg_scale} needs a model trained with --cond-drop > 0 (null conditions); this one was not "
+          f"(cond {model.config.cond}): sample with --cfg-scale 1")
     if cond.mode == "text" and master:
         for message in text_warnings(cond.cycle, tokenizer):
             print(f"warning: {message}", file=sys.stderr)

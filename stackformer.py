@@ -60,6 +60,7 @@ class StackformerConfig:
     variant: str = "code-first"     # "code-first" (Stackformer) | "position-first" (Stackformer_r)
     order: str = "raster"           # order of the training sequences: "raster" | "importance"
     pos_weight: float = 1.0         # loss = CE_code + pos_weight · CE_pos
+    cond_drop: float = 0.0          # training-time share of null conditions (classifier-free guidance needs > 0)
 
     def __post_init__(self):
         if self.cond not in ("none", "class", "text"):
@@ -74,6 +75,8 @@ class StackformerConfig:
             raise ValueError(f"seq_len {self.seq_len} must lie in [1, num_positions={self.num_positions}]")
         if self.cond == "text" and self.text_vocab_size <= 0:
             raise ValueError("cond='text' needs text_vocab_size (the tokenizer's vocab_size)")
+        if not 0.0 <= self.cond_drop < 1.0 or (self.cond_drop > 0 and self.cond == "none"):
+            raise ValueError(f"cond_drop must lie in [0, 1) and needs a class or text condition, got {self.cond_drop}")
 
 
 # Architecture presets; the data fixes codebook_size, num_positions and seq_len.
@@ -179,7 +182,8 @@ class Stackformer(nn.Module):
             self.start_token = nn.Parameter(torch.empty(1, 1, d))       # v_0 of every sequence
             nn.init.normal_(self.start_token, mean=0.0, std=0.02)
         elif config.cond == "class":
-            self.class_emb = nn.Embedding(config.num_classes, d)       # v_0 = the class
+            # v_0 = the class; trained with cond_drop, row num_classes is the null class of guidance
+            self.class_emb = nn.Embedding(config.num_classes + (config.cond_drop > 0), d)
         else:
             # The caption is a causal prefix with its own token and position embeddings.
             self.text_tok_emb = nn.Embedding(config.text_vocab_size, d)
@@ -226,6 +230,13 @@ class Stackformer(nn.Module):
     def embed_lower_prediction(self, tokens: torch.Tensor) -> torch.Tensor:
         """E_v(v_{t+1}) for Stackformer, E_p(p_{t+1}) for Stackformer_r: what the upper transformer adds to H_t."""
         return self.code_emb(tokens) if self.code_first else self.pos_emb(tokens)
+
+    def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
+        """The unconditional stand-in for `cond` that training with cond_drop put in its place: the null
+        class, or the empty caption (all padding)."""
+        if self.config.cond == "class":
+            return torch.full_like(cond, self.config.num_classes)
+        return torch.zeros_like(cond)                    # WordTokenizer.pad_id
 
     @property
     def prefix_len(self) -> int:
@@ -356,6 +367,7 @@ class Stackformer(nn.Module):
                  temperature: float = 1.0, top_k: Optional[int] = 100, top_p: Optional[float] = 0.95,
                  pos_temperature: Optional[float] = None, pos_top_k: Optional[int] = 10,
                  pos_top_p: Optional[float] = 0.95, position_rule: Optional[str] = None, greedy: bool = False,
+                 cfg_scale: float = 1.0, cfg_schedule: str = "constant", cfg_codes_only: bool = False,
                  use_kv_cache: bool = True, generator: Optional[torch.Generator] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Sample N (code, position) pairs per image: codes (B, N), positions (B, N).
@@ -365,6 +377,10 @@ class Stackformer(nn.Module):
         position_rule: "increasing" (positions strictly increase and leave room for the remaining
         steps, like the raster-ordered training data) or "unique" (official: only no repeats).
         None picks "increasing" for raster-order models and "unique" for importance-order ones.
+        cfg_scale: classifier-free guidance (models trained with cond_drop > 0): each step's logits are
+        uncond + s·(cond − uncond), the unconditional stream running beside the conditional one as a batch
+        of 2B; 1 is plain conditional sampling. cfg_schedule "linear" ramps s from 1 to cfg_scale over the
+        steps; cfg_codes_only guides the codes and leaves the positions to the conditional logits.
         generator: a torch.Generator on the model's device. All the randomness of the N steps is drawn
         from it up front (Sampler), so every path consumes the same noise: the same seed gives the same
         tokens with and without the KV cache, and in fast_sampling.generate.
@@ -373,24 +389,24 @@ class Stackformer(nn.Module):
         in eval mode for sampling and restored afterwards.
         """
         sampler = Sampler(self, batch_size, cond, temperature, top_k, top_p, pos_temperature, pos_top_k, pos_top_p,
-                          position_rule, greedy)
+                          position_rule, greedy, cfg_scale, cfg_schedule, cfg_codes_only)
         sampler.draw_noise(generator)
         was_training = self.training
         self.eval()
         with reproducible_attention():
             if use_kv_cache:
-                caches = self.new_kv_caches(sampler.batch_size)
+                caches = self.new_kv_caches(sampler.rows)
                 for t in range(self.config.seq_len):
-                    self.sample_step(sampler, caches, t, cond)
+                    self.sample_step(sampler, caches, t, sampler.cond)
             else:
                 lower_tokens = sampler.codes if self.code_first else sampler.positions
                 for t in range(self.config.seq_len):
-                    h = self._lower(sampler.codes[:, :t], sampler.positions[:, :t], cond)   # (B, t+1, d)
+                    h = self._lower(sampler.codes[:, :t], sampler.positions[:, :t], sampler.cond)   # (rows, t+1, d)
                     sampler.draw(self.lower_head(h[:, -1]), t, is_code=self.code_first)
                     g = self._upper(h, lower_tokens[:, :t + 1])[:, -1]
                     sampler.draw(self.upper_head(g), t, is_code=not self.code_first)
         self.train(was_training)
-        return sampler.codes, sampler.positions
+        return sampler.result()
 
     # --- bookkeeping
 
@@ -472,15 +488,18 @@ class KVCache:
 
 
 class Sampler:
-    """One batch being sampled: the settings, the tokens drawn so far, codes (B, N) and positions (B, N),
-    and the random numbers of all N steps, drawn up front by draw_noise. Drawing them up front is what
-    lets the cached, uncached and graphed paths consume exactly the same noise, and keeps the step
-    loop free of host syncs."""
+    """One batch being sampled: the settings, the tokens drawn so far, codes and positions (rows, N), and the
+    random numbers of all N steps, drawn up front by draw_noise. Drawing them up front is what lets the
+    cached, uncached and graphed paths consume exactly the same noise, and keeps the step loop free of
+    host syncs. With guidance (cfg_scale ≠ 1) the model runs rows = 2B sequences, the B conditional ones
+    and B unconditional ones (cond replaced by the null condition); both get the token drawn from the
+    guided logits, so they stay the same sequence read under two conditions."""
 
     def __init__(self, model: "Stackformer", batch_size: Optional[int], cond: Optional[torch.Tensor],
                  temperature: float = 1.0, top_k: Optional[int] = 100, top_p: Optional[float] = 0.95,
                  pos_temperature: Optional[float] = None, pos_top_k: Optional[int] = 10,
-                 pos_top_p: Optional[float] = 0.95, position_rule: Optional[str] = None, greedy: bool = False):
+                 pos_top_p: Optional[float] = 0.95, position_rule: Optional[str] = None, greedy: bool = False,
+                 cfg_scale: float = 1.0, cfg_schedule: str = "constant", cfg_codes_only: bool = False):
         cfg = model.config
         if cond is not None:
             if batch_size is not None and batch_size != cond.size(0):
@@ -491,13 +510,22 @@ class Sampler:
         rule = position_rule or ("increasing" if cfg.order == "raster" else "unique")
         if rule not in ("increasing", "unique"):
             raise ValueError(f"position_rule must be increasing or unique, got {rule!r}")
+        if cfg_schedule not in ("constant", "linear"):
+            raise ValueError(f"cfg_schedule must be constant or linear, got {cfg_schedule!r}")
+        self.guided = cfg_scale != 1.0
+        if self.guided and not cfg.cond_drop > 0:
+            raise ValueError(f"cfg_scale {cfg_scale} needs a model trained with null conditions (cond_drop > 0); "
+                             f"this one was not: sample with cfg_scale 1")
         self.code_filter = (temperature, top_k, top_p)
         self.pos_filter = (temperature if pos_temperature is None else pos_temperature, pos_top_k, pos_top_p)
         self.rule, self.greedy, self.batch_size = rule, greedy, batch_size
+        self.cfg_scale, self.cfg_linear, self.cfg_codes_only = cfg_scale, cfg_schedule == "linear", cfg_codes_only
+        self.cond = torch.cat([cond, model.null_condition(cond)]) if self.guided else cond   # what the model reads
+        self.rows = 2 * batch_size if self.guided else batch_size
         device = model.code_emb.weight.device
         B, N, T, V = batch_size, cfg.seq_len, cfg.num_positions, cfg.codebook_size
-        self.codes = torch.zeros(B, N, dtype=torch.long, device=device)
-        self.positions = torch.zeros(B, N, dtype=torch.long, device=device)
+        self.codes = torch.zeros(self.rows, N, dtype=torch.long, device=device)
+        self.positions = torch.zeros(self.rows, N, dtype=torch.long, device=device)
         # Exp(1) draws for the categorical "race" of sample_token, one set per step
         self.code_noise = None if greedy else torch.empty(N, B, V, device=device)
         self.pos_noise = None if greedy else torch.empty(N, B, T, device=device)
@@ -507,18 +535,37 @@ class Sampler:
             self.code_noise.exponential_(1.0, generator=generator)
             self.pos_noise.exponential_(1.0, generator=generator)
 
+    def guide(self, logits: torch.Tensor, t: torch.Tensor, is_code: bool) -> torch.Tensor:
+        """(2B, K) logits of the conditional and the unconditional rows -> (B, K) guided ones."""
+        cond, uncond = logits.float().chunk(2)
+        if not is_code and self.cfg_codes_only:
+            return cond
+        scale = self.cfg_scale
+        if self.cfg_linear:     # 1 at the first step, cfg_scale at the last (t a device tensor: graph-safe)
+            scale = 1 + (scale - 1) * (t.float() + 1) / self.codes.size(1)
+        return uncond + scale * (cond - uncond)
+
     def draw(self, logits: torch.Tensor, t, is_code: bool) -> torch.Tensor:
-        """Draw step t's code or position (B,) from logits (B, V or T) and record it; t int or (1,) tensor."""
+        """Draw step t's code or position from logits (rows, V or T), record it, and return it (rows,);
+        t int or (1,) tensor."""
         t = torch.as_tensor(t, device=logits.device).reshape(1)
         tokens, noise = (self.codes, self.code_noise) if is_code else (self.positions, self.pos_noise)
         temperature, top_k, top_p = self.code_filter if is_code else self.pos_filter
+        if self.guided:
+            logits = self.guide(logits, t, is_code)                                     # (B, K)
         if not is_code:
-            logits = logits.masked_fill(forbidden_positions(self.positions, t, logits.size(-1), self.rule),
-                                        float("-inf"))
+            taken = self.positions[:self.batch_size]
+            logits = logits.masked_fill(forbidden_positions(taken, t, logits.size(-1), self.rule), float("-inf"))
         race = None if noise is None else noise.index_select(0, t)[0]                   # (B, K)
         token = sample_token(logits, temperature, top_k, top_p, self.greedy, noise=race)
+        if self.guided:
+            token = token.repeat(2)                     # the same token for both streams
         tokens.index_copy_(1, t, token[:, None])
         return token
+
+    def result(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """codes, positions (B, N) of the conditional rows."""
+        return self.codes[:self.batch_size], self.positions[:self.batch_size]
 
 
 def reproducible_attention():

@@ -1124,6 +1124,85 @@ def test_reused_sampler_draws_what_fresh_calls_draw_and_returns_independent_tens
     assert reuse["key"][-1] == tuple(p.data_ptr() for p in model.parameters())
 
 
+# ---------------------------------------------------------------------------- classifier-free guidance
+
+def test_guided_logits_are_uncond_plus_scale_times_the_difference_with_a_linear_ramp():
+    model = sf_model(cond="class", cond_drop=0.1)
+    labels = torch.arange(2)
+    logits = torch.randn(4, 7)
+    cond, uncond = logits[:2], logits[2:]
+    for schedule, t, scale in [("constant", 0, 3.0), ("linear", 0, 1 + 2.0 / N), ("linear", N - 1, 3.0)]:
+        sampler = stackformer.Sampler(model, None, labels, cfg_scale=3.0, cfg_schedule=schedule)
+        assert sampler.rows == 4 and torch.equal(sampler.cond, torch.tensor([0, 1, NUM_CLASSES, NUM_CLASSES]))
+        guided = sampler.guide(logits, torch.tensor([t]), is_code=True)
+        torch.testing.assert_close(guided, uncond + scale * (cond - uncond))
+    codes_only = stackformer.Sampler(model, None, labels, cfg_scale=3.0, cfg_codes_only=True)
+    assert torch.equal(codes_only.guide(logits, torch.tensor([0]), is_code=False), cond)
+
+
+def test_guidance_scale_1_samples_exactly_plain_conditional_sampling_and_other_scales_differ():
+    model = sf_model(cond="class", cond_drop=0.1, seq_len=10)
+    labels = torch.arange(8) % NUM_CLASSES
+    seeded = lambda: torch.Generator().manual_seed(4)
+    plain = model.generate(cond=labels, generator=seeded())
+    assert all(torch.equal(a, b) for a, b in zip(plain, model.generate(cond=labels, generator=seeded(), cfg_scale=1.0)))
+    guided = model.generate(cond=labels, generator=seeded(), cfg_scale=4.0)
+    assert not torch.equal(plain[0], guided[0])
+    assert (guided[1][:, 1:] > guided[1][:, :-1]).all()              # the position rule still holds
+
+
+@pytest.mark.parametrize("cond", ["class", "text"])
+@pytest.mark.parametrize("options", [dict(cfg_scale=3.0), dict(cfg_scale=2.0, cfg_schedule="linear", cfg_codes_only=True)])
+def test_guided_fast_sampler_draws_the_reference_tokens(cond, options):
+    model = sf_model(cond=cond, cond_drop=0.1, seq_len=10)
+    _, _, c = sf_batch(model.config, batch_size=3)
+    seeded = lambda: torch.Generator().manual_seed(6)
+    reference = model.generate(cond=c, generator=seeded(), **options)
+    no_cache = model.generate(cond=c, generator=seeded(), use_kv_cache=False, **options)
+    reuse = {}
+    fast = fast_sampling.generate(model, cond=c, generator=seeded(), reuse=reuse, **options)
+    again = fast_sampling.generate(model, cond=c, generator=seeded(), reuse=reuse, **options)   # kept buffers
+    for other in (no_cache, fast, again):
+        assert torch.equal(reference[0], other[0]) and torch.equal(reference[1], other[1])
+
+
+def test_text_guidance_reads_the_empty_caption_as_the_unconditional_stream(monkeypatch):
+    model = sf_model(cond="text", cond_drop=0.1, seq_len=8)
+    _, _, text = sf_batch(model.config, batch_size=2)
+    seen = []
+    start_input = stackformer.Stackformer._start_input
+    monkeypatch.setattr(stackformer.Stackformer, "_start_input",
+                        lambda self, cond, batch_size: seen.append(cond.clone()) or start_input(self, cond, batch_size))
+    codes, positions = model.generate(cond=text, greedy=True, cfg_scale=3.0)
+    assert codes.shape == positions.shape == (2, 8)
+    assert torch.equal(seen[0][:2], text) and (seen[0][2:] == 0).all()   # the pad id: the empty caption
+
+
+def test_guidance_needs_a_model_trained_with_null_conditions():
+    model = sf_model(cond="class")
+    with pytest.raises(ValueError, match="cond_drop > 0"):
+        model.generate(cond=torch.arange(2), cfg_scale=2.0)
+    assert model.class_emb.num_embeddings == NUM_CLASSES                 # no null class row without cond_drop
+    assert sf_model(cond="class", cond_drop=0.1).class_emb.num_embeddings == NUM_CLASSES + 1
+    with pytest.raises(ValueError, match="cond_drop"):
+        sf_config(cond_drop=0.1)                                         # unconditional: nothing to drop
+
+
+def test_condition_dropout_replaces_about_the_share_asked_for():
+    gen = torch.Generator().manual_seed(0)
+    model = sf_model(cond="class", cond_drop=0.1)
+    labels = torch.randint(0, NUM_CLASSES, (20000,), generator=gen)
+    dropped = train_stackformer.drop_conditions(model, labels, gen)
+    rate = (dropped == NUM_CLASSES).float().mean().item()
+    assert abs(rate - 0.1) < 0.01                                        # 20000 draws: std 0.002
+    assert torch.equal(dropped[dropped != NUM_CLASSES], labels[dropped != NUM_CLASSES])
+    text_model = sf_model(cond="text", cond_drop=0.3)
+    captions = torch.randint(1, TEXT_VOCAB, (20000, text_model.config.text_len), generator=gen)
+    empty = (train_stackformer.drop_conditions(text_model, captions, gen) == 0).all(1)
+    assert abs(empty.float().mean().item() - 0.3) < 0.015
+    assert train_stackformer.drop_conditions(sf_model(cond="class"), labels, gen) is labels   # cond_drop 0
+
+
 def test_top_k_1_equals_greedy():
     model = sf_model(cond="class")
     labels = torch.arange(8) % NUM_CLASSES
@@ -1787,6 +1866,25 @@ def test_stage2_token_cache_is_reused_and_rebuilt_when_stage1_changes(stage1_ckp
     second = json.loads(meta.read_text())
     assert second["key"]["stage1_sha256"] != first["key"]["stage1_sha256"]
     assert second["key"]["stage1_sha256"] == train_stackformer.file_sha256(str(changed))
+
+
+def test_a_class_folder_trains_class_conditional_with_guidance_and_samples_with_it(stage1_ckpt, labelled_folder,
+                                                                                      both_checkpoints, tmp_path):
+    out = tmp_path / "s2"                  # --data PATH in torchvision's ImageFolder layout: PATH/{train,val}/<class>/
+    train_stackformer.main(stage2_args(stage1_ckpt, out, "--data", str(labelled_folder / "imagenet"), "--cond", "class",
+                                       "--max-steps", "2"))
+    ckpt = utils.load_checkpoint(str(out / "ckpt.pt"), "stackformer")
+    assert ckpt["classes"] == ["n01", "n02", "n03"] and ckpt["stackformer_config"]["cond_drop"] == 0.1
+    common = ["--ckpt", str(out / "ckpt.pt"), "--device", "cpu", "--n", "6", "--batch-size", "6", "--grid", "none"]
+    sample.main(common + ["--npz", str(tmp_path / "plain.npz")])
+    sample.main(common + ["--npz", str(tmp_path / "scale1.npz"), "--cfg-scale", "1"])
+    sample.main(common + ["--npz", str(tmp_path / "scale3.npz"), "--cfg-scale", "3", "--cfg-schedule", "linear"])
+    plain, scale1, scale3 = (np.load(tmp_path / f"{name}.npz")["images"] for name in ("plain", "scale1", "scale3"))
+    assert np.array_equal(plain, scale1) and plain.shape == scale3.shape == (6, 16, 16, 3)
+    _, unconditional = both_checkpoints
+    with pytest.raises(UserError, match="needs a model trained with --cond-drop"):
+        sample.main(["--ckpt", unconditional, "--device", "cpu", "--n", "2", "--cfg-scale", "2", "--grid", "none",
+                     "--npz", str(tmp_path / "x.npz")])
 
 
 def test_importance_and_raster_token_orders_differ_only_by_permutation(stage1_ckpt, labelled_folder, tmp_path):

@@ -59,6 +59,7 @@ class TrainConfig:
     data: Optional[str] = None            # shapes | ffhq | imagenet | coco | PATH
     data_dir: Optional[str] = None        # root of ffhq/imagenet/coco (default: stage 1's)
     cond: Optional[str] = None            # none | class | text (default: class for imagenet, text for coco, else none)
+    cond_drop: Optional[float] = None     # share of training sequences with the null class / empty caption, for guidance (0.1 with a condition)
     flip: bool = True                     # also encode a horizontally flipped copy of the training set
     text_min_count: int = 1               # tokenizer: keep words seen at least this often in the training captions
     # model
@@ -110,7 +111,10 @@ def resolve_defaults(cfg: TrainConfig, stage1_train: dict) -> TrainConfig:
                     preset="demo" if demo else "base", batch_size=32 if demo else 10,
                     lr=1e-3 if demo else 5e-4, epochs=4.0 if demo else (120.0 if cfg.data == "coco" else 100.0),
                     eval_every=500 if demo else 2000, num_workers=default_workers(8))
-    return fill_defaults(cfg, defaults, "stackformer")
+    cfg = fill_defaults(cfg, defaults, "stackformer")
+    if cfg.cond_drop is None:
+        cfg.cond_drop = 0.0 if cfg.cond == "none" else 0.1
+    return cfg
 
 
 def validate(cfg: TrainConfig):
@@ -123,6 +127,8 @@ def validate(cfg: TrainConfig):
     check_positive(cfg, "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches", "ckpt_every",
                    "encode_batch_size", "lr", "epochs", "max_steps")
     check(0.0 <= cfg.dropout < 1.0, f"--dropout must be in [0, 1), got {cfg.dropout}")
+    check(0.0 <= cfg.cond_drop < 1.0, f"--cond-drop must be in [0, 1), got {cfg.cond_drop}")
+    check(cfg.cond_drop == 0 or cfg.cond != "none", "--cond-drop needs --cond class or text (an unconditional model has no condition to drop)")
     check(cfg.num_workers >= 0, f"--num-workers must be >= 0, got {cfg.num_workers}")
     check(cfg.ckpt_minutes > 0, f"--ckpt-minutes must be positive, got {cfg.ckpt_minutes}")
 
@@ -315,6 +321,17 @@ def condition(cfg_cond: str, labels, captions):
     return {"none": None, "class": labels, "text": captions}[cfg_cond]
 
 
+def drop_conditions(model: Stackformer, cond: Optional[torch.Tensor], gen: torch.Generator) -> Optional[torch.Tensor]:
+    """Classifier-free guidance's training: each sequence's condition becomes the null class or the empty
+    caption with probability cond_drop, drawn from the step's own generator (a resumed run draws the same)."""
+    p = model.config.cond_drop
+    if cond is None or p == 0:
+        return cond
+    drop = (torch.rand(cond.size(0), generator=gen) < p).to(cond.device)
+    drop = drop.view(-1, *([1] * (cond.dim() - 1)))                 # (B,) labels or (B, 1) for captions
+    return torch.where(drop, model.null_condition(cond), cond)
+
+
 # -----------------------------------------------------------------------------
 # Training
 
@@ -349,7 +366,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
                              num_positions=mcfg.num_tokens, seq_len=mcfg.seq_len, dropout=cfg.dropout,
                              cond=cfg.cond, num_classes=len(classes) if classes else 1000,
                              text_vocab_size=tokenizer.vocab_size if tokenizer else 0, abs_pos=cfg.abs_pos,
-                             variant=cfg.variant, order=cfg.order)
+                             variant=cfg.variant, order=cfg.order, cond_drop=cfg.cond_drop)
     torch.manual_seed(cfg.seed)
     raw_model = Stackformer(scfg).to(device)
     optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (0.9, 0.95), device.type)
@@ -393,12 +410,13 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
             start = ((within * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
             codes, positions, labels, captions = (t.to(device, non_blocking=True) if t is not None else None
                                                   for t in train_tokens.batch(np.sort(perm[start:start + cfg.batch_size]), gen))
+            cond = drop_conditions(raw_model, condition(cfg.cond, labels, captions), gen)
             sync = nullcontext() if (world == 1 or micro == cfg.grad_accum - 1) else model.no_sync()
             if graphed:
                 torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are no longer read
             with sync:
                 with autocast:
-                    code_logits, pos_logits = model(codes, positions, condition(cfg.cond, labels, captions))
+                    code_logits, pos_logits = model(codes, positions, cond)
                 code_ce = F.cross_entropy(code_logits.flatten(0, 1).float(), codes.flatten())
                 pos_ce = F.cross_entropy(pos_logits.flatten(0, 1).float(), positions.flatten())
                 loss = code_ce + scfg.pos_weight * pos_ce
@@ -490,7 +508,7 @@ def describe_run(cfg: TrainConfig, scfg: StackformerConfig, model: Stackformer, 
     print(f"Stackformer {cfg.preset}: {model.num_params() / 1e6:.2f}M parameters "
           f"({scfg.n_code_layers} code + {scfg.n_pos_layers} position layers, width {scfg.n_embd}, "
           f"{scfg.n_head} heads; {cfg.variant}, {cfg.order} order, abs pos {'on' if cfg.abs_pos else 'off'}, "
-          f"cond {cfg.cond})")
+          f"cond {cfg.cond}" + (f", {cfg.cond_drop:.0%} of them dropped for guidance" if cfg.cond_drop else "") + ")")
     print(f"stage 1 {cfg.stage1}: V={scfg.codebook_size} codes, T={scfg.num_positions} positions, "
           f"N={scfg.seq_len} pairs per image")
     print(f"tokens: {train_tokens.num_images} train images ({len(train_tokens)} sequences with flips) / "
