@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fast_sampling
-import fid
 import mqvae
 import stackformer
 import train_mqvae
@@ -322,6 +321,7 @@ def fid_bench(batch, device, rounds=6, iters=10):
     (median over `rounds` of `iters` batches; with both networks the rounds alternate, first one then the
     other leading) and the largest feature difference on the same uint8 images. cuDNN autotuning is off,
     as fid.py runs (its algorithm choice could differ from run to run, and so could the features)."""
+    import fid      # here: torchvision's Inception costs a second at every start of bench.py otherwise
     torch.manual_seed(0)
     model = fid.FIDInception().to(device).eval()
     images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)
