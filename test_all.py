@@ -2670,6 +2670,20 @@ def test_a_second_signal_aborts_at_once_but_a_forwarded_repeat_does_not(monkeypa
             signal.signal(sig, handler)
 
 
+def test_resume_keeps_the_log_up_to_the_checkpoint_and_drops_a_line_cut_off_by_a_kill(tmp_path):
+    import signal
+    lines = [json.dumps(dict(step=s, loss=1.0)) + "\n" for s in (1, 2, 3, 4)] + ['{"step": 5, "lo']
+    (tmp_path / "log.jsonl").write_text("".join(lines))
+    cfg = train_mqvae.TrainConfig(out_dir=str(tmp_path))
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        utils.TrainingRun(cfg, str(tmp_path / "ckpt.pt"), True, 3, 10, 0, 1, torch.device("cpu"), "")
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    assert [rec["step"] for rec in read_jsonl(tmp_path / "log.jsonl")] == [1, 2, 3]
+
+
 def test_a_second_run_without_resume_leaves_the_checkpoint_untouched(tmp_path):
     out = str(tmp_path / "run")
     assert run_script(TINY_TRAIN + ["--max-steps", "3", "--out-dir", out]).returncode == 0

@@ -368,7 +368,7 @@ class TrainingRun:
             keep = []
             if resumed:
                 with open(self.log_path) as fh:
-                    keep = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= start_step]
+                    keep = [line for line in fh if logged_step(line) <= start_step]
             with atomic_path(self.log_path) as tmp, open(tmp, "w") as fh:
                 fh.writelines(keep)
 
@@ -435,6 +435,14 @@ class TrainingRun:
             self.log(f"nothing to do: the checkpoint is at step {self.start_step} of {self.total_steps}")
         elif last_step + 1 == self.total_steps:
             self.log(f"done: {self.total_steps} steps; checkpoint {self.ckpt_path}{note}")
+
+
+def logged_step(line: str) -> float:
+    """The step of a log.jsonl line; a line cut off by a killed process counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def fill_defaults(cfg, defaults: dict, stage: str):
