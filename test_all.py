@@ -1265,8 +1265,9 @@ def test_generate_runs_only_reproducible_attention_kernels(monkeypatch):
 def test_token_extraction_runs_only_reproducible_attention_kernels(monkeypatch):
     seen = record_cudnn_attention_state(monkeypatch, mqvae.AttnBlock)
     model = mqvae.MQVAE(MQVAEConfig(**mqvae.PRESETS["tiny"], resolution=16)).eval()
-    out = train_stackformer.encode_split(model, data.ShapesDataset(16, 6, "val"), True, 4, 0, torch.device("cpu"), 0, 1)
-    assert len(out["codes"]) == 12 and seen and not any(seen)
+    dataset = data.ShapesDataset(16, 6, "val")
+    out = train_stackformer.encode_images(model, dataset, True, 4, 0, torch.device("cpu"), data.UnreadableFiles(dataset, 6, "x"))
+    assert out["codes"].shape == (2, 6, 16) and seen and not any(seen)
 
 
 def test_compiled_sampling_step_draws_the_same_tokens():
@@ -1906,6 +1907,69 @@ def test_importance_and_raster_token_orders_differ_only_by_permutation(stage1_ck
     ds.mode = "eval"
     codes, positions, _ = model.encode(ds[0]["image"][None])
     assert torch.equal(positions[0], importance[1][0]) and torch.equal(codes[0], importance[0][0])
+
+
+def test_views_are_the_training_augmentations_draws_and_each_epoch_takes_one_per_image(stage1_ckpt, labelled_folder,
+                                                                                       tmp_path):
+    folder = str(labelled_folder / "imagenet" / "train")          # 35 training images; augmentation: crop + flip
+    out = tmp_path / "s2"
+    train_stackformer.main(stage2_args(stage1_ckpt, out, "--data", folder, "--max-steps", "1", "--views", "3"))
+    meta = json.loads((out / "tokens" / "train" / "meta.json").read_text())
+    M = meta["images"]
+    assert M == 35 and meta["views"] == 3 and meta["rows"] == M * 3 * 2 and meta["key"]["views"] == 3
+    tokens = train_stackformer.TokenSet(str(out / "tokens" / "train"), "importance")
+    assert tokens.num_images == M and tokens.copies == 6
+    model = utils.load_mqvae(stage1_ckpt)
+    dataset = data.build_dataset(folder, None, 16, "train")
+    i = 5
+    views = []
+    for view in range(3):
+        image = dataset[(i, data.sample_seed(train_stackformer.VIEW_SEED, view, i))]["image"][None]
+        for mirrored in (False, True):
+            codes, positions, _ = model.encode(image.flip(3) if mirrored else image)
+            row = (2 * view + mirrored) * M + i
+            assert np.array_equal(tokens.codes[row], codes[0].numpy()) and np.array_equal(tokens.positions[row],
+                                                                                          positions[0].numpy())
+        views.append(image)
+    assert not torch.equal(views[0], views[1]) and not torch.equal(views[1], views[2])   # three different crops
+    rows = tokens.epoch_rows(seed=0, epoch=2)
+    assert sorted(rows % M) == list(range(M)) and len(set(rows // M)) > 1           # each image once, copies mixed
+    assert np.array_equal(rows, tokens.epoch_rows(seed=0, epoch=2))                     # the draw repeats on resume
+    mtime = (out / "tokens" / "train" / "meta.json").stat().st_mtime_ns
+    train_stackformer.main(stage2_args(stage1_ckpt, out, "--data", folder, "--max-steps", "1", "--views", "2",
+                                       "--overwrite"))
+    meta = json.loads((out / "tokens" / "train" / "meta.json").read_text())
+    assert meta["views"] == 2 and meta["rows"] == M * 2 * 2                             # rebuilt for K = 2
+    assert (out / "tokens" / "train" / "meta.json").stat().st_mtime_ns != mtime
+    with pytest.raises(UserError, match="--views 1"):                                  # shapes: no augmentation
+        train_stackformer.main(stage2_args(stage1_ckpt, tmp_path / "shapes", "--data", "shapes", "--max-steps", "1",
+                                           "--views", "2"))
+
+
+def test_an_interrupted_token_extraction_resumes_from_its_parts(stage1_ckpt, labelled_folder, tmp_path, monkeypatch):
+    folder = str(labelled_folder / "imagenet" / "train")
+    clean = tmp_path / "clean"
+    monkeypatch.setattr(train_stackformer, "PART_IMAGES", 8)          # 35 images: 5 parts per view
+    train_stackformer.main(stage2_args(stage1_ckpt, clean, "--data", folder, "--max-steps", "1", "--views", "2"))
+    encode, calls, died = train_stackformer.encode_images, [], []
+    def dies_at_the_fourth_part(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4 and not died:
+            died.append(1)
+            raise RuntimeError("preempted")                         # e.g. a preemption mid-extraction
+        return encode(*args, **kwargs)
+    monkeypatch.setattr(train_stackformer, "encode_images", dies_at_the_fourth_part)
+    out = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="preempted"):
+        train_stackformer.main(stage2_args(stage1_ckpt, out, "--data", folder, "--max-steps", "1", "--views", "2"))
+    assert len(list((out / "tokens" / "train").glob("*.npz"))) == 3   # the parts done before the interruption
+    calls.clear()
+    train_stackformer.main(stage2_args(stage1_ckpt, out, "--data", folder, "--max-steps", "1", "--views", "2"))
+    assert len(calls) == (10 - 3) + 1                                 # the missing parts, then the val split
+    for name in ("codes", "positions", "labels"):
+        assert np.array_equal(np.load(clean / "tokens" / "train" / f"{name}.npy"),
+                              np.load(out / "tokens" / "train" / f"{name}.npy"))
+    assert not list((out / "tokens" / "train").glob("*.npz"))         # parts removed after the merge
 
 
 def test_an_epoch_sees_every_image_once_as_itself_or_mirrored(tmp_path):

@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -43,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 import data
 import fast_sampling
@@ -61,6 +63,7 @@ class TrainConfig:
     cond: Optional[str] = None            # none | class | text (default: class for imagenet, text for coco, else none)
     cond_drop: Optional[float] = None     # share of training sequences with the null class / empty caption, for guidance (0.1 with a condition)
     flip: bool = True                     # also encode a horizontally flipped copy of the training set
+    views: int = 1                        # training views per image: 1 = the centre crop; K > 1 = K draws of the training augmentation
     text_min_count: int = 1               # tokenizer: keep words seen at least this often in the training captions
     # model
     preset: Optional[str] = None          # tiny | demo | small | base | large (base; demo for shapes)
@@ -124,7 +127,7 @@ def validate(cfg: TrainConfig):
     check(cfg.variant in ("code-first", "position-first"), f"--variant must be code-first or position-first, got {cfg.variant!r}")
     check(cfg.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
     check(cfg.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
-    check_positive(cfg, "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches", "ckpt_every",
+    check_positive(cfg, "views", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches", "ckpt_every",
                    "encode_batch_size", "lr", "epochs", "max_steps")
     check(0.0 <= cfg.dropout < 1.0, f"--dropout must be in [0, 1), got {cfg.dropout}")
     check(0.0 <= cfg.cond_drop < 1.0, f"--cond-drop must be in [0, 1), got {cfg.cond_drop}")
@@ -173,104 +176,159 @@ def captions_of(dataset, index: int):
     return dataset.captions[index] if dataset.captions is not None else None
 
 
+PART_IMAGES = 10000     # images per part file of the token extraction: the most an interruption can lose
+VIEW_SEED = 7919        # views are drawn from seeds of (VIEW_SEED, view, image): the same in every run and on every rank
+
+
+class ViewOf(torch.utils.data.Dataset):
+    """View `view` of the images `indices` of a dataset. With augment, the dataset's training augmentation
+    with a generator seeded from (view, image) alone; without, the dataset as it is (the centre crop)."""
+
+    def __init__(self, dataset, indices, view: int, augment: bool):
+        self.dataset, self.indices, self.view, self.augment = dataset, indices, view, augment
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, j):
+        i = self.indices[j]
+        return self.dataset[(i, data.sample_seed(VIEW_SEED, self.view, i))] if self.augment else self.dataset[i]
+
+
 @torch.no_grad()
-def encode_split(mqvae, dataset, flip: bool, batch_size: int, num_workers: int, device, rank: int, world: int):
-    """This rank's shard (indices rank, rank+world, ...) -> dict of numpy arrays, in importance order
-    as the mask emits them. Flipped copies follow the originals: row k of the copy is image k mirrored."""
-    indices = list(range(rank, len(dataset), world))
-    loader = DataLoader(torch.utils.data.Subset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
-                        pin_memory=device.type == "cuda", worker_init_fn=ignore_interrupts)
-    out = {k: [] for k in ("index", "codes", "positions", "label")}
+def encode_images(mqvae, images, flip: bool, batch_size: int, num_workers: int, device, unreadable, progress=None):
+    """Encode every item of `images` and, with flip, its mirror image -> dict of numpy arrays: index (n,),
+    label (n,), codes and positions (1 + flip, n, N) uint16 in the importance order the mask emits. Items
+    whose file could not be read are left out (unreadable: data.UnreadableFiles)."""
+    loader = DataLoader(images, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda",
+                        worker_init_fn=ignore_interrupts)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    unreadable = data.UnreadableFiles(dataset, len(indices), "stage-2")
-    t0, done = time.time(), 0
+    out = {k: [] for k in ("index", "label", "codes", "positions")}
     for batch in loader:
         keep = unreadable.note(batch["bad"])     # a replaced item would encode its neighbour twice
-        done += len(keep)
+        if progress is not None:
+            progress(len(keep))
         if not keep.any():
             continue
         batch = {k: v[keep] for k, v in batch.items()}
         x = batch["image"].to(device, non_blocking=True)
-        for mirrored in ((False, True) if flip else (False,)):
+        codes, positions = [], []
+        for mirrored in (False, True)[:1 + flip]:
             with autocast, reproducible_attention():   # the same images give the same token cache, run after run
-                codes, positions, _ = mqvae.encode(x.flip(3) if mirrored else x)
-            out["codes"].append((codes.cpu().numpy().astype(np.uint16), mirrored))   # uint16 at once: 4x less host memory
-            out["positions"].append((positions.cpu().numpy().astype(np.uint16), mirrored))
+                c, p, _ = mqvae.encode(x.flip(3) if mirrored else x)
+            codes.append(c.cpu().numpy().astype(np.uint16))   # uint16 at once: 4x less host memory
+            positions.append(p.cpu().numpy().astype(np.uint16))
+        out["codes"].append(np.stack(codes))
+        out["positions"].append(np.stack(positions))
         out["index"].append(batch["index"].numpy())
         out["label"].append(batch["label"].numpy())
-        if rank == 0 and time.time() - t0 > 0 and done % (batch_size * 20) == 0:
-            rate = done * world / (time.time() - t0)
-            print(f"  encoded {done * world}/{len(dataset)} images, {rate:.0f} img/s, "
-                  f"ETA {(len(dataset) - done * world) / rate / 60:.1f} min", flush=True)
-    empty = np.zeros(0, dtype=np.int64)  # a rank can get no images when there are fewer than ranks
-    result = {k: np.concatenate(out[k]) if out[k] else empty for k in ("index", "label")}
-    result["bad"] = np.array(sorted(unreadable.seen), dtype=np.int64)     # the files left out
-    for key in ("codes", "positions"):
-        plain = [a for a, m in out[key] if not m]
-        mirrored = [a for a, m in out[key] if m]
-        arrays = plain + mirrored or [np.zeros((0, mqvae.config.seq_len), dtype=np.uint16)]
-        result[key] = np.concatenate(arrays)
+    N = mqvae.config.seq_len
+    result = {k: np.concatenate(out[k]) if out[k] else np.zeros(0, np.int64) for k in ("index", "label")}
+    for k in ("codes", "positions"):
+        result[k] = np.concatenate(out[k], axis=1) if out[k] else np.zeros((1 + flip, 0, N), np.uint16)
     return result
 
 
 def build_token_cache(cfg, mqvae, stage1_sha: str, split: str, device, rank: int, world: int, tokenizer=None):
-    """Encode `split` once and store it in out_dir/tokens/<split>/; reuse it while the key matches."""
+    """Encode `split` into out_dir/tokens/<split>/ and return the folder; reuse it while its key (stage-1 file,
+    data, views, augmentation, captions) is the same. Training images get cfg.views views each (the centre
+    crop for 1, else that many draws of the training augmentation), every view also mirrored with --flip;
+    the rows of copy c = view·(1 + flip) + mirrored are images 0..M-1 in dataset order. Each rank encodes
+    its share in part files of PART_IMAGES images; an interrupted extraction resumes from the parts it left."""
     folder = os.path.join(cfg.out_dir, "tokens", split)
     flip = cfg.flip and split == "train"
+    views = cfg.views if split == "train" else 1
     image_size = mqvae.config.resolution
+    # views > 1 are draws of the training augmentation that data.py gives this dataset (FFHQ: random resized
+    # crop; the others: random crop), so the data and the number of views fix them
     key = dict(stage1_sha256=stage1_sha, data=cfg.data, data_dir=cfg.data_dir, image_size=image_size, flip=flip,
-               split=split, captions=tokenizer.to_dict() if tokenizer is not None else None)
-    meta_path = os.path.join(folder, "meta.json")
+               views=views, split=split, captions=tokenizer.to_dict() if tokenizer is not None else None)
+    meta_path, key_path = os.path.join(folder, "meta.json"), os.path.join(folder, "key.json")
     if os.path.isfile(meta_path) and json.load(open(meta_path)).get("key") == key:
         return folder
     dataset = data.build_dataset(cfg.data, cfg.data_dir, image_size, split)
-    if isinstance(dataset, data.ImageFiles):
-        dataset.mode = "eval"  # tokens come from the resized, centre-cropped image (and its mirror)
+    files = isinstance(dataset, data.ImageFiles)
+    check(views == 1 or files, f"--views {views} needs image files with a training augmentation; the shapes data "
+                               f"draws each image one way only: use --views 1")
+    if files and views == 1:
+        dataset.mode = "eval"  # the resized, centre-cropped image (and its mirror)
+    if rank == 0:   # parts left by an interrupted extraction of the same key are kept; anything else is stale
+        if not (os.path.isfile(key_path) and json.load(open(key_path)) == key):
+            shutil.rmtree(folder, ignore_errors=True)
+            write_json(key_path, key)
+    barrier(world)
+    M, N, copies = len(dataset), mqvae.config.seq_len, views * (1 + flip)
     if rank == 0:
-        print(f"encoding {split} split: {len(dataset)} images{' + flipped copies' if flip else ''} "
-              f"-> {folder} (key: stage-1 sha256 {stage1_sha[:12]})", flush=True)
-    shard = encode_split(mqvae, dataset, flip, cfg.encode_batch_size, cfg.num_workers, device, rank, world)
-    os.makedirs(folder, exist_ok=True)
-    np.savez(os.path.join(folder, f"shard{rank}.npz"), **shard)
+        print(f"encoding {split} split: {M} images x {views} view(s){' + mirror images' if flip else ''} = "
+              f"{M * copies} sequences, {M * copies * N * 4 / 2 ** 20:.0f} MB -> {folder} "
+              f"(key: stage-1 sha256 {stage1_sha[:12]})", flush=True)
+    indices = list(range(rank, M, world))
+    chunks = [indices[i:i + PART_IMAGES] for i in range(0, len(indices), PART_IMAGES)] or [[]]
+    unreadable = data.UnreadableFiles(dataset, len(indices), "stage-2")
+    with tqdm(total=views * len(indices) * world, unit="img", disable=rank != 0, mininterval=5.0,
+              desc=f"encoding {split}") as bar:
+        for view in range(views):
+            for c, chunk in enumerate(chunks):
+                path = os.path.join(folder, f"v{view}-r{rank}-of{world}-c{c}.npz")
+                if os.path.isfile(path):          # done before an interruption
+                    bar.update(len(chunk) * world)
+                    continue
+                part = encode_images(mqvae, ViewOf(dataset, chunk, view, views > 1), flip, cfg.encode_batch_size,
+                                     cfg.num_workers, device, unreadable, lambda n: bar.update(n * world))
+                part["bad"] = np.array(sorted(unreadable.seen), dtype=np.int64)
+                with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                    np.savez(fh, **part)
     barrier(world)
     if rank == 0:
-        shards = [dict(np.load(os.path.join(folder, f"shard{r}.npz"))) for r in range(world)]
-        index = np.concatenate([s["index"] for s in shards])
-        order = np.argsort(index, kind="stable")                       # back to dataset order
-        arrays = {}
-        for name in ("codes", "positions"):
-            copies = []
-            for mirrored in ((0, 1) if flip else (0,)):
-                part = np.concatenate([np.split(s[name], 2)[mirrored] if flip else s[name] for s in shards])
-                copies.append(part[order])
-            arrays[name] = np.concatenate(copies)                      # (M·(1+flip), N) uint16
-        labels = np.concatenate([s["label"] for s in shards])[order].astype(np.int64)
-        bad = np.concatenate([s["bad"] for s in shards])
-        arrays["labels"] = np.concatenate([labels] * (2 if flip else 1))
-        if cfg.cond == "text":
-            caps = [captions_of(dataset, int(i)) for i in index[order]]
-            check(all(caps), f"--cond text needs captions; {cfg.data} has none (use --data coco or shapes)")
-            longest = max(len(c) for c in caps)
-            tokens = np.zeros((len(caps), longest, tokenizer.text_len), dtype=np.int32)
-            counts = np.array([len(c) for c in caps], dtype=np.int64)
-            for row, texts in enumerate(caps):
-                tokens[row, :len(texts)] = tokenizer.encode_batch(texts).numpy()
-            arrays["caption_tokens"] = np.concatenate([tokens] * (2 if flip else 1))
-            arrays["caption_counts"] = np.concatenate([counts] * (2 if flip else 1))
-        for name, array in arrays.items():
-            with atomic_path(os.path.join(folder, name + ".npy")) as tmp, open(tmp, "wb") as fh:
-                np.save(fh, array)
-        for r in range(world):
-            os.remove(os.path.join(folder, f"shard{r}.npz"))
-        unreadable = sorted({int(b) for b in bad if b >= 0})
-        write_json(meta_path, dict(key=key, images=len(index), rows=int(arrays["codes"].shape[0]),
-                                   seq_len=int(arrays["codes"].shape[1]), unreadable=len(unreadable),
-                                   unreadable_files=[dataset.path(i) for i in unreadable[:100]]))
-        if unreadable:
-            print(f"warning: {len(unreadable)} unreadable images were left out "
-                  f"(listed in {meta_path})", file=sys.stderr)
+        merge_token_parts(cfg, folder, dataset, key, views, flip, world, len(chunks), tokenizer)
     barrier(world)
     return folder
+
+
+def merge_token_parts(cfg, folder: str, dataset, key: dict, views: int, flip: bool, world: int, num_chunks: int,
+                      tokenizer):
+    """Rank 0: gather every rank's parts into codes.npy, positions.npy, labels.npy (and the captions) in
+    dataset order, copy after copy; write meta.json last, then delete the parts."""
+    parts = [[dict(np.load(os.path.join(folder, f"v{view}-r{r}-of{world}-c{c}.npz")))
+              for r in range(world) for c in range(num_chunks)] for view in range(views)]
+    index = np.concatenate([p["index"] for p in parts[0]])
+    order = np.argsort(index, kind="stable")                      # back to dataset order
+    arrays = {}
+    for name in ("codes", "positions"):
+        copies = []
+        for view_parts in parts:
+            check(np.array_equal(np.sort(np.concatenate([p["index"] for p in view_parts])), index[order]),
+                  "the views of the token extraction hold different images; delete the tokens folder and rerun")
+            view_index = np.concatenate([p["index"] for p in view_parts])
+            stacked = np.concatenate([p[name] for p in view_parts], axis=1)[:, np.argsort(view_index, kind="stable")]
+            copies += list(stacked)                               # (M, N) per mirror
+        arrays[name] = np.concatenate(copies)                     # (M·copies, N) uint16
+    count = len(arrays["codes"]) // max(len(index), 1)
+    labels = np.concatenate([p["label"] for p in parts[0]])[order].astype(np.int64)
+    arrays["labels"] = np.concatenate([labels] * count)
+    if cfg.cond == "text":
+        caps = [captions_of(dataset, int(i)) for i in index[order]]
+        check(all(caps), f"--cond text needs captions; {cfg.data} has none (use --data coco or shapes)")
+        longest = max(len(c) for c in caps)
+        tokens = np.zeros((len(caps), longest, tokenizer.text_len), dtype=np.int32)
+        counts = np.array([len(c) for c in caps], dtype=np.int64)
+        for row, texts in enumerate(caps):
+            tokens[row, :len(texts)] = tokenizer.encode_batch(texts).numpy()
+        arrays["caption_tokens"] = np.concatenate([tokens] * count)
+        arrays["caption_counts"] = np.concatenate([counts] * count)
+    for name, array in arrays.items():
+        with atomic_path(os.path.join(folder, name + ".npy")) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, array)
+    unreadable = sorted({int(b) for view_parts in parts for p in view_parts for b in p["bad"]})
+    meta_path = os.path.join(folder, "meta.json")
+    write_json(meta_path, dict(key=key, images=len(index), views=views, rows=int(arrays["codes"].shape[0]),
+                               seq_len=int(arrays["codes"].shape[1]), unreadable=len(unreadable),
+                               unreadable_files=[dataset.path(i) for i in unreadable[:100]]))
+    for name in os.listdir(folder):
+        if name.endswith(".npz") or name == "key.json":
+            os.remove(os.path.join(folder, name))
+    if unreadable:
+        print(f"warning: {len(unreadable)} unreadable images were left out (listed in {meta_path})", file=sys.stderr)
 
 
 class TokenSet:
@@ -511,7 +569,8 @@ def describe_run(cfg: TrainConfig, scfg: StackformerConfig, model: Stackformer, 
           f"cond {cfg.cond}" + (f", {cfg.cond_drop:.0%} of them dropped for guidance" if cfg.cond_drop else "") + ")")
     print(f"stage 1 {cfg.stage1}: V={scfg.codebook_size} codes, T={scfg.num_positions} positions, "
           f"N={scfg.seq_len} pairs per image")
-    print(f"tokens: {train_tokens.num_images} train images ({len(train_tokens)} sequences with flips) / "
+    print(f"tokens: {train_tokens.num_images} train images ({len(train_tokens)} sequences: {train_tokens.copies} "
+          f"views and mirror images each) / "
           f"{len(val_tokens)} val; global batch {global_batch} ({global_batch * scfg.seq_len} tokens); "
           f"{steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {cfg.lr:g}, warmup {warmup_steps}")
 
