@@ -569,8 +569,8 @@ def describe_run(cfg: TrainConfig, scfg: StackformerConfig, model: Stackformer, 
           f"cond {cfg.cond}" + (f", {cfg.cond_drop:.0%} of them dropped for guidance" if cfg.cond_drop else "") + ")")
     print(f"stage 1 {cfg.stage1}: V={scfg.codebook_size} codes, T={scfg.num_positions} positions, "
           f"N={scfg.seq_len} pairs per image")
-    print(f"tokens: {train_tokens.num_images} train images ({len(train_tokens)} sequences: {train_tokens.copies} "
-          f"views and mirror images each) / "
+    print(f"tokens: {train_tokens.num_images} train images ({len(train_tokens)} sequences: {train_tokens.copies} per "
+          f"image, its views and their mirror images) / "
           f"{len(val_tokens)} val; global batch {global_batch} ({global_batch * scfg.seq_len} tokens); "
           f"{steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {cfg.lr:g}, warmup {warmup_steps}")
 
