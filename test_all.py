@@ -1855,7 +1855,7 @@ def test_stage2_token_cache_is_reused_and_rebuilt_when_stage1_changes(stage1_ckp
     train_stackformer.main(stage2_args(stage1_ckpt, out, "--data", folder, "--max-steps", "1"))
     meta = out / "tokens" / "train" / "meta.json"
     first = json.loads(meta.read_text())
-    assert first["rows"] == 2 * first["images"]  # originals + flipped copies
+    assert first["views"] == 8 and first["rows"] == 8 * 2 * first["images"]   # the default: 8 views + mirror images
     mtime = meta.stat().st_mtime_ns
     train_stackformer.main(stage2_args(stage1_ckpt, out, "--data", folder, "--max-steps", "1", "--overwrite"))
     assert meta.stat().st_mtime_ns == mtime  # same stage 1: reused
@@ -1891,7 +1891,7 @@ def test_a_class_folder_trains_class_conditional_with_guidance_and_samples_with_
 def test_importance_and_raster_token_orders_differ_only_by_permutation(stage1_ckpt, labelled_folder, tmp_path):
     out = tmp_path / "s2"
     train_stackformer.main(stage2_args(stage1_ckpt, out, "--data", str(labelled_folder / "imagenet" / "train"),
-                                       "--max-steps", "1"))
+                                       "--max-steps", "1", "--views", "1"))     # row 0: the centre crop of image 0
     gen = torch.Generator().manual_seed(0)
     rows = np.arange(10)
     raster = train_stackformer.TokenSet(str(out / "tokens" / "train"), "raster").batch(rows, gen)

@@ -63,7 +63,7 @@ class TrainConfig:
     cond: Optional[str] = None            # none | class | text (default: class for imagenet, text for coco, else none)
     cond_drop: Optional[float] = None     # share of training sequences with the null class / empty caption, for guidance (0.1 with a condition)
     flip: bool = True                     # also encode a horizontally flipped copy of the training set
-    views: int = 1                        # training views per image: 1 = the centre crop; K > 1 = K draws of the training augmentation
+    views: Optional[int] = None           # training views per image: 1 = the centre crop, K > 1 = K draws of the training augmentation (8; 1 for shapes)
     text_min_count: int = 1               # tokenizer: keep words seen at least this often in the training captions
     # model
     preset: Optional[str] = None          # tiny | demo | small | base | large (base; demo for shapes)
@@ -113,7 +113,7 @@ def resolve_defaults(cfg: TrainConfig, stage1_train: dict) -> TrainConfig:
     defaults = dict(cond={"imagenet": "class", "coco": "text"}.get(cfg.data, "none"),
                     preset="demo" if demo else "base", batch_size=32 if demo else 10,
                     lr=1e-3 if demo else 5e-4, epochs=4.0 if demo else (120.0 if cfg.data == "coco" else 100.0),
-                    eval_every=500 if demo else 2000, num_workers=default_workers(8))
+                    eval_every=500 if demo else 2000, num_workers=default_workers(8), views=1 if demo else 8)
     cfg = fill_defaults(cfg, defaults, "stackformer")
     if cfg.cond_drop is None:
         cfg.cond_drop = 0.0 if cfg.cond == "none" else 0.1
