@@ -513,6 +513,8 @@ class Sampler:
         if cfg_schedule not in ("constant", "linear"):
             raise ValueError(f"cfg_schedule must be constant or linear, got {cfg_schedule!r}")
         self.guided = cfg_scale != 1.0
+        if self.guided and cond is None:
+            raise ValueError(f"cfg_scale {cfg_scale} guides towards a condition: give cond (class labels or captions)")
         if self.guided and not cfg.cond_drop > 0:
             raise ValueError(f"cfg_scale {cfg_scale} needs a model trained with null conditions (cond_drop > 0); "
                              f"this one was not: sample with cfg_scale 1")

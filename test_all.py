@@ -1186,6 +1186,8 @@ def test_guidance_needs_a_model_trained_with_null_conditions():
     assert sf_model(cond="class", cond_drop=0.1).class_emb.num_embeddings == NUM_CLASSES + 1
     with pytest.raises(ValueError, match="cond_drop"):
         sf_config(cond_drop=0.1)                                         # unconditional: nothing to drop
+    with pytest.raises(ValueError, match="give cond"):
+        sf_model(cond="class", cond_drop=0.1).generate(batch_size=2, cfg_scale=2.0)
 
 
 def test_condition_dropout_replaces_about_the_share_asked_for():
