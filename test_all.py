@@ -1948,6 +1948,20 @@ def test_views_are_the_training_augmentations_draws_and_each_epoch_takes_one_per
                                            "--views", "2"))
 
 
+def test_a_checkpoint_older_than_views_and_cond_drop_resumes_as_it_was_trained(stage1_ckpt, labelled_folder, tmp_path):
+    out = tmp_path / "s2"
+    args = stage2_args(stage1_ckpt, out, "--data", str(labelled_folder / "imagenet" / "train"), "--views", "1")
+    train_stackformer.main(args + ["--max-steps", "1"])
+    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
+    for key in ("views", "cond_drop"):                                  # as an earlier version wrote it
+        del ckpt["train_config"][key]
+    del ckpt["stackformer_config"]["cond_drop"]
+    torch.save(ckpt, out / "ckpt.pt")
+    train_stackformer.main(stage2_args(stage1_ckpt, out, "--max-steps", "2", "--resume"))
+    resumed = utils.load_checkpoint(str(out / "ckpt.pt"), "stackformer")
+    assert resumed["step"] == 2 and resumed["train_config"]["views"] == 1 and resumed["train_config"]["cond_drop"] == 0
+
+
 def test_an_interrupted_token_extraction_resumes_from_its_parts(stage1_ckpt, labelled_folder, tmp_path, monkeypatch):
     folder = str(labelled_folder / "imagenet" / "train")
     clean = tmp_path / "clean"

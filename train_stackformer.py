@@ -402,6 +402,9 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     stage1 = load_checkpoint(cfg.stage1, "mqvae")
     cfg = resolve_defaults(cfg, stage1["train_config"])
     ckpt_path, ckpt, cfg = resume_from(cfg, "stackformer", explicit, RUN_CONTROL, log)
+    for key, before in dict(views=1, cond_drop=0.0).items():      # a checkpoint older than these flags ran so
+        if ckpt is not None and key not in ckpt["train_config"]:
+            setattr(cfg, key, before)
     validate(cfg)
     cuda = device.type == "cuda"
     if cuda:
