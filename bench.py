@@ -250,25 +250,36 @@ def stackformer_train_bench(preset, seq_len, num_positions, batch, device, compi
                 peak_memory_gb=peak_memory_gb(device))
 
 
-def sampling_bench(preset, seq_len, num_positions, batch, device, mode, decoder=None, iters=2):
-    """mode: "graph" (fast_sampling: steps replayed as a CUDA graph), "graph+compile" (the step compiled
-    first), "kv" (the reference sampler: KV cache, eager), "no-cache"."""
+def sampling_model(preset, seq_len, num_positions, device, guided=False, **config):
+    """A random Stackformer for the sampling cases; guided: class-conditional (1000 classes) with a null class,
+    so that classifier-free guidance runs."""
     torch.manual_seed(0)
+    if guided:
+        config.update(cond="class", num_classes=1000, cond_drop=0.1)
     cfg = stackformer.StackformerConfig(**stackformer.PRESETS[preset], codebook_size=1024 if preset != "tiny" else 64,
-                                        num_positions=num_positions, seq_len=seq_len)
-    model = stackformer.Stackformer(cfg).to(device).eval()
+                                        num_positions=num_positions, seq_len=seq_len, **config)
+    return stackformer.Stackformer(cfg).to(device).eval()
+
+
+def sampling_bench(preset, seq_len, num_positions, batch, device, mode, decoder=None, iters=2, cfg_scale=None):
+    """mode: "graph" (fast_sampling: steps replayed as a CUDA graph), "graph+compile" (the step compiled
+    first), "kv" (the reference sampler: KV cache, eager), "no-cache". cfg_scale: a class-conditional model,
+    classes cycled, sampled at that guidance scale (1: conditional, no second stream)."""
+    guided = cfg_scale is not None
+    model = sampling_model(preset, seq_len, num_positions, device, guided=guided)
     if device.type == "cuda":
         model.to(torch.bfloat16)
+    settings = dict(cond=torch.arange(batch, device=device) % 1000, cfg_scale=cfg_scale) if guided else dict(batch_size=batch)
     fast = dict(cuda_graph=mode.startswith("graph"), compile=mode == "graph+compile",
                 reuse={})   # as sample.py: graphs captured by the first (warm-up) batch, replayed by the others
 
     def run():
         if mode == "no-cache":
-            codes, positions = model.generate(batch_size=batch, use_kv_cache=False)
+            codes, positions = model.generate(use_kv_cache=False, **settings)
         elif mode == "kv":
-            codes, positions = model.generate(batch_size=batch)     # the reference sampler, eager
+            codes, positions = model.generate(**settings)     # the reference sampler, eager
         else:
-            codes, positions = fast_sampling.generate(model, batch_size=batch, **fast)
+            codes, positions = fast_sampling.generate(model, **fast, **settings)
         if decoder is not None:  # fp32, 64 images at a time, as sample.py does
             with torch.no_grad():
                 for i in range(0, batch, 64):
@@ -280,19 +291,32 @@ def sampling_bench(preset, seq_len, num_positions, batch, device, mode, decoder=
 
 def sampling_paths_agree(device, compile=False) -> bool:
     """Do the fast sampler (CUDA graph, attend_cache kernel, compiled with compile), the reference KV-cache
-    sampler and the no-cache path draw the same tokens? fp32, a small model, greedy and seeded draws."""
-    torch.manual_seed(0)
-    cfg = stackformer.StackformerConfig(**stackformer.PRESETS["demo"], codebook_size=256, num_positions=256, seq_len=64)
-    model = stackformer.Stackformer(cfg).to(device).eval()
+    sampler and the no-cache path draw the same tokens? fp32, small models, greedy and seeded draws:
+    unconditional, and class-conditional with guidance (scale 2, and a linear ramp to 3 on the codes only)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # fp32 proper: TF32's
+    try:                            # rounding differs between the paths, and guidance amplifies it into other tokens
+        return _sampling_paths_agree(device, compile)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _sampling_paths_agree(device, compile: bool) -> bool:
     agree = True
-    for greedy in (True, False):
-        seeded = lambda: torch.Generator(device=device).manual_seed(1)
-        outs = [model.generate(batch_size=8, greedy=greedy, generator=seeded()),
-                model.generate(batch_size=8, greedy=greedy, generator=seeded(), use_kv_cache=False),
-                fast_sampling.generate(model, batch_size=8, greedy=greedy, generator=seeded())]
-        if compile:
-            outs.append(fast_sampling.generate(model, batch_size=8, greedy=greedy, generator=seeded(), compile=True))
-        agree &= all(torch.equal(outs[0][0], o[0]) and torch.equal(outs[0][1], o[1]) for o in outs[1:])
+    cases = [(False, {}), (True, dict(cfg_scale=2.0)),
+             (True, dict(cfg_scale=3.0, cfg_schedule="linear", cfg_codes_only=True))]
+    for guided, guidance in cases:
+        model = sampling_model("demo", 64, 256, device, guided=guided)
+        rows = dict(cond=torch.arange(8, device=device) % 1000) if guided else dict(batch_size=8)
+        for greedy in (True, False):
+            seeded = lambda: torch.Generator(device=device).manual_seed(1)
+            settings = dict(greedy=greedy, **rows, **guidance)
+            outs = [model.generate(generator=seeded(), **settings),
+                    model.generate(generator=seeded(), use_kv_cache=False, **settings),
+                    fast_sampling.generate(model, generator=seeded(), **settings)]
+            if compile:
+                outs.append(fast_sampling.generate(model, generator=seeded(), compile=True, **settings))
+            agree &= all(torch.equal(outs[0][0], o[0]) and torch.equal(outs[0][1], o[1]) for o in outs[1:])
     return agree
 
 
@@ -498,18 +522,20 @@ def case_4(b: SimpleNamespace, compiled: bool):
     results, device = b.results, b.device
     seq_len, num_positions = b.lengths[0]
     if compiled:
-        for batch in (64, 256):
+        for batch, scale in ((64, None), (256, None), (64, 1.0), (64, 2.0)):
             torch._dynamo.reset()   # each batch size compiles afresh, as in a sample.py run
-            r = sampling_bench(b.sf_preset, seq_len, num_positions, batch, device, "graph+compile")
-            results[f"sampling_b{batch}_graph_compiled"] = r
-            results.row(f"4 sampling {b.sf_preset}, N={seq_len}, batch {batch}, graph, compiled step, tokens only",
+            r = sampling_bench(b.sf_preset, seq_len, num_positions, batch, device, "graph+compile", cfg_scale=scale)
+            name = "" if scale is None else f"_class_cfg{scale:g}"
+            results[f"sampling_b{batch}_graph_compiled{name}"] = r
+            results.row(f"4 sampling {b.sf_preset}, N={seq_len}, batch {batch}, graph, compiled step"
+                        + ("" if scale is None else f", class, cfg scale {scale:g}") + ", tokens only",
                         f"{r['images_per_s']:.1f} img/s", f"{r['seconds_per_batch']:.2f} s/batch")
         return
     decoder = mqvae.MQVAE(b.f8).to(device).eval()
     check_compiled = b.compile and not b.smoke
     results["sampling_paths_agree"] = sampling_paths_agree(device, compile=check_compiled)
     results.row("4 fp32 tokens equal: fast / KV / no-cache" + (" / compiled" if check_compiled else ""),
-                str(results["sampling_paths_agree"]), "greedy and seeded")
+                str(results["sampling_paths_agree"]), "greedy and seeded; unconditional and guided")
     for batch in ([2] if b.smoke else [64, 256]):
         for mode in (["kv", "no-cache"] if b.smoke else ["graph", "kv", "no-cache"]):
             r = sampling_bench(b.sf_preset, seq_len, num_positions, batch, device, mode,
@@ -522,6 +548,14 @@ def case_4(b: SimpleNamespace, compiled: bool):
                            iters=1 if b.smoke else 2)
         results[f"sampling_b{batch}_{mode}_with_decoding"] = r
         results.row(f"4 sampling batch {batch}, {mode}, with MQ-VAE decoding", f"{r['images_per_s']:.1f} img/s")
+    guided_batches, mode = ([2], "kv") if b.smoke else ([64, 256], "graph")
+    for batch in guided_batches:      # the cost of classifier-free guidance: a second stream of B rows
+        for scale in (1.0, 2.0):
+            r = sampling_bench(b.sf_preset, seq_len, num_positions, batch, device, mode, cfg_scale=scale,
+                               iters=1 if b.smoke else 2)
+            results[f"sampling_b{batch}_{mode}_class_cfg{scale:g}"] = r
+            results.row(f"4 sampling {b.sf_preset}, N={seq_len}, batch {batch}, {mode}, class, cfg scale {scale:g}, tokens only",
+                        f"{r['images_per_s']:.1f} img/s", f"{r['seconds_per_batch']:.2f} s/batch")
 
 
 def case_5(b: SimpleNamespace, compiled: bool):

@@ -2432,9 +2432,10 @@ def test_bench_cpu_smoke_runs_every_case(tmp_path):
     results = bench.main(["--cpu-smoke", "--json", path])
     saved = json.load(open(path))
     for key in ("mqvae_step_b2_channels_last", "mqvae_component_shares_b8", "masking_cost_b2",
-                "stackformer_train_L16_b2", "sampling_b2_kv", "sampling_b2_no-cache", "fid_features_b200"):
+                "stackformer_train_L16_b2", "sampling_b2_kv", "sampling_b2_no-cache", "sampling_b2_kv_class_cfg1",
+                "sampling_b2_kv_class_cfg2", "fid_features_b200"):
         assert key in saved and key in results
-    assert saved["sampling_paths_agree"] is True
+    assert saved["sampling_paths_agree"] is True                 # unconditional and guided, fp32
     assert saved["mqvae_step_b2_channels_last"]["images_per_s"] > 0
     assert abs(sum(v["share"] for v in saved["mqvae_component_shares_b8"].values()) - 1.0) < 1e-6
 
