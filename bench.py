@@ -293,12 +293,8 @@ def sampling_paths_agree(device, compile=False) -> bool:
     """Do the fast sampler (CUDA graph, attend_cache kernel, compiled with compile), the reference KV-cache
     sampler and the no-cache path draw the same tokens? fp32, small models, greedy and seeded draws:
     unconditional, and class-conditional with guidance (scale 2, and a linear ramp to 3 on the codes only)."""
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # fp32 proper: TF32's
-    try:                            # rounding differs between the paths, and guidance amplifies it into other tokens
+    with utils.exact_fp32():    # TF32 rounds differently in each path, and guidance amplifies that into other tokens
         return _sampling_paths_agree(device, compile)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _sampling_paths_agree(device, compile: bool) -> bool:
@@ -351,14 +347,14 @@ def fid_bench(batch, device, rounds=6, iters=10):
     images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)
 
     def ours():
-        with torch.inference_mode(), fid.exact_fp32():
+        with torch.inference_mode(), utils.exact_fp32():
             return model(images.float() / 255.0)
 
     nets = {"images_per_s": ours}
     reference = pytorch_fid_with_weights(model.state_dict(), device)
     if reference is not None:
         def theirs():
-            with torch.inference_mode(), fid.exact_fp32():
+            with torch.inference_mode(), utils.exact_fp32():
                 return reference(images.float() / 255.0)[0].flatten(1)
         nets["pytorch_fid_images_per_s"] = theirs
     autotune = torch.backends.cudnn.benchmark

@@ -67,7 +67,7 @@ from torchvision.models.inception import (
 )
 from tqdm import tqdm
 
-from utils import FlagParser, UserError
+from utils import FlagParser, UserError, exact_fp32
 
 WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/"
@@ -289,32 +289,6 @@ def build_inception(weights=None, dims=2048, device="cpu"):
     model = FIDInception(dims)
     load_weights(model, weights)
     return model.to(device).eval()
-
-
-@contextlib.contextmanager
-def exact_fp32():
-    """Disable TF32 for convolutions and matmuls inside the block, then restore.
-
-    pytorch-fid's reference numbers are plain fp32; TF32 rounds conv inputs to
-    10 mantissa bits, which moves the features and the FID by more than the
-    1e-4 relative agreement this script promises.
-    """
-    b = torch.backends
-    if hasattr(b.cudnn, "conv") and hasattr(b.cudnn.conv, "fp32_precision"):
-        # torch >= 2.9 warns or errors when the legacy allow_tf32 flags are mixed with these
-        saved = b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision
-        b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision = "ieee", "ieee"
-        try:
-            yield
-        finally:
-            b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision = saved
-    else:
-        saved = b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32
-        b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = False, False
-        try:
-            yield
-        finally:
-            b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = saved
 
 
 # -----------------------------------------------------------------------------
