@@ -289,20 +289,20 @@ def sampling_bench(preset, seq_len, num_positions, batch, device, mode, decoder=
     return dict(images_per_s=batch / seconds, seconds_per_batch=seconds)
 
 
-def sampling_paths_agree(device, compile=False) -> bool:
+def sampling_paths_agree(device, compile=False, preset="demo") -> bool:
     """Do the fast sampler (CUDA graph, attend_cache kernel, compiled with compile), the reference KV-cache
     sampler and the no-cache path draw the same tokens? fp32, small models, greedy and seeded draws:
     unconditional, and class-conditional with guidance (scale 2, and a linear ramp to 3 on the codes only)."""
     with utils.exact_fp32():    # TF32 rounds differently in each path, and guidance amplifies that into other tokens
-        return _sampling_paths_agree(device, compile)
+        return _sampling_paths_agree(device, compile, preset)
 
 
-def _sampling_paths_agree(device, compile: bool) -> bool:
+def _sampling_paths_agree(device, compile: bool, preset: str) -> bool:
     agree = True
     cases = [(False, {}), (True, dict(cfg_scale=2.0)),
              (True, dict(cfg_scale=3.0, cfg_schedule="linear", cfg_codes_only=True))]
     for guided, guidance in cases:
-        model = sampling_model("demo", 64, 256, device, guided=guided)
+        model = sampling_model(preset, 64, 256, device, guided=guided)
         rows = dict(cond=torch.arange(8, device=device) % 1000) if guided else dict(batch_size=8)
         for greedy in (True, False):
             seeded = lambda: torch.Generator(device=device).manual_seed(1)
@@ -529,7 +529,7 @@ def case_4(b: SimpleNamespace, compiled: bool):
         return
     decoder = mqvae.MQVAE(b.f8).to(device).eval()
     check_compiled = b.compile and not b.smoke
-    results["sampling_paths_agree"] = sampling_paths_agree(device, compile=check_compiled)
+    results["sampling_paths_agree"] = sampling_paths_agree(device, compile=check_compiled, preset=b.sf_preset if b.smoke else "demo")
     results.row("4 fp32 tokens equal: fast / KV / no-cache" + (" / compiled" if check_compiled else ""),
                 str(results["sampling_paths_agree"]), "greedy and seeded; unconditional and guided")
     for batch in ([2] if b.smoke else [64, 256]):

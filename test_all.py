@@ -2590,8 +2590,12 @@ def test_every_script_rejects_bad_flags_with_one_line_and_no_traceback(both_chec
         (["bench.py", "--case", "4"], "did you mean --cases"),
     ]
     assert len(cases) >= 25
-    for args, expected in cases:
-        r = run_script(args + (["--out-dir", str(tmp_path / "o")] if args[0].startswith("train") else []))
+    from concurrent.futures import ThreadPoolExecutor
+    with ThreadPoolExecutor(2) as pool:     # each case is a process of its own; two at a time
+        results = list(pool.map(lambda i: run_script(cases[i][0] + (["--out-dir", str(tmp_path / f"o{i}")]
+                                                                   if cases[i][0][0].startswith("train") else [])),
+                                range(len(cases))))
+    for (args, expected), r in zip(cases, results):
         lines = [line for line in r.stderr.strip().splitlines() if line.strip()]
         assert r.returncode != 0, (args, r.stdout[-500:])
         assert "Traceback" not in r.stderr, (args, r.stderr[-1500:])
