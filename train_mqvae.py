@@ -48,7 +48,7 @@ from torch.utils.data import DataLoader
 
 import data
 from mqvae import MQVAE, MQVAEConfig, PRESETS, PatchDiscriminator
-from utils import (COMPILE_MODES, TrainingRun, UserError, atomic_path, check, check_identical_across_ranks,
+from utils import (COMPILE_MODES, TrainingRun, UserError, atomic_path, barrier, check, check_identical_across_ranks,
                    check_positive, default_workers, fill_defaults, ignore_interrupts, launch, load_checkpoint, mqvae_from_checkpoint, resume_from, run_main,
                    save_grid, seed_or_restore_rng, strip_compile_prefix, warmup_cosine_lr, write_json)
 
@@ -599,7 +599,7 @@ def build_networks(cfg: TrainConfig, mcfg: MQVAEConfig, peak_lr: float, ckpt: Op
         if rank == 0:  # one download, not one per process
             fetch_vgg16(default_vgg_path())
         if world > 1:
-            dist.barrier()
+            barrier()
     lpips_fn = build_lpips(cfg.lpips_vgg).to(device) if cfg.perceptual_weight > 0 else None
     cuda = device.type == "cuda"
     opt_ae = torch.optim.Adam(model.parameters(), lr=peak_lr, betas=(0.5, 0.9), **({"fused": True} if cuda else {}))

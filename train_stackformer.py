@@ -49,7 +49,7 @@ from tqdm import tqdm
 import data
 import fast_sampling
 from stackformer import PRESETS, Stackformer, StackformerConfig, WordTokenizer, reproducible_attention
-from utils import (COMPILE_MODES, TrainingRun, UserError, atomic_path, check, check_identical_across_ranks,
+from utils import (COMPILE_MODES, TrainingRun, UserError, atomic_path, barrier, check, check_identical_across_ranks,
                    check_positive, default_workers, fill_defaults, ignore_interrupts, launch, load_checkpoint, mqvae_from_checkpoint, resume_from, run_main,
                    save_grid, seed_or_restore_rng, strip_compile_prefix, warmup_cosine_lr, write_json)
 
@@ -165,9 +165,9 @@ def file_sha256(path: str) -> str:
 # -----------------------------------------------------------------------------
 # Token pre-extraction
 
-def barrier(world: int):
+def sync_ranks(world: int):
     if world > 1:
-        dist.barrier()
+        barrier()
 
 
 def captions_of(dataset, index: int):
@@ -256,7 +256,7 @@ def build_token_cache(cfg, mqvae, stage1_sha: str, split: str, device, rank: int
         if not (os.path.isfile(key_path) and json.load(open(key_path)) == key):
             shutil.rmtree(folder, ignore_errors=True)
             write_json(key_path, key)
-    barrier(world)
+    sync_ranks(world)
     M, N, copies = len(dataset), mqvae.config.seq_len, views * (1 + flip)
     if rank == 0:
         print(f"encoding {split} split: {M} images x {views} view(s){' + mirror images' if flip else ''} = "
@@ -278,10 +278,10 @@ def build_token_cache(cfg, mqvae, stage1_sha: str, split: str, device, rank: int
                 part["bad"] = np.array(sorted(unreadable.seen), dtype=np.int64)
                 with atomic_path(path) as tmp, open(tmp, "wb") as fh:
                     np.savez(fh, **part)
-    barrier(world)
+    sync_ranks(world)
     if rank == 0:
         merge_token_parts(cfg, folder, dataset, key, views, flip, world, len(chunks), tokenizer)
-    barrier(world)
+    sync_ranks(world)
     return folder
 
 

@@ -194,6 +194,14 @@ def setup_distributed():
     return rank, world, local_rank, device
 
 
+def barrier():
+    """dist.barrier(), naming this rank's GPU under NCCL (else NCCL guesses it from the rank, and warns)."""
+    if dist.get_backend() == "nccl":
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
 def cleanup_distributed():
     """Leave the process group at the end of a run that succeeded on every rank. What still holds the
     group (DDP's reducer, kept alive by reference cycles) is collected first, and the ranks meet at a
@@ -201,7 +209,7 @@ def cleanup_distributed():
     to the process exit: destroying it while another rank waits in a collective can hang."""
     if dist.is_available() and dist.is_initialized():
         gc.collect()
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
 
 
