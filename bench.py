@@ -3,7 +3,7 @@ Speed benchmarks for every stage, on one GPU (CUDA-synchronised timing after war
 
     python bench.py                     # all cases, prints a table, writes bench.json
     python bench.py --cases 1,2         # only some: 1 MQ-VAE step, 2 cost of masking, 3 Stackformer
-                                        # training, 4 sampling, 5 FID features
+                                        # training, 4 sampling (plain and guided), 5 FID features
     python bench.py --compile           # cases 1-4 also with torch.compile (cases 1-3 also with CUDA graphs)
     python bench.py --cpu-smoke         # every case once with tiny models on the CPU (what the tests run)
     torchrun --standalone --nproc_per_node=2 bench.py --ddp
@@ -514,7 +514,8 @@ def case_3(b: SimpleNamespace, compiled: bool):
 
 
 def case_4(b: SimpleNamespace, compiled: bool):
-    """Sampling speed: the fast sampler (graph, and compiled), the reference KV-cache loop, no cache."""
+    """Sampling speed: the fast sampler (graph, and compiled), the reference KV-cache loop, no cache; the cost of
+    classifier-free guidance (a class-conditional model at scale 1 and 2)."""
     results, device = b.results, b.device
     seq_len, num_positions = b.lengths[0]
     if compiled:
