@@ -80,12 +80,13 @@ def main():
     parser.add_argument("--n", type=int, default=300, help="samples per scale")
     parser.add_argument("--batch-size", type=int, default=100, help="samples per generate() call")
     parser.add_argument("--steps", type=int, default=3000, help="classifier training steps (batch 64)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="class_consistency.json")
     parser.add_argument("--grid", default="class_consistency.png")
     args = parser.parse_args()
     torch.manual_seed(0)
-    model, mqvae, _, _ = load_stackformer(args.ckpt)
-    device = model.code_emb.weight.device
+    device = torch.device(args.device)
+    model, mqvae, _, _ = load_stackformer(args.ckpt, device)
     size = mqvae.config.resolution
     x_train, _, holds_train = shapes_images(size, 12000, "train")
     x_val, y_val, holds_val = shapes_images(size, 1000, "val")
