@@ -2427,6 +2427,36 @@ def test_every_script_help_lists_its_flags_with_their_comments():
         assert "--batch-size" in text and comments["batch_size"].split()[0] in text
 
 
+def test_caption_judge_finds_the_colours_an_image_shows():
+    sys.path.insert(0, os.path.join(HERE, "docs"))
+    import caption_consistency as cc
+    image = np.full((20, 20, 3), 128, np.uint8)
+    image[2:6, 2:6] = data.COLORS["red"]                      # 16 of 400 pixels: 4%
+    image[10, 10] = data.COLORS["blue"]                       # 1 pixel: 0.25%
+    image[12:14, 12:14] = np.array(data.COLORS["green"]) + 40  # 4%, but 40 off per channel
+    judge = dict(tolerance=32, min_share=0.02)
+    assert cc.shown_colours(image, ["red", "blue", "green", "yellow"], **judge) == [True, False, False, False]
+    assert cc.shown_colours(image, ["green"], tolerance=48, min_share=0.01) == [True]
+    assert cc.share_shown([image, image], [["red"], ["red", "blue", "white"]], **judge) == 0.5
+
+
+def test_the_guidance_measurement_scripts_run_and_write_their_figures(ckpts, tmp_path):
+    """docs/class_consistency.py and docs/caption_consistency.py on tiny checkpoints (scale 1: they have no null
+    condition), so that the scripts behind docs/findings.md keep running as the code changes."""
+    runs = [("class_consistency.py", ckpts["class"], ["--steps", "5", "--train-images", "64", "--val-images", "32",
+                                                      "--grid", str(tmp_path / "c.png")]),
+            ("caption_consistency.py", ckpts["text"], [])]
+    for script, ckpt, extra in runs:
+        out = tmp_path / f"{script}.json"
+        r = run_script([os.path.join("docs", script), "--ckpt", ckpt, "--scales", "1", "--n", "6", "--batch-size", "3",
+                        "--device", "cpu", "--json", str(out), *extra])
+        assert r.returncode == 0, r.stderr[-2000:]
+        result = json.load(open(out))
+        assert list(result["scales"]) == ["1"] and result["n"] == 6
+        assert all(0.0 <= v <= 1.0 for k, v in result.items() if isinstance(v, float))
+    assert os.path.getsize(tmp_path / "c.png") > 0
+
+
 def test_bench_cpu_smoke_runs_every_case(tmp_path):
     path = str(tmp_path / "bench.json")
     results = bench.main(["--cpu-smoke", "--json", path])
