@@ -505,7 +505,8 @@ def sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> di
         gathered = [None] * world
         dist.all_gather_object(gathered, (stats, grid_images, grid_positions))   # also the barrier before the merge
         stats = dict(generated=sum(s["generated"] for s, _, _ in gathered), skipped=sum(s["skipped"] for s, _, _ in gathered),
-                     **{key: max(s[key] for s, _, _ in gathered) for key in ("token_s", "decode_s", "wall_s")})
+                     steady_images_per_s=sum(s["steady_images_per_s"] for s, _, _ in gathered),
+                     **{key: max(s[key] for s, _, _ in gathered) for key in ("token_s", "decode_s", "wall_s", "first_chunk_s")})
         grid_images = [part for _, g, _ in gathered for part in g]
         grid_positions = [part for _, _, p in gathered for part in p]
     if not master:
@@ -532,7 +533,9 @@ def sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> di
         + (f", {stats['skipped']} already there (--skip-existing)" if stats["skipped"] else "")
         + (f" | tokens only {made / max(stats['token_s'], 1e-9):.1f} img/s, with decoding "
            f"{made / max(stats['token_s'] + stats['decode_s'], 1e-9):.1f} img/s "
-           f"(generate {stats['token_s']:.1f} s, decode {stats['decode_s']:.1f} s)" if made else ""))
+           f"(generate {stats['token_s']:.1f} s, decode {stats['decode_s']:.1f} s)" if made else "")
+        + (f"; the first chunk, which also warms up, took {stats['first_chunk_s']:.1f} s, the others ran at "
+           f"{stats['steady_images_per_s']:.1f} img/s with decoding" if stats["steady_images_per_s"] > 0 else ""))
     return dict(stats, n=n, grid=grid, positions_grid=positions_grid)
 
 
@@ -587,6 +590,7 @@ def sample_chunks(cfg: SampleConfig, model, mqvae, cond: Conditioning, chunks, s
     grid_images, grid_positions = [], []
     generated = skipped = done = 0
     token_s = decode_s = 0.0
+    first = None    # (images, seconds) of the first chunk sampled: it also warms up (kernels, graph capture, compile)
     t_start = t_log = time.perf_counter()
     writer = ThreadPoolExecutor(max_workers=4) if cfg.out_dir else None   # PNG encoding overlaps the next chunk
     pending = []
@@ -607,6 +611,7 @@ def sample_chunks(cfg: SampleConfig, model, mqvae, cond: Conditioning, chunks, s
                 generated += stop - start
                 token_s += chunk.token_seconds
                 decode_s += chunk.decode_seconds
+                first = first or (stop - start, chunk.token_seconds + chunk.decode_seconds)
                 for future in pending:   # at most one chunk of PNGs in flight
                     future.result()
                 pending = [writer.submit(write_png, image, f) for image, f in zip(images, files)] if writer else []
@@ -629,8 +634,10 @@ def sample_chunks(cfg: SampleConfig, model, mqvae, cond: Conditioning, chunks, s
     finally:
         if writer:
             writer.shutdown(wait=True)
+    first_images, first_s = first or (0, 0.0)
     stats = dict(generated=generated, skipped=skipped, token_s=token_s, decode_s=decode_s,
-                 wall_s=time.perf_counter() - t_start)
+                 wall_s=time.perf_counter() - t_start, first_chunk_s=first_s,
+                 steady_images_per_s=(generated - first_images) / max(token_s + decode_s - first_s, 1e-9))
     return stats, npz_images, npz_indices, grid_images, grid_positions
 
 

@@ -2278,6 +2278,11 @@ def test_npz_png_folder_and_library_hold_the_same_pixels(ckpts, tmp_path, capsys
     assert np.array_equal(grid[2:18, 2:18], pngs[0]) and np.array_equal(grid[20:36, 2:18], pngs[3])
     out = capsys.readouterr().out
     assert summary["generated"] == 7 and "done: 7 images sampled" in out and "img/s" in out
+    # chunks of 3, 3 and 1 images: the first also warms up, and the rate of the other 4 is reported beside it
+    others_s = summary["token_s"] + summary["decode_s"] - summary["first_chunk_s"]
+    assert 0 < summary["first_chunk_s"] and 0 < others_s
+    assert abs(summary["steady_images_per_s"] - 4 / others_s) < 1e-6 * summary["steady_images_per_s"]
+    assert f"the first chunk, which also warms up, took {summary['first_chunk_s']:.1f} s" in out
 
 
 def test_skip_existing_regenerates_nothing_that_exists_and_resumes_to_the_uninterrupted_folder(ckpts, tmp_path):
