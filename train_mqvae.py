@@ -598,8 +598,7 @@ def build_networks(cfg: TrainConfig, mcfg: MQVAEConfig, peak_lr: float, ckpt: Op
     if cfg.perceptual_weight > 0 and cfg.lpips_vgg is None and not os.path.isfile(default_vgg_path()):
         if rank == 0:  # one download, not one per process
             fetch_vgg16(default_vgg_path())
-        if world > 1:
-            barrier()
+        barrier()
     lpips_fn = build_lpips(cfg.lpips_vgg).to(device) if cfg.perceptual_weight > 0 else None
     cuda = device.type == "cuda"
     opt_ae = torch.optim.Adam(model.parameters(), lr=peak_lr, betas=(0.5, 0.9), **({"fused": True} if cuda else {}))

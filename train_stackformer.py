@@ -165,11 +165,6 @@ def file_sha256(path: str) -> str:
 # -----------------------------------------------------------------------------
 # Token pre-extraction
 
-def sync_ranks(world: int):
-    if world > 1:
-        barrier()
-
-
 def captions_of(dataset, index: int):
     if isinstance(dataset, data.ShapesDataset):
         return [dataset.caption(index)]
@@ -256,7 +251,7 @@ def build_token_cache(cfg, mqvae, stage1_sha: str, split: str, device, rank: int
         if not (os.path.isfile(key_path) and json.load(open(key_path)) == key):
             shutil.rmtree(folder, ignore_errors=True)
             write_json(key_path, key)
-    sync_ranks(world)
+    barrier()
     M, N, copies = len(dataset), mqvae.config.seq_len, views * (1 + flip)
     if rank == 0:
         print(f"encoding {split} split: {M} images x {views} view(s){' + mirror images' if flip else ''} = "
@@ -278,10 +273,10 @@ def build_token_cache(cfg, mqvae, stage1_sha: str, split: str, device, rank: int
                 part["bad"] = np.array(sorted(unreadable.seen), dtype=np.int64)
                 with atomic_path(path) as tmp, open(tmp, "wb") as fh:
                     np.savez(fh, **part)
-    sync_ranks(world)
+    barrier()
     if rank == 0:
         merge_token_parts(cfg, folder, dataset, key, views, flip, world, len(chunks), tokenizer)
-    sync_ranks(world)
+    barrier()
     return folder
 
 

@@ -195,7 +195,10 @@ def setup_distributed():
 
 
 def barrier():
-    """dist.barrier(), naming this rank's GPU under NCCL (else NCCL guesses it from the rank, and warns)."""
+    """dist.barrier() when there is a process group (else nothing), naming this rank's GPU under NCCL (else NCCL
+    guesses it from the rank, and warns)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
     if dist.get_backend() == "nccl":
         dist.barrier(device_ids=[torch.cuda.current_device()])
     else:
