@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data      # noqa: E402  (the project's modules, from the folder above)
-import sample    # noqa: E402
+from class_consistency import as_input, guidance_arguments, samples_per_scale   # noqa: E402  (beside this file)
 from utils import load_stackformer   # noqa: E402
 
 
@@ -42,24 +42,20 @@ def share_shown(images, colour_lists, tolerance: int, min_share: float) -> float
 @torch.no_grad()
 def reconstructed(mqvae, images: list, device) -> list:
     """The images encoded and decoded by the MQ-VAE, as uint8 (H, W, 3) arrays."""
-    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+    x = as_input(images).to(device)
     out = []
     for i in range(0, len(x), 100):
         codes, positions, _ = mqvae.encode(x[i:i + 100])
-        y = mqvae.decode(codes, positions).clamp(-1, 1).add(1).mul(127.5).round().byte()
-        out += list(y.permute(0, 2, 3, 1).cpu().numpy())
+        out += list(data.to_uint8(mqvae.decode(codes, positions)).cpu().numpy())
     return out
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="a text-conditional Stackformer trained on the shapes data")
-    parser.add_argument("--scales", default="1,1.5,2,3,4", help="guidance scales, comma-separated")
+    guidance_arguments(parser, "text-conditional")
     parser.add_argument("--n", type=int, default=300, help="validation captions, one sample each per scale")
-    parser.add_argument("--batch-size", type=int, default=100, help="samples per generate() call")
     parser.add_argument("--tolerance", type=int, default=48, help="per-channel distance to the colour, of 255")
     parser.add_argument("--min-share", type=float, default=0.02, help="share of the pixels a shown colour covers")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="caption_consistency.json")
     args = parser.parse_args()
     model, mqvae, tokenizer, _ = load_stackformer(args.ckpt, torch.device(args.device))
@@ -77,9 +73,7 @@ def main():
           f"{result['ceiling_through_mqvae']:.1%} through the MQ-VAE), {result['ignoring_caption']:.1%} of those the "
           f"next caption names (samples that ignore their caption)")
     tokens = tokenizer.encode_batch(captions)
-    for scale in (float(s) for s in args.scales.split(",")):
-        images = sample.sample_images(model, mqvae, args.n, cond=tokens, batch_size=args.batch_size, seed=0,
-                                      cfg_scale=scale)
+    for scale, images in samples_per_scale(args, model, mqvae, tokens):
         shown = share_shown(images, colours, **judge)
         result["scales"][f"{scale:g}"] = shown
         print(f"cfg scale {scale:g}: the samples show {shown:.1%} of the colours their captions name", flush=True)

@@ -73,16 +73,33 @@ def finds(net, x, device, batch: int = 500) -> torch.Tensor:
     return torch.cat([net(x[i:i + batch].to(device)).cpu() > 0 for i in range(0, len(x), batch)])
 
 
+def as_input(images) -> torch.Tensor:
+    """uint8 (n, H, W, 3) images -> (n, 3, H, W) in [-1, 1], as the data loaders give them."""
+    return torch.stack([data.to_tensor(image) for image in images])
+
+
+def guidance_arguments(parser, what: str):
+    """The flags this script and caption_consistency.py share; what: the kind of checkpoint."""
+    parser.add_argument("--ckpt", required=True, help=f"a {what} Stackformer trained on the shapes data")
+    parser.add_argument("--scales", default="1,1.5,2,3,4", help="guidance scales, comma-separated")
+    parser.add_argument("--batch-size", type=int, default=100, help="samples per generate() call")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def samples_per_scale(args, model, mqvae, cond):
+    """(scale, uint8 (n, H, W, 3) samples, one per condition row, seed 0) for every --scales value."""
+    for scale in (float(s) for s in args.scales.split(",")):
+        yield scale, sample.sample_images(model, mqvae, len(cond), cond=cond, batch_size=args.batch_size, seed=0,
+                                          cfg_scale=scale)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    parser.add_argument("--ckpt", required=True, help="a class-conditional Stackformer trained on the shapes data")
-    parser.add_argument("--scales", default="1,1.5,2,3,4", help="guidance scales, comma-separated")
+    guidance_arguments(parser, "class-conditional")
     parser.add_argument("--n", type=int, default=300, help="samples per scale")
-    parser.add_argument("--batch-size", type=int, default=100, help="samples per generate() call")
     parser.add_argument("--steps", type=int, default=3000, help="classifier training steps (batch 64)")
     parser.add_argument("--train-images", type=int, default=12000, help="classifier training images")
     parser.add_argument("--val-images", type=int, default=1000, help="real images for the two references")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default="class_consistency.json")
     parser.add_argument("--grid", default="class_consistency.png")
     args = parser.parse_args()
@@ -105,10 +122,8 @@ def main():
           f"class in {result['ignoring_class']:.1%} (samples that ignore their class)")
     labels = torch.arange(args.n) % model.config.num_classes
     firsts = []
-    for scale in (float(s) for s in args.scales.split(",")):
-        images = sample.sample_images(model, mqvae, args.n, cond=labels, batch_size=args.batch_size, seed=0,
-                                      cfg_scale=scale)
-        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    for scale, images in samples_per_scale(args, model, mqvae, labels):
+        x = as_input(images)
         found = finds(net, x, device)
         shows = found[torch.arange(args.n), labels].float().mean().item()
         kinds = found.float().sum(1).mean().item()
