@@ -186,6 +186,16 @@ def _attn_resolutions(cfg: MQVAEConfig):
     return cfg.attn_resolutions if cfg.attn_resolutions is not None else (cfg.grid_size,)
 
 
+def _run_level(level: nn.Module, h):
+    """One resolution level of the encoder or decoder: its ResNet blocks, each followed by its attention
+    block where the level has them."""
+    for j, block in enumerate(level.block):
+        h = block(h)
+        if len(level.attn) > 0:
+            h = level.attn[j](h)
+    return h
+
+
 class Encoder(nn.Module):
     """The VQGAN encoder: x (B,3,R,R) -> Ẑ (B,z_channels,R/f,R/f)."""
 
@@ -219,10 +229,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn) > 0:
-                    h = level.attn[j](h)
+            h = _run_level(level, h)
             if hasattr(level, "downsample"):
                 h = level.downsample(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
@@ -459,10 +466,7 @@ class Decoder(nn.Module):
     def features(self, h):
         """Everything but the last conv (which the adaptive GAN weight differentiates at)."""
         for level in reversed(self.up):
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn) > 0:
-                    h = level.attn[j](h)
+            h = _run_level(level, h)
             if hasattr(level, "upsample"):
                 h = level.upsample(h)
         return F.silu(self.norm_out(h))
