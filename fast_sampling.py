@@ -209,7 +209,7 @@ def generate(model: Stackformer, batch_size: Optional[int] = None, cond: Optiona
     was_training = model.training
     model.eval()
     if kept and cond is not None:    # the kept sampler's condition rows are this call's
-        sampler.cond = torch.cat([cond, model.null_condition(cond)]) if sampler.guided else cond
+        sampler.set_condition(model, cond)
     with reproducible_attention(), room_for_compiled_steps():
         model.sample_step(sampler, caches, 0, sampler.cond)     # step 0 reads the condition (a whole caption for text)
         t_now.fill_(1)

@@ -522,7 +522,7 @@ class Sampler:
         self.pos_filter = (temperature if pos_temperature is None else pos_temperature, pos_top_k, pos_top_p)
         self.rule, self.greedy, self.batch_size = rule, greedy, batch_size
         self.cfg_scale, self.cfg_linear, self.cfg_codes_only = cfg_scale, cfg_schedule == "linear", cfg_codes_only
-        self.cond = torch.cat([cond, model.null_condition(cond)]) if self.guided else cond   # what the model reads
+        self.set_condition(model, cond)
         self.rows = 2 * batch_size if self.guided else batch_size
         device = model.code_emb.weight.device
         B, N, T, V = batch_size, cfg.seq_len, cfg.num_positions, cfg.codebook_size
@@ -536,6 +536,10 @@ class Sampler:
         if not self.greedy:
             self.code_noise.exponential_(1.0, generator=generator)
             self.pos_noise.exponential_(1.0, generator=generator)
+
+    def set_condition(self, model, cond: Optional[torch.Tensor]):
+        """What the model reads: cond, followed with guidance by its null stand-in for the unconditional rows."""
+        self.cond = torch.cat([cond, model.null_condition(cond)]) if self.guided else cond
 
     def guide(self, logits: torch.Tensor, t: torch.Tensor, is_code: bool) -> torch.Tensor:
         """(2B, K) logits of the conditional and the unconditional rows -> (B, K) guided ones."""
