@@ -418,11 +418,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     tokenizer, classes = conditioning(cfg, ckpt, mcfg)
     train_tokens = TokenSet(build_token_cache(cfg, mqvae, stage1_sha, "train", device, rank, world, tokenizer), cfg.order)
     val_tokens = TokenSet(build_token_cache(cfg, mqvae, stage1_sha, "val", device, rank, world, tokenizer), cfg.order)
-    scfg = StackformerConfig(**PRESETS[cfg.preset], codebook_size=mcfg.codebook_size,
-                             num_positions=mcfg.num_tokens, seq_len=mcfg.seq_len, dropout=cfg.dropout,
-                             cond=cfg.cond, num_classes=len(classes) if classes else 1000,
-                             text_vocab_size=tokenizer.vocab_size if tokenizer else 0, abs_pos=cfg.abs_pos,
-                             variant=cfg.variant, order=cfg.order, cond_drop=cfg.cond_drop)
+    scfg = model_config(cfg, mcfg, classes, tokenizer)
     torch.manual_seed(cfg.seed)
     raw_model = Stackformer(scfg).to(device)
     optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (0.9, 0.95), device.type)
@@ -513,6 +509,15 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     if world > 1:
         log(check_identical_across_ranks(list(raw_model.parameters()), world, "parameters"))
     run.finish(step, f"; sample with: python sample.py --ckpt {ckpt_path}")
+
+
+def model_config(cfg: TrainConfig, mcfg, classes, tokenizer) -> StackformerConfig:
+    """The Stackformer's configuration: the preset, the MQ-VAE's codebook and grid, the condition."""
+    return StackformerConfig(**PRESETS[cfg.preset], codebook_size=mcfg.codebook_size,
+                             num_positions=mcfg.num_tokens, seq_len=mcfg.seq_len, dropout=cfg.dropout,
+                             cond=cfg.cond, num_classes=len(classes) if classes else 1000,
+                             text_vocab_size=tokenizer.vocab_size if tokenizer else 0, abs_pos=cfg.abs_pos,
+                             variant=cfg.variant, order=cfg.order, cond_drop=cfg.cond_drop)
 
 
 def conditioning(cfg: TrainConfig, ckpt: Optional[dict], mcfg) -> tuple:
