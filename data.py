@@ -374,6 +374,22 @@ def build_dataset(name: str, data_dir: Optional[str], size: int, split: str, sha
     raise UserError(f"unknown dataset {name!r}: use shapes, ffhq, imagenet, coco, or the path of an image folder")
 
 
+def first_images(dataset, count: Optional[int]):
+    """The dataset cut to its first `count` images (the whole of it when count is None or larger): the
+    trainers' --train-images, for quick runs and the small-scale experiments."""
+    if count is None or count >= len(dataset):
+        return dataset
+    if isinstance(dataset, ShapesDataset):
+        dataset.length = count
+    else:
+        dataset._paths = dataset._paths[:count]
+        if dataset.labels is not None:
+            dataset.labels = dataset.labels[:count]
+        if dataset.captions is not None:
+            dataset.captions = dataset.captions[:count]
+    return dataset
+
+
 # -----------------------------------------------------------------------------
 # Sampling: DDP shards, exact resume, deterministic augmentation
 

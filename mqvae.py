@@ -10,6 +10,9 @@ Only the kept tokens are quantized, so an image costs N codes plus their N posit
 H·W codes. The mask is learned end-to-end (no extra loss): the scoring net's score multiplies
 each kept token, so the reconstruction loss tells it which regions matter.
 
+With masker="none" the same file builds the VQGAN baseline the paper compares against: every
+token quantized, no mask and no de-mask (MQVAE's docstring).
+
 This file holds the model and the PatchGAN discriminator used to train it, nothing else: the
 training loop and its losses are in train_mqvae.py, checkpoints and DDP in utils.py.
 
@@ -43,7 +46,7 @@ class MQVAEConfig:
     z_channels: int = 256                 # C, channels of Ẑ
     dropout: float = 0.0
     keep_ratio: float = 0.25              # k = 1 - mask ratio; N = int(k * H * W)
-    masker: str = "adaptive"              # "adaptive" (the paper) | "random" (ablation)
+    masker: str = "adaptive"              # "adaptive" (the paper) | "random" (ablation) | "none" (VQGAN)
     codebook_size: int = 1024             # V
     codebook_dim: int = 256               # D
     codebook: str = "ema"                 # "ema" (official code) | "grad" (VQ-VAE codebook loss)
@@ -62,7 +65,9 @@ class MQVAEConfig:
             self.attn_resolutions = tuple(self.attn_resolutions)
         problems = [
             (0.0 < self.keep_ratio <= 1.0, f"keep ratio must be in (0, 1], got {self.keep_ratio} (mask ratio = 1 - keep ratio)"),
-            (self.masker in ("adaptive", "random"), f"masker must be adaptive|random, got {self.masker!r}"),
+            (self.masker in ("adaptive", "random", "none"), f"masker must be adaptive|random|none, got {self.masker!r}"),
+            (self.masker != "none" or self.keep_ratio == 1.0,
+             f"masker none (VQGAN) quantizes every token: keep ratio must be 1, got {self.keep_ratio}"),
             (self.codebook in ("ema", "grad"), f"codebook must be ema|grad, got {self.codebook!r}"),
             (self.demask_attn in ("soft", "hard"), f"demask attention must be soft|hard, got {self.demask_attn!r}"),
             (self.resolution % self.downsample_factor == 0,
@@ -99,6 +104,12 @@ PRESETS = {
                  codebook_size=256, codebook_dim=64, demask_layers=4),        # f=4
     "tiny": dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, z_channels=32,
                  codebook_size=64, codebook_dim=32, demask_layers=2),         # f=2, for tests
+    # one level more than demo / tiny: the VQGAN baselines whose grid holds as many tokens as the
+    # 25% that demo / tiny keep (the paper's f=16 VQGAN against f=8 MQ-VAE, at small scale)
+    "demo-f8": dict(ch=32, ch_mult=(1, 2, 2, 2), num_res_blocks=1, z_channels=64,
+                    codebook_size=256, codebook_dim=64, demask_layers=4),     # f=8
+    "tiny-f4": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, z_channels=32,
+                    codebook_size=64, codebook_dim=32, demask_layers=2),      # f=4
 }
 
 
@@ -438,9 +449,29 @@ class AdaptiveDemask(nn.Module):
         return self.final_block(h)
 
 
+class DecoderInput(nn.Module):
+    """The VQGAN baseline (masker "none") in place of the de-mask: VQGAN's post-quantization 1x1 conv,
+    then its decoder's conv_in and mid block (ResBlock, attention, ResBlock), the parts that MQ-VAE's
+    de-mask replaces. Every position holds a quantized token, so there is nothing to fill in."""
+
+    def __init__(self, cfg: MQVAEConfig):
+        super().__init__()
+        width = cfg.ch * cfg.ch_mult[-1]
+        self.post_quant_conv = nn.Conv2d(cfg.codebook_dim, cfg.z_channels, 1)
+        self.conv_in = nn.Conv2d(cfg.z_channels, width, 3, padding=1)
+        self.mid = nn.Module()
+        self.mid.block_1 = ResnetBlock(width, width, cfg.dropout)
+        self.mid.attn_1 = AttnBlock(width)
+        self.mid.block_2 = ResnetBlock(width, width, cfg.dropout)
+
+    def forward(self, z_q_grid):
+        h = self.conv_in(self.post_quant_conv(z_q_grid))
+        return self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+
+
 class Decoder(nn.Module):
-    """The VQGAN decoder without conv_in and mid block: the de-mask module takes their place and
-    feeds it a (B, ch·ch_mult[-1], H, W) map."""
+    """The VQGAN decoder without conv_in and mid block: the de-mask module (or, for the VQGAN baseline,
+    DecoderInput) takes their place and feeds it a (B, ch·ch_mult[-1], H, W) map."""
 
     def __init__(self, cfg: MQVAEConfig):
         super().__init__()
@@ -479,13 +510,24 @@ class Decoder(nn.Module):
 # MQ-VAE
 
 class MQVAE(nn.Module):
+    """MQ-VAE; with masker "none", the VQGAN baseline of the paper's comparisons: the same encoder,
+    quantizer and decoder, every one of the H·W tokens quantized (N = T, positions 0..T-1 in raster
+    order, every score 1), no scoring net and no de-mask (DecoderInput stands in for the de-mask)."""
+
     def __init__(self, cfg: MQVAEConfig):
         super().__init__()
         self.config = cfg
         self.encoder = Encoder(cfg)
-        self.mask = AdaptiveMask(cfg.z_channels, cfg.codebook_dim, cfg.keep_ratio, cfg.masker, cfg.commit_through_score)
+        if cfg.masker == "none":
+            self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_dim, 1)    # VQGAN's, Ẑ -> codebook dim
+        else:
+            self.mask = AdaptiveMask(cfg.z_channels, cfg.codebook_dim, cfg.keep_ratio, cfg.masker,
+                                     cfg.commit_through_score)
         self.quantizer = VectorQuantizer(cfg)
-        self.demask = AdaptiveDemask(cfg)
+        if cfg.masker == "none":
+            self.decoder_input = DecoderInput(cfg)
+        else:
+            self.demask = AdaptiveDemask(cfg)
         self.decoder = Decoder(cfg)
 
     def _check_input(self, x):
@@ -495,14 +537,32 @@ class MQVAE(nn.Module):
         if x.shape[2] % f or x.shape[3] % f:
             raise ValueError(f"image size {tuple(x.shape[2:])} is not divisible by the downsampling factor f={f}")
 
+    def _select(self, h):
+        """Ẑ (B,C,H,W) -> z (B,N,D), z_commit (B,N,D), positions (B,N), scores (B,H,W): the adaptive
+        mask, or for the VQGAN baseline every token in raster order."""
+        if self.config.masker != "none":
+            return self.mask(h)
+        B, _, H, W = h.shape
+        z = self.quant_conv(h).flatten(2).transpose(1, 2)                          # (B,T,D)
+        positions = torch.arange(H * W, device=h.device).expand(B, -1)             # (B,T)
+        return z, z, positions, torch.ones(B, H, W, device=h.device)
+
+    def _to_decoder(self, z_q, positions, grid_hw):
+        """The N quantized tokens at their positions -> the decoder's input map (B, ch·ch_mult[-1], H, W)."""
+        if self.config.masker != "none":
+            return self.demask(z_q, positions, grid_hw)
+        B, T, D = z_q.shape
+        grid = torch.zeros_like(z_q).scatter(1, positions[..., None].expand(-1, -1, D), z_q)   # raster order
+        return self.decoder_input(grid.transpose(1, 2).reshape(B, D, *grid_hw))
+
     def forward(self, x):
         """x (B,3,H,W) in [-1,1] -> (x̃, aux). In training mode the EMA codebook statistics are
         collected; call self.quantizer.ema_step() once per optimizer step to apply them."""
         self._check_input(x)
         h = self.encoder(x)                                            # Ẑ grid (B,C,H',W')
-        z, z_commit, positions, scores = self.mask(h)                  # (B,N,D) twice, (B,N), (B,H',W')
+        z, z_commit, positions, scores = self._select(h)               # (B,N,D) twice, (B,N), (B,H',W')
         z_q, codes, commit_loss = self.quantizer(z, collect_stats=self.training, z_commit=z_commit)
-        x_rec = self.decoder(self.demask(z_q, positions, h.shape[2:]))
+        x_rec = self.decoder(self._to_decoder(z_q, positions, h.shape[2:]))
         # feature_norms ‖Ẑ_i‖ (B,H',W'): for relating the importance map to the features (supp. Fig. 5)
         return x_rec, dict(commit_loss=commit_loss, codes=codes, positions=positions, scores=scores,
                            feature_norms=h.detach().float().norm(dim=1))
@@ -512,7 +572,7 @@ class MQVAE(nn.Module):
         """-> codes (B,N), positions (B,N) raster indices row*W+col, in descending-importance order,
         and the importance map (B,H',W'). Never updates the codebook."""
         self._check_input(x)
-        z, _, positions, scores = self.mask(self.encoder(x))
+        z, _, positions, scores = self._select(self.encoder(x))
         _, codes, _ = self.quantizer(z)
         return codes, positions, scores
 
@@ -524,7 +584,7 @@ class MQVAE(nn.Module):
         if codes.shape != positions.shape:
             raise ValueError(f"codes {tuple(codes.shape)} and positions {tuple(positions.shape)} differ in shape")
         z_q = self.quantizer.lookup(codes)
-        return self.decoder(self.demask(z_q, positions.clamp(0, T - 1), grid_hw))
+        return self.decoder(self._to_decoder(z_q, positions.clamp(0, T - 1), grid_hw))
 
     def last_layer(self):
         return self.decoder.conv_out.weight

@@ -62,11 +62,12 @@ class TrainConfig:
     data: str = "shapes"                  # shapes | ffhq | imagenet | coco | PATH to a folder of images
     data_dir: Optional[str] = None        # root of ffhq/imagenet/coco (default data/<name>)
     image_size: Optional[int] = None      # 256 for real data, 32 for the shapes demo
+    train_images: Optional[int] = None    # train on the first N training images only (default: all)
     num_workers: Optional[int] = None     # data loader processes per GPU (8, at most the CPU cores; 0 for shapes, drawn in-process)
     # model
     preset: Optional[str] = None          # f8 | f16 | f32 | demo | tiny (f8 for real data, demo for shapes)
-    keep_ratio: float = 0.25              # k; the mask ratio is 1 - k (N = int(k·H·W) codes per image)
-    masker: str = "adaptive"              # adaptive | random (ablation)
+    keep_ratio: Optional[float] = None    # k; the mask ratio is 1 - k (N = int(k·H·W) codes per image); 0.25 (1 for masker none)
+    masker: str = "adaptive"              # adaptive | random (ablation) | none (the VQGAN baseline: every token quantized, no mask, no de-mask)
     codebook: str = "ema"                 # ema (official) | grad (VQ-VAE codebook loss)
     codebook_size: Optional[int] = None   # V (preset default: 1024)
     codebook_dim: Optional[int] = None    # D (preset default: 256)
@@ -107,6 +108,7 @@ class TrainConfig:
     resume: bool = False                  # continue from out_dir/ckpt.pt
     overwrite: bool = False               # start over in an --out-dir that holds a checkpoint (replaces it and its log)
     analyse: Optional[str] = None         # only measure this checkpoint's mask on the validation split: mask_analysis.json/.png
+    save_images: bool = False             # with --analyse: also write inputs.npz and reconstructions.npz (uint8) of those images; rFID = python fid.py inputs.npz reconstructions.npz
 
 
 DATA_DEFAULTS = {
@@ -131,12 +133,13 @@ RUN_CONTROL = {"max_steps", "stop_after", "epochs", "num_workers", "log_every", 
 
 def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
     kind = cfg.data if cfg.data in DATA_DEFAULTS else "folder"
-    return fill_defaults(cfg, {**COMMON_DEFAULTS, **DATA_DEFAULTS[kind]}, "mqvae")
+    keep_ratio = 1.0 if cfg.masker == "none" else 0.25
+    return fill_defaults(cfg, {**COMMON_DEFAULTS, **DATA_DEFAULTS[kind], "keep_ratio": keep_ratio}, "mqvae")
 
 
 def validate(cfg: TrainConfig):
     check(cfg.preset in PRESETS, f"unknown preset {cfg.preset!r}: choose one of {', '.join(PRESETS)}")
-    check_positive(cfg, "image_size", "batch_size", "grad_accum", "max_steps", "epochs", "log_every", "eval_every",
+    check_positive(cfg, "image_size", "train_images", "batch_size", "grad_accum", "max_steps", "epochs", "log_every", "eval_every",
                    "ckpt_every", "eval_images", "usage_window")
     check(cfg.rec_loss in ("l1", "l2"), f"--rec-loss must be l1 or l2, got {cfg.rec_loss!r}")
     check(cfg.commit_through_score in ("on", "off"),
@@ -169,7 +172,8 @@ def compile_for_training(model: MQVAE, mode: str = "default"):
     stays eager: the adaptive GAN weight takes two gradients at its weight every step, and through a
     compiled region each of those would run the whole decoder backward instead of one conv's."""
     model.encoder = torch.compile(model.encoder, mode=mode)
-    model.demask = torch.compile(model.demask, mode=mode)
+    middle = "decoder_input" if model.config.masker == "none" else "demask"     # what feeds the decoder
+    setattr(model, middle, torch.compile(getattr(model, middle), mode=mode))
     model.decoder.features = torch.compile(model.decoder.features, mode=mode)
 
 
@@ -339,10 +343,12 @@ def visualisation_grid(x, x_rec, scores, positions):
 # Evaluation
 
 @torch.no_grad()
-def evaluate(model, val_set, cfg, device, autocast, lpips_fn, rank, world, graphed=False):
+def evaluate(model, val_set, cfg, device, autocast, lpips_fn, rank, world, graphed=False, keep_images=None):
     """Mean L1, PSNR (on [0,1] images) and LPIPS over the first --eval-images validation images, the
-    number of distinct codes they use, and how the importance map relates to the images (mask_statistics).
-    Each rank takes a shard; sums are all-reduced, per-token arrays gathered. -> (metrics, picture)."""
+    number of distinct codes they use, and how the importance map relates to the images (mask_statistics;
+    not for the VQGAN baseline, which keeps every token). Each rank takes a shard; sums are all-reduced,
+    per-token arrays gathered. keep_images: a list that receives (inputs, reconstructions) as uint8
+    (B, H, W, 3) arrays, batch by batch (this rank's shard). -> (metrics, picture)."""
     model.eval()
     n = min(cfg.eval_images, len(val_set))
     indices = list(range(rank, n, world))
@@ -379,6 +385,8 @@ def evaluate(model, val_set, cfg, device, autocast, lpips_fn, rank, world, graph
         tokens["detail"].append(F.unfold(x, f, stride=f).std(dim=1))                         # pixel std per patch
         if "objects" in batch:
             tokens["objects"].append(F.avg_pool2d(batch["objects"].to(device), f).flatten(1))   # coverage per patch
+        if keep_images is not None:
+            keep_images.append((data.to_uint8(x).cpu().numpy(), data.to_uint8(x_rec).cpu().numpy()))
         if len(shown) < 8:  # the first 8 images go into the picture
             shown.append((x.cpu(), x_rec.cpu(), aux["scores"].float().cpu(), aux["positions"].cpu()))
     tokens = {k: torch.cat(v).cpu().numpy() for k, v in tokens.items() if v}
@@ -397,7 +405,7 @@ def evaluate(model, val_set, cfg, device, autocast, lpips_fn, rank, world, graph
         metrics["val_skipped"] = int(sums[4].item())      # unreadable validation files left out
     if lpips_fn is not None:
         metrics["val_lpips"] = sums[2].item() / count
-    if "scores" in tokens:
+    if "scores" in tokens and model.config.masker != "none":
         metrics.update(mask_statistics(**tokens))
     picture = [torch.cat(parts)[:8] for parts in zip(*shown)] if shown else None
     return metrics, picture
@@ -549,13 +557,19 @@ def analyse_checkpoint(cfg: TrainConfig, explicit: set, rank: int, world: int, d
     run_cfg = TrainConfig(**ckpt["train_config"])
     for key in explicit & {"data_dir", "eval_images", "batch_size", "num_workers"}:
         setattr(run_cfg, key, getattr(cfg, key))
+    check(not cfg.save_images or world == 1, "--analyse --save-images runs as one process (python, not torchrun)")
     model = mqvae_from_checkpoint(ckpt, device)
     val_set = data.build_dataset(run_cfg.data, run_cfg.data_dir, run_cfg.image_size, "val")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    metrics, picture = evaluate(model, val_set, run_cfg, device, autocast, None, rank, world)
+    images = [] if cfg.save_images else None
+    metrics, picture = evaluate(model, val_set, run_cfg, device, autocast, None, rank, world, keep_images=images)
     if rank != 0:
         return metrics
     out_dir = cfg.out_dir if "out_dir" in explicit else os.path.dirname(os.path.abspath(cfg.analyse))
+    if images:
+        for name, part in (("inputs", 0), ("reconstructions", 1)):
+            with atomic_path(os.path.join(out_dir, name + ".npz")) as tmp, open(tmp, "wb") as fh:
+                np.savez(fh, images=np.concatenate([batch[part] for batch in images]))
     write_json(os.path.join(out_dir, "mask_analysis.json"), dict(ckpt=os.path.abspath(cfg.analyse),
                                                                  step=ckpt["step"], **metrics))
     save_grid(visualisation_grid(*picture), os.path.join(out_dir, "mask_analysis.png"), nrow=4)
@@ -564,13 +578,14 @@ def analyse_checkpoint(cfg: TrainConfig, explicit: set, rank: int, world: int, d
     for line in (mask_summary(metrics), inversion_warning(metrics)):
         if line:
             print(line)
-    print(f"wrote {os.path.join(out_dir, 'mask_analysis.json')} and mask_analysis.png")
+    print(f"wrote {os.path.join(out_dir, 'mask_analysis.json')} and mask_analysis.png"
+          + (", inputs.npz and reconstructions.npz" if images else ""))
     return metrics
 
 
 def build_data(cfg: TrainConfig, rank: int, world: int, device) -> SimpleNamespace:
     """Datasets, the resumable sampler and loader, and the schedule they fix (steps, warmup, lr)."""
-    train_set = data.build_dataset(cfg.data, cfg.data_dir, cfg.image_size, "train")
+    train_set = data.first_images(data.build_dataset(cfg.data, cfg.data_dir, cfg.image_size, "train"), cfg.train_images)
     val_set = data.build_dataset(cfg.data, cfg.data_dir, cfg.image_size, "val")
     global_batch = cfg.batch_size * world * cfg.grad_accum
     steps_per_epoch = len(train_set) // global_batch
@@ -624,7 +639,7 @@ def build_networks(cfg: TrainConfig, mcfg: MQVAEConfig, peak_lr: float, ckpt: Op
         disc = raw_disc = torch.compile(disc)  # default mode: D is differentiated twice per step (λ, then its loss)
     if world > 1:
         ddp_args = dict(device_ids=[device.index] if cuda else None,
-                        find_unused_parameters=mcfg.keep_ratio >= 1.0)  # keep 100%: the mask token is unused
+                        find_unused_parameters=mcfg.masker != "none" and mcfg.keep_ratio >= 1.0)  # the mask token: unused at 100%
         model, disc = DDP(model, **ddp_args), ddp_discriminator(disc, ddp_args["device_ids"])
     return SimpleNamespace(model=model, disc=disc, raw_model=raw_model, raw_disc=raw_disc, lpips_fn=lpips_fn,
                            opt_ae=opt_ae, opt_d=opt_d, memory_format=memory_format,
@@ -640,8 +655,10 @@ def describe_run(cfg: TrainConfig, mcfg: MQVAEConfig, d: SimpleNamespace, n: Sim
     millions = lambda m: sum(p.numel() for p in m.parameters()) / 1e6
     model = n.raw_model
     print(json.dumps(vars(cfg)))
-    print(f"MQ-VAE {cfg.preset}: {millions(model):.2f}M parameters (encoder {millions(model.encoder):.2f}M, "
-          f"mask {millions(model.mask):.2f}M, de-mask {millions(model.demask):.2f}M, "
+    parts = (f"decoder input {millions(model.decoder_input):.2f}M" if mcfg.masker == "none" else
+             f"mask {millions(model.mask):.2f}M, de-mask {millions(model.demask):.2f}M")
+    print(f"{'VQGAN baseline (masker none)' if mcfg.masker == 'none' else 'MQ-VAE'} {cfg.preset}: "
+          f"{millions(model):.2f}M parameters (encoder {millions(model.encoder):.2f}M, {parts}, "
           f"decoder {millions(model.decoder):.2f}M); discriminator {millions(n.raw_disc):.2f}M")
     print(f"f={mcfg.downsample_factor}: {mcfg.grid_size}x{mcfg.grid_size} grid, keep {mcfg.keep_ratio:.0%} -> "
           f"N={mcfg.seq_len} codes per image; codebook {mcfg.codebook_size}x{mcfg.codebook_dim} ({mcfg.codebook})")

@@ -62,11 +62,14 @@ class TrainConfig:
     data_dir: Optional[str] = None        # root of ffhq/imagenet/coco (default: stage 1's)
     cond: Optional[str] = None            # none | class | text (default: class for imagenet, text for coco, else none)
     cond_drop: Optional[float] = None     # share of training sequences with the null class / empty caption, for guidance (0.1 with a condition)
+    train_images: Optional[int] = None    # train on the first N training images only (default: all)
     flip: bool = True                     # also encode a horizontally flipped copy of the training set
     views: Optional[int] = None           # training views per image: 1 = the centre crop, K > 1 = K draws of the training augmentation (8; 1 for shapes)
     text_min_count: int = 1               # tokenizer: keep words seen at least this often in the training captions
     # model
     preset: Optional[str] = None          # tiny | demo | small | base | large (base; demo for shapes)
+    code_layers: Optional[int] = None     # Code-Transformer depth (default: the preset's; supp. Table 1)
+    pos_layers: Optional[int] = None      # Position-Transformer depth (default: the preset's; supp. Table 1)
     order: str = "raster"                 # raster | importance (supp. Table 3)
     abs_pos: bool = True                  # the absolute sequence embedding a_t (--no-abs-pos: supp. Table 3)
     variant: str = "code-first"           # code-first | position-first (Stackformer_r)
@@ -127,7 +130,7 @@ def validate(cfg: TrainConfig):
     check(cfg.variant in ("code-first", "position-first"), f"--variant must be code-first or position-first, got {cfg.variant!r}")
     check(cfg.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
     check(cfg.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
-    check_positive(cfg, "views", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches", "ckpt_every",
+    check_positive(cfg, "train_images", "views", "code_layers", "pos_layers", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches", "ckpt_every",
                    "encode_batch_size", "lr", "epochs", "max_steps")
     check(0.0 <= cfg.dropout < 1.0, f"--dropout must be in [0, 1), got {cfg.dropout}")
     check(0.0 <= cfg.cond_drop < 1.0, f"--cond-drop must be in [0, 1), got {cfg.cond_drop}")
@@ -237,11 +240,13 @@ def build_token_cache(cfg, mqvae, stage1_sha: str, split: str, device, rank: int
     # views > 1 are draws of the training augmentation that data.py gives this dataset (FFHQ: random resized
     # crop; the others: random crop), so the data and the number of views fix them
     key = dict(stage1_sha256=stage1_sha, data=cfg.data, data_dir=cfg.data_dir, image_size=image_size, flip=flip,
-               views=views, split=split, captions=tokenizer.to_dict() if tokenizer is not None else None)
+               views=views, split=split, train_images=cfg.train_images if split == "train" else None, captions=tokenizer.to_dict() if tokenizer is not None else None)
     meta_path, key_path = os.path.join(folder, "meta.json"), os.path.join(folder, "key.json")
     if os.path.isfile(meta_path) and json.load(open(meta_path)).get("key") == key:
         return folder
     dataset = data.build_dataset(cfg.data, cfg.data_dir, image_size, split)
+    if split == "train":
+        dataset = data.first_images(dataset, cfg.train_images)
     files = isinstance(dataset, data.ImageFiles)
     check(views == 1 or files, f"--views {views} needs image files with a training augmentation; the shapes data "
                                f"draws each image one way only: use --views 1")
@@ -513,7 +518,8 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
 
 def model_config(cfg: TrainConfig, mcfg, classes, tokenizer) -> StackformerConfig:
     """The Stackformer's configuration: the preset, the MQ-VAE's codebook and grid, the condition."""
-    return StackformerConfig(**PRESETS[cfg.preset], codebook_size=mcfg.codebook_size,
+    depths = {k: v for k, v in dict(n_code_layers=cfg.code_layers, n_pos_layers=cfg.pos_layers).items() if v is not None}
+    return StackformerConfig(**{**PRESETS[cfg.preset], **depths}, codebook_size=mcfg.codebook_size,
                              num_positions=mcfg.num_tokens, seq_len=mcfg.seq_len, dropout=cfg.dropout,
                              cond=cfg.cond, num_classes=len(classes) if classes else 1000,
                              text_vocab_size=tokenizer.vocab_size if tokenizer else 0, abs_pos=cfg.abs_pos,
@@ -528,7 +534,8 @@ def conditioning(cfg: TrainConfig, ckpt: Optional[dict], mcfg) -> tuple:
         if ckpt is not None:
             tokenizer = WordTokenizer.from_dict(ckpt["tokenizer"])
         else:
-            train_images = data.build_dataset(cfg.data, cfg.data_dir, mcfg.resolution, "train")
+            train_images = data.first_images(data.build_dataset(cfg.data, cfg.data_dir, mcfg.resolution, "train"),
+                                             cfg.train_images)
             if isinstance(train_images, data.ShapesDataset):
                 texts = [train_images.caption(i) for i in range(len(train_images))]
             else:
