@@ -1,0 +1,85 @@
+"""
+The paper's central claim (main paper; supplementary Figs. 6-7): at the same code length, MQ-VAE, which
+quantizes only the important quarter of a finer grid, reconstructs better than VQGAN, which quantizes
+every token of a coarser grid. Paper scale: MQ-VAE f=8 keeping 25% of 32x32 against VQGAN f=16
+(16x16), 256 codes each; small scale: f=4 keeping 25% of 16x16 against f=8 (8x8) at 64 px, 64 codes;
+tiny: f=2 against f=4 at 16 px, 16 codes. Same encoder, quantizer, decoder, losses and recipe
+(train_mqvae.py --masker none is the baseline).
+
+Measured on the validation images: PSNR, rFID (fid.py between the reconstructions and their inputs),
+the codes used, and on the shapes data the mask's lift (the share of kept tokens on the shapes over
+chance). The picture: input | MQ-VAE's importance map | MQ-VAE | VQGAN, the same images in each row.
+
+    python experiments/equal_length.py                              # tiny, CPU, minutes
+    python experiments/equal_length.py --scale small --seeds 3      # one GPU
+    python experiments/equal_length.py --scale small --data data/photos64 --out experiments/out/photos/equal_length
+"""
+
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Study, finish, mean_std, parse_args, run_main, verdict, write_results  # noqa: E402
+
+
+def picture(study: Study, mqvae_run, vqgan_run, path: str, count: int = 8):
+    """input | importance map (red high) | MQ-VAE | VQGAN for the first validation images, from seed 1's runs."""
+    import torch
+    import data
+    import train_mqvae
+    from utils import load_mqvae, save_grid
+    mq = load_mqvae(study.path(mqvae_run.name, "ckpt.pt"))
+    vq = load_mqvae(study.path(vqgan_run.name, "ckpt.pt"))
+    val = data.build_dataset(study.data, study.data_dir, study.scale.image_size, "val")
+    x = torch.stack([val[i]["image"] for i in range(min(count, len(val)))])
+    with torch.no_grad():
+        mq_rec, aux = mq(x)
+        vq_rec, _ = vq(x)
+    size = x.shape[-1]
+    scores = aux["scores"].flatten(1)
+    lo, hi = scores.min(1, keepdim=True).values, scores.max(1, keepdim=True).values
+    norm = ((scores - lo) / (hi - lo + 1e-8)).view(len(x), 1, *aux["scores"].shape[1:])
+    heat = torch.nn.functional.interpolate(train_mqvae.heat_colormap(norm), size=(size, size), mode="nearest")
+    unit = lambda t: (t.float().clamp(-1, 1) + 1) / 2
+    save_grid(torch.stack([unit(x), heat, unit(mq_rec), unit(vq_rec)], dim=1).flatten(0, 1), path, nrow=4)
+
+
+def main(argv=None):
+    args = parse_args("equal_length", __doc__.strip().split("\n\n")[0], argv)
+    study = Study(args)
+    arms = {"MQ-VAE (mask 75%)": [study.stage1(seed) for seed in study.seeds],
+            "VQGAN (one level deeper, every token)": [study.stage1(seed, vqgan=True) for seed in study.seeds]}
+    failed = study.execute()
+    numbers = {arm: [study.reconstruction_numbers(run) for run in runs] for arm, runs in arms.items()}
+    scale = study.scale
+    from mqvae import PRESETS, MQVAEConfig
+    shapes = {arm: MQVAEConfig(**PRESETS[preset], resolution=scale.image_size, keep_ratio=keep,
+                               masker="none" if keep == 1.0 else "adaptive")
+              for arm, preset, keep in zip(arms, (scale.mqvae_preset, scale.vqgan_preset), (0.25, 1.0))}
+    rows = []
+    for arm, values in numbers.items():
+        c = shapes[arm]
+        column = lambda key, digits: mean_std([v.get(key, float("nan")) for v in values], digits)
+        rows.append([arm, f"f={c.downsample_factor}, {c.grid_size}x{c.grid_size} grid, {c.seq_len}",
+                     column("psnr", 2), column("rfid", 2), column("codes_used", 1),
+                     column("lift", 2) if any("lift" in v for v in values) else "n/a"])
+    mq, vq = (numbers[arm] for arm in arms)
+    notes = [verdict([v["rfid"] for v in mq], [v["rfid"] for v in vq], "MQ-VAE's rFID is lower than VQGAN's"),
+             verdict([v["psnr"] for v in mq], [v["psnr"] for v in vq], "MQ-VAE's PSNR is higher than VQGAN's",
+                     higher_is_better=True)]
+    pictures = []
+    mq1, vq1 = arms["MQ-VAE (mask 75%)"][0], arms["VQGAN (one level deeper, every token)"][0]
+    if all(os.path.isfile(study.path(r.name, "done.json")) for r in (mq1, vq1)):
+        picture(study, mq1, vq1, os.path.join(study.out, "equal_length.png"))
+        pictures.append("equal_length.png")
+        notes.append("equal_length.png, seed 1: input | MQ-VAE's importance map (red high) | MQ-VAE | VQGAN")
+    write_results(study, "Equal code length: MQ-VAE against VQGAN",
+                  ["arm", "codes per image", "PSNR (dB)", "rFID", "codes used", "mask lift"], rows, arms,
+                  notes, pictures)
+    return finish(study, failed)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

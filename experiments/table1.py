@@ -1,0 +1,50 @@
+"""
+Supplementary Table 1: the Stackformer's split of layers between the Code-Transformer and the
+Position-Transformer. The paper (small version, 12+12 layers, FFHQ): FID 7.67 at 12+12, 8.32 without
+6 code layers (6+12), 8.10 at 6+18, 7.74 without 6 position layers (12+6), 7.53 at 18+6; code layers
+matter more than position layers. Here every depth is divided by the scale's divisor (small: 3, so
+4+4, 2+4, 2+6, 4+2, 6+2; tiny: 6), on the tokens of one MQ-VAE per seed (keep 25%).
+
+Measured: FID (sample.py, then fid.py against the training images; the same sample count for every
+arm) and the final validation code and position losses.
+
+    python experiments/table1.py                              # tiny, CPU, minutes
+    python experiments/table1.py --scale small --seeds 3      # one GPU
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import Study, finish, mean_std, parse_args, run_main, verdict, write_results  # noqa: E402
+
+PAPER_DEPTHS = [(12, 12), (6, 12), (6, 18), (12, 6), (18, 6)]     # (code layers, position layers)
+PAPER_FID = {(12, 12): 7.67, (6, 12): 8.32, (6, 18): 8.10, (12, 6): 7.74, (18, 6): 7.53}
+
+
+def main(argv=None):
+    args = parse_args("table1", __doc__.strip().split("\n\n")[0], argv)
+    study = Study(args)
+    divisor = study.scale.table1_divisor
+    stage1 = {seed: study.stage1(seed) for seed in study.seeds}
+    arms, depths = {}, {}
+    for code, pos in PAPER_DEPTHS:
+        depth = (max(1, code // divisor), max(1, pos // divisor))
+        arm = f"{depth[0]} code + {depth[1]} position layers (paper {code}+{pos}: FID {PAPER_FID[code, pos]})"
+        depths[code, pos] = arm
+        arms[arm] = [study.stage2(stage1[seed], seed, depth=depth) for seed in study.seeds]
+    failed = study.execute()
+    numbers = {arm: [study.generation_numbers(run) for run in runs] for arm, runs in arms.items()}
+    rows = [[arm] + [mean_std([v[key] for v in values], digits) for key, digits in
+                     (("fid", 2), ("code_loss", 4), ("pos_loss", 4))] for arm, values in numbers.items()]
+    fid = lambda paper_depth: [v["fid"] for v in numbers[depths[paper_depth]]]
+    notes = [verdict(fid((12, 12)), fid((6, 12)), "removing code layers (12+12 -> 6+12) raises the FID"),
+             verdict(fid((12, 6)), fid((6, 12)), "removing position layers costs less than removing code layers "
+                                                 "(FID of 12+6 below 6+12)")]
+    write_results(study, "Table 1: code layers against position layers",
+                  ["arm", "FID", "val code loss", "val position loss"], rows, arms, notes)
+    return finish(study, failed)
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))
