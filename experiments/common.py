@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -118,9 +119,7 @@ class Study:
         self.data = args.data or self.scale.default_data
         self.data_dir = args.data_dir
         self.seeds = list(range(1, args.seeds + 1))
-        self.out = args.out
         self.runs_dir = args.runs or os.path.join(args.out, "runs")
-        os.makedirs(self.out, exist_ok=True)
         self.fid_weights = args.fid_weights
         self.jobs = args.jobs or self.scale.jobs
         self.runs: Dict[str, Run] = {}
@@ -215,6 +214,20 @@ class Study:
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         print(f"{len(self.runs)} runs, {len(done)} done already; up to {self.jobs} at a time; "
               f"logs in {os.path.join(self.runs_dir, 'logs')}", flush=True)
+        def stop(signum, frame):    # SIGTERM (a job's time limit) as Ctrl-C: the runs in flight are stopped too
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGTERM, stop)
+        try:
+            self._schedule(pending, running, done, failed, env)
+        finally:    # interrupted: stop the runs in flight (trainers checkpoint on SIGTERM and resume next time)
+            for proc, log, _ in running.values():
+                proc.terminate()
+            for proc, log, _ in running.values():
+                proc.wait()
+                log.close()
+        return failed
+
+    def _schedule(self, pending, running, done, failed, env):
         while pending or running:
             for name in list(pending):
                 run = self.runs[name]
@@ -246,7 +259,6 @@ class Study:
                     failed.add(name)
                     tail = open(os.path.join(self.runs_dir, "logs", name + ".log")).read().strip().splitlines()[-5:]
                     print(f"FAILED {name} (exit {proc.returncode}):\n    " + "\n    ".join(tail), flush=True)
-        return failed
 
     # --- reading their numbers
 
@@ -316,10 +328,10 @@ def verdict(expected_better: Sequence[float], other: Sequence[float], claim: str
     return f"{claim}: **{outcome}** (difference of means {difference:+.4g}, Welch's t-test p = {p:.2g})"
 
 
-def write_results(study: Study, title: str, header: List[str], rows: List[List[str]], arms_runs: Dict[str, List[Run]],
-                  notes: Sequence[str] = (), pictures: Sequence[str] = ()) -> str:
-    """OUT/results.md: the table (mean ± std over seeds), the verdicts and notes, the pictures, and the
-    command of every run of every arm."""
+def write_results(study: Study, out: str, title: str, header: List[str], rows: List[List[str]],
+                  arms_runs: Dict[str, List[Run]], notes: Sequence[str] = (), pictures: Sequence[str] = ()) -> str:
+    """out/results.md: the table (mean ± std over seeds), the verdicts and notes, the pictures (files in out),
+    and the command of every run of every arm."""
     lines = [f"# {title}", "",
              f"Scale `{study.scale.name}`, data `{study.data}`, seeds {', '.join(map(str, study.seeds))}; "
              f"each cell is the mean ± the standard deviation over seeds (sample std, ddof 1).", "",
@@ -334,7 +346,7 @@ def write_results(study: Study, title: str, header: List[str], rows: List[List[s
         for run in runs:
             names += [name for name in closure(study, run.name) if name not in names]
         lines += [study.runs[name].command() for name in names] + ["```", ""]
-    path = os.path.join(study.out, "results.md")
+    path = os.path.join(out, "results.md")
     with open(path + ".tmp", "w") as fh:
         fh.write("\n".join(lines))
     os.replace(path + ".tmp", path)
@@ -386,10 +398,21 @@ def parse_args(name: str, description: str, argv=None, extra=None) -> argparse.N
     return args
 
 
-def finish(study: Study, failed) -> int:
+def run_experiment(name: str, doc: str, build, report, argv=None) -> int:
+    """What every script's main does: its runs (build(study) -> {arm: [runs, one per seed]}), run what is not
+    done yet, then its results (report(study, arms, out)) in --out."""
+    args = parse_args(name, doc.strip().split("\n\n")[0], argv)
+    study = Study(args)
+    arms = build(study)
+    failed = study.execute()
+    os.makedirs(args.out, exist_ok=True)
+    report(study, arms, args.out)
+    return finish(failed)
+
+
+def finish(failed) -> int:
     if failed:
         print(f"{len(failed)} runs failed or were skipped: {', '.join(sorted(failed))}; the table shows — for "
               f"them. Fix the cause and rerun the same command: finished runs are kept.", file=sys.stderr)
         return 1
     return 0
-

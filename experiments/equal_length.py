@@ -18,10 +18,9 @@ chance). The picture: input | MQ-VAE's importance map | MQ-VAE | VQGAN, the same
 import os
 import sys
 
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Study, finish, mean_std, parse_args, run_main, verdict, write_results  # noqa: E402
+from common import Study, mean_std, run_experiment, run_main, verdict, write_results  # noqa: E402
 
 
 def picture(study: Study, mqvae_run, vqgan_run, path: str, count: int = 8):
@@ -46,39 +45,45 @@ def picture(study: Study, mqvae_run, vqgan_run, path: str, count: int = 8):
     save_grid(torch.stack([unit(x), heat, unit(mq_rec), unit(vq_rec)], dim=1).flatten(0, 1), path, nrow=4)
 
 
-def main(argv=None):
-    args = parse_args("equal_length", __doc__.strip().split("\n\n")[0], argv)
-    study = Study(args)
-    arms = {"MQ-VAE (mask 75%)": [study.stage1(seed) for seed in study.seeds],
-            "VQGAN (one level deeper, every token)": [study.stage1(seed, vqgan=True) for seed in study.seeds]}
-    failed = study.execute()
+MQVAE_ARM, VQGAN_ARM = "MQ-VAE (mask 75%)", "VQGAN (one level deeper, every token)"
+
+
+def build(study: Study) -> dict:
+    return {MQVAE_ARM: [study.stage1(seed) for seed in study.seeds],
+            VQGAN_ARM: [study.stage1(seed, vqgan=True) for seed in study.seeds]}
+
+
+def report(study: Study, arms: dict, out: str):
+    from mqvae import PRESETS, MQVAEConfig
     numbers = {arm: [study.reconstruction_numbers(run) for run in runs] for arm, runs in arms.items()}
     scale = study.scale
-    from mqvae import PRESETS, MQVAEConfig
-    shapes = {arm: MQVAEConfig(**PRESETS[preset], resolution=scale.image_size, keep_ratio=keep,
-                               masker="none" if keep == 1.0 else "adaptive")
-              for arm, preset, keep in zip(arms, (scale.mqvae_preset, scale.vqgan_preset), (0.25, 1.0))}
     rows = []
-    for arm, values in numbers.items():
-        c = shapes[arm]
+    for arm, preset, keep in ((MQVAE_ARM, scale.mqvae_preset, 0.25), (VQGAN_ARM, scale.vqgan_preset, 1.0)):
+        c = MQVAEConfig(**PRESETS[preset], resolution=scale.image_size, keep_ratio=keep,
+                        masker="none" if keep == 1.0 else "adaptive")
+        values = numbers[arm]
         column = lambda key, digits: mean_std([v.get(key, float("nan")) for v in values], digits)
         rows.append([arm, f"f={c.downsample_factor}, {c.grid_size}x{c.grid_size} grid, {c.seq_len}",
                      column("psnr", 2), column("rfid", 2), column("codes_used", 1),
                      column("lift", 2) if any("lift" in v for v in values) else "n/a"])
-    mq, vq = (numbers[arm] for arm in arms)
+    mq, vq = numbers[MQVAE_ARM], numbers[VQGAN_ARM]
     notes = [verdict([v["rfid"] for v in mq], [v["rfid"] for v in vq], "MQ-VAE's rFID is lower than VQGAN's"),
              verdict([v["psnr"] for v in mq], [v["psnr"] for v in vq], "MQ-VAE's PSNR is higher than VQGAN's",
                      higher_is_better=True)]
     pictures = []
-    mq1, vq1 = arms["MQ-VAE (mask 75%)"][0], arms["VQGAN (one level deeper, every token)"][0]
+    mq1, vq1 = arms[MQVAE_ARM][0], arms[VQGAN_ARM][0]
     if all(os.path.isfile(study.path(r.name, "done.json")) for r in (mq1, vq1)):
-        picture(study, mq1, vq1, os.path.join(study.out, "equal_length.png"))
+        picture(study, mq1, vq1, os.path.join(out, "equal_length.png"))
         pictures.append("equal_length.png")
-        notes.append("equal_length.png, seed 1: input | MQ-VAE's importance map (red high) | MQ-VAE | VQGAN")
-    write_results(study, "Equal code length: MQ-VAE against VQGAN",
+        notes.append(f"equal_length.png, seed {study.seeds[0]}: input | MQ-VAE's importance map (red high) | "
+                     f"MQ-VAE | VQGAN")
+    write_results(study, out, "Equal code length: MQ-VAE against VQGAN",
                   ["arm", "codes per image", "PSNR (dB)", "rFID", "codes used", "mask lift"], rows, arms,
                   notes, pictures)
-    return finish(study, failed)
+
+
+def main(argv=None):
+    return run_experiment("equal_length", __doc__, build, report, argv)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Study, finish, mean_std, parse_args, run_main, verdict, write_results  # noqa: E402
+from common import Study, mean_std, run_experiment, run_main, verdict, write_results  # noqa: E402
 from table3 import ARMS, stage1_runs  # noqa: E402
 
 
@@ -57,14 +57,15 @@ def plot(study: Study, arms: dict, path: str):
     plt.close(fig)
 
 
-def main(argv=None):
-    args = parse_args("fig1", __doc__.strip().split("\n\n")[0], argv)
-    study = Study(args)
+def build(study: Study) -> dict:
     stage1 = stage1_runs(study)
     arms = {"VQGAN baseline": [study.stage2(study.stage1(seed, vqgan=True), seed, fid=False) for seed in study.seeds]}
     arms.update({arm: [study.stage2(stage1[seed], seed, fid=False, **options) for seed in study.seeds]
                  for arm, (_, options) in ARMS.items()})
-    failed = study.execute()
+    return arms
+
+
+def report(study: Study, arms: dict, out: str):
     final = {arm: [(study.last_eval(run, "val_code_loss"), study.last_eval(run, "code_loss")) for run in runs]
              for arm, runs in arms.items()}
     rows = []
@@ -80,11 +81,14 @@ def main(argv=None):
              "the VQGAN baseline reads every cell of its coarser grid in raster order: its position loss only has "
              "to learn that the next position is the next cell, and its code loss is per token of other sequences "
              "(all cells of a coarser grid, not half of a finer one), so neither compares directly with the others"]
-    plot(study, arms, os.path.join(study.out, "fig1.png"))
-    write_results(study, "Figure 1: training and validation curves",
+    plot(study, arms, os.path.join(out, "fig1.png"))
+    write_results(study, out, "Figure 1: training and validation curves",
                   ["arm", "final val code loss", "final val position loss", "last training code loss",
                    "last training position loss"], rows, arms, notes, ["fig1.png"])
-    return finish(study, failed)
+
+
+def main(argv=None):
+    return run_experiment("fig1", __doc__, build, report, argv)
 
 
 if __name__ == "__main__":

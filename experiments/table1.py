@@ -16,34 +16,40 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Study, finish, mean_std, parse_args, run_main, verdict, write_results  # noqa: E402
+from common import Study, mean_std, run_experiment, run_main, verdict, write_results  # noqa: E402
 
 PAPER_DEPTHS = [(12, 12), (6, 12), (6, 18), (12, 6), (18, 6)]     # (code layers, position layers)
 PAPER_FID = {(12, 12): 7.67, (6, 12): 8.32, (6, 18): 8.10, (12, 6): 7.74, (18, 6): 7.53}
 
 
-def main(argv=None):
-    args = parse_args("table1", __doc__.strip().split("\n\n")[0], argv)
-    study = Study(args)
+def arm_name(study: Study, code: int, pos: int) -> str:
     divisor = study.scale.table1_divisor
+    return (f"{max(1, code // divisor)} code + {max(1, pos // divisor)} position layers "
+            f"(paper {code}+{pos}: FID {PAPER_FID[code, pos]})")
+
+
+def build(study: Study) -> dict:
     stage1 = {seed: study.stage1(seed) for seed in study.seeds}
-    arms, depths = {}, {}
-    for code, pos in PAPER_DEPTHS:
-        depth = (max(1, code // divisor), max(1, pos // divisor))
-        arm = f"{depth[0]} code + {depth[1]} position layers (paper {code}+{pos}: FID {PAPER_FID[code, pos]})"
-        depths[code, pos] = arm
-        arms[arm] = [study.stage2(stage1[seed], seed, depth=depth) for seed in study.seeds]
-    failed = study.execute()
+    divisor = study.scale.table1_divisor
+    return {arm_name(study, code, pos): [study.stage2(stage1[seed], seed, depth=(max(1, code // divisor),
+                                                                                   max(1, pos // divisor)))
+                                         for seed in study.seeds] for code, pos in PAPER_DEPTHS}
+
+
+def report(study: Study, arms: dict, out: str):
     numbers = {arm: [study.generation_numbers(run) for run in runs] for arm, runs in arms.items()}
     rows = [[arm] + [mean_std([v[key] for v in values], digits) for key, digits in
                      (("fid", 2), ("code_loss", 4), ("pos_loss", 4))] for arm, values in numbers.items()]
-    fid = lambda paper_depth: [v["fid"] for v in numbers[depths[paper_depth]]]
-    notes = [verdict(fid((12, 12)), fid((6, 12)), "removing code layers (12+12 -> 6+12) raises the FID"),
-             verdict(fid((12, 6)), fid((6, 12)), "removing position layers costs less than removing code layers "
-                                                 "(FID of 12+6 below 6+12)")]
-    write_results(study, "Table 1: code layers against position layers",
+    fid = lambda code, pos: [v["fid"] for v in numbers[arm_name(study, code, pos)]]
+    notes = [verdict(fid(12, 12), fid(6, 12), "removing code layers (12+12 -> 6+12) raises the FID"),
+             verdict(fid(12, 6), fid(6, 12), "removing position layers costs less than removing code layers "
+                                             "(FID of 12+6 below 6+12)")]
+    write_results(study, out, "Table 1: code layers against position layers",
                   ["arm", "FID", "val code loss", "val position loss"], rows, arms, notes)
-    return finish(study, failed)
+
+
+def main(argv=None):
+    return run_experiment("table1", __doc__, build, report, argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Study, finish, mean_std, parse_args, run_main, verdict, write_results  # noqa: E402
+from common import Study, mean_std, run_experiment, run_main, verdict, write_results  # noqa: E402
 
 # arm -> (paper FID, train_stackformer.py options)
 ARMS = {"Stackformer": (8.36, {}),
@@ -29,23 +29,26 @@ def stage1_runs(study: Study) -> dict:
     return {seed: study.stage1(seed, keep_ratio=0.5, preset=study.scale.table3_preset) for seed in study.seeds}
 
 
-def main(argv=None):
-    args = parse_args("table3", __doc__.strip().split("\n\n")[0], argv)
-    study = Study(args)
+def build(study: Study) -> dict:
     stage1 = stage1_runs(study)
-    arms = {f"{arm} (paper FID {paper})": [study.stage2(stage1[seed], seed, **options) for seed in study.seeds]
+    return {f"{arm} (paper FID {paper})": [study.stage2(stage1[seed], seed, **options) for seed in study.seeds]
             for arm, (paper, options) in ARMS.items()}
-    failed = study.execute()
+
+
+def report(study: Study, arms: dict, out: str):
     numbers = {arm: [study.generation_numbers(run) for run in runs] for arm, runs in arms.items()}
     rows = [[arm] + [mean_std([v[key] for v in values], digits) for key, digits in
                      (("fid", 2), ("code_loss", 4), ("pos_loss", 4))] for arm, values in numbers.items()]
-    fid = [[v["fid"] for v in values] for values in numbers.values()]
+    fid = [[v["fid"] for v in values] for values in numbers.values()]     # in the order of ARMS
     notes = [verdict(fid[0], fid[2], "raster order gives a lower FID than the importance-descending order"),
              verdict(fid[0], fid[3], "Stackformer gives a lower FID than Stackformer_r"),
              verdict(fid[0], fid[1], "the absolute sequence embedding lowers the FID")]
-    write_results(study, "Table 3: sequence order, Stackformer_r and the absolute sequence embedding",
+    write_results(study, out, "Table 3: sequence order, Stackformer_r and the absolute sequence embedding",
                   ["arm", "FID", "val code loss", "val position loss"], rows, arms, notes)
-    return finish(study, failed)
+
+
+def main(argv=None):
+    return run_experiment("table3", __doc__, build, report, argv)
 
 
 if __name__ == "__main__":
