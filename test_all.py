@@ -2804,6 +2804,59 @@ def test_resume_keeps_the_log_up_to_the_checkpoint_and_drops_a_line_cut_off_by_a
     assert [rec["step"] for rec in read_jsonl(tmp_path / "log.jsonl")] == [1, 2, 3]
 
 
+def test_log_lines_come_after_the_first_step_every_log_every_steps_and_at_least_every_30_seconds(tmp_path,
+                                                                                                    monkeypatch):
+    import signal
+    now = [1000.0]
+    monkeypatch.setattr(utils.time, "time", lambda: now[0])
+    cfg = train_mqvae.TrainConfig(out_dir=str(tmp_path), log_every=50)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    logged = {}                                                     # step -> the time of its line
+    try:
+        run = utils.TrainingRun(cfg, str(tmp_path / "ckpt.pt"), False, 0, 200, 0, 1, torch.device("cpu"), "")
+        for done in range(1, 201):
+            step_s = 1.0 if done <= 100 else 12.0                   # fast steps, then slow ones
+            now[0] += step_s
+            run.step_times.append(step_s)
+            if run.log_due(done):
+                run.interval(done)
+                logged[done] = now[0]
+            run.after_step(done)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    steps = sorted(logged)
+    assert steps[0] == 1 and {50, 100, 150, 200} <= set(steps)
+    for a, b in zip(steps, steps[1:]):
+        gap = logged[b] - logged[a]
+        assert gap < utils.LOG_SECONDS + run.step_times[b - 1], (a, b)   # never silent much past 30 s
+        assert gap >= utils.LOG_SECONDS or b % 50 == 0, (a, b)        # and no line the rules do not ask for
+    assert steps[:5] == [1, 31, 50, 80, 100] and steps[5:8] == [103, 106, 109]   # 1 s steps, then 12 s ones
+
+
+def test_training_logs_its_first_step_whatever_log_every_says(tmp_path):
+    out = tmp_path / "run"
+    r = run_script(TINY_TRAIN[:-8] + ["--log-every", "50", "--max-steps", "3", "--eval-images", "8", "--disc-start",
+                                      "1", "--num-workers", "0", "--disc-layers", "2", "--perceptual-weight", "0",
+                                      "--out-dir", str(out)])
+    assert r.returncode == 0, r.stderr
+    assert [rec["step"] for rec in read_jsonl(out / "log.jsonl") if "loss" in rec] == [1, 3]   # first, last
+    assert r.stdout.count("step 1/3 ") == 1
+
+
+def test_token_extraction_prints_progress_after_its_first_batch_and_at_least_every_30_seconds(monkeypatch, capsys):
+    now = [0.0]
+    monkeypatch.setattr(utils.time, "time", lambda: now[0])
+    progress = train_stackformer.EncodingProgress("train", 640, 1, True)
+    printed = []
+    for batch in range(10):
+        now[0] += 10.0                                              # 64 images every 10 s
+        progress.update(64)
+        printed.append(capsys.readouterr().out)
+    assert [i for i, out in enumerate(printed) if out] == [0, 3, 6, 9]   # the first batch, then every 30 s
+    assert "encoding train: 64/640 images (10%), 6.4 img/s, ETA 1.5 min" in printed[0]
+
+
 def test_a_second_run_without_resume_leaves_the_checkpoint_untouched(tmp_path):
     out = str(tmp_path / "run")
     assert run_script(TINY_TRAIN + ["--max-steps", "3", "--out-dir", out]).returncode == 0

@@ -98,7 +98,7 @@ class TrainConfig:
     compile: bool = False                 # torch.compile encoder, de-mask, decoder and discriminator
     compile_mode: str = "default"         # with --compile: default | reduce-overhead (encoder, de-mask, decoder as CUDA graphs) | max-autotune
     channels_last: bool = False           # NHWC memory layout for the convolutional networks (CUDA)
-    log_every: int = 50                   # steps between log lines
+    log_every: int = 50                   # steps between log lines (also one after the first step and at least every 30 s)
     eval_every: Optional[int] = None      # steps between evaluations (default 2000; demo 250)
     eval_images: Optional[int] = None     # validation images per evaluation (1000; 256 for the demo)
     ckpt_every: int = 1000                # steps between checkpoints (also written at the end and on SIGINT/SIGTERM)
@@ -521,7 +521,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
             n.opt_d.zero_grad(set_to_none=True)
         run.step_times.append(time.time() - t0)
         done = step + 1
-        if run.due(done, cfg.log_every):
+        if run.log_due(done):
             log_training(run, stats, done, lr, d, cfg)
         if run.due(done, cfg.eval_every):
             run.check_finite(done)

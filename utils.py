@@ -377,6 +377,33 @@ class StopSignals:
                   f"(send it again to abort at once)", file=sys.stderr, flush=True)
 
 
+LOG_SECONDS = 30.0      # the longest a run that trains or extracts goes without a progress line
+
+
+class LogCadence:
+    """When a long loop prints a progress line: after its first step, every `every` steps (if given), after its
+    last, and once LOG_SECONDS have passed since the line before, whatever --log-every says: the full-size
+    model on a CPU takes seconds a step, and 50 silent steps looked like a hang."""
+
+    def __init__(self, total: int, every: Optional[int] = None):
+        self.total, self.every = total, every
+        self.lines, self.last_line = 0, time.time()
+
+    def counted(self, done: int) -> bool:
+        """Due by the count of steps alone (the same answer on every rank)."""
+        return self.lines == 0 or done == self.total or (self.every is not None and done % self.every == 0)
+
+    def overdue(self, ahead: float = 0.0) -> bool:
+        """LOG_SECONDS since the last line will have passed `ahead` seconds from now."""
+        return time.time() + ahead - self.last_line >= LOG_SECONDS
+
+    def due(self, done: int) -> bool:
+        return self.counted(done) or self.overdue()
+
+    def printed(self):
+        self.lines, self.last_line = self.lines + 1, time.time()
+
+
 class TrainingRun:
     """The bookkeeping both training loops share: logging on rank 0 (stdout and out_dir/log.jsonl), the
     NaN guard, atomic checkpoints holding every rank's RNG state, step times for the ETA, and when to
@@ -393,6 +420,8 @@ class TrainingRun:
         self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
         self.step_times = []
         self.t_log = self.t_saved = time.time()
+        self.cadence = LogCadence(total_steps, cfg.log_every)
+        self.log_overdue = False                                # agreed by after_step for the next step
         self.signals = StopSignals()
         self.interrupted = 0                                    # the signal that stopped the run
         # The per-step agreement on signals and wall-clock checkpoints goes over a CPU (gloo) group, so that
@@ -437,17 +466,25 @@ class TrainingRun:
     def due(self, done: int, every: int) -> bool:
         return done % every == 0 or done == self.total_steps
 
+    def log_due(self, done: int) -> bool:
+        """Whether step `done` logs, the same on every rank (logging all-reduces): as LogCadence says, where
+        the wall-clock part was agreed at the end of the step before."""
+        return self.cadence.counted(done) or self.log_overdue
+
     def after_step(self, done: int):
         """-> (checkpoint now, stop now), the same on every rank. A checkpoint is due every ckpt_every steps,
         every ckpt_minutes of wall time, at the end, and before stopping; the run stops at --stop-after or
-        at a signal (self.interrupted then names it)."""
+        at a signal (self.interrupted then names it). The same agreement settles whether the next step logs
+        by the clock: if it would end LOG_SECONDS or more after the last line (one step takes about as long
+        as the last one did)."""
         signum = self.signals.requested
         overdue = time.time() - self.t_saved >= self.cfg.ckpt_minutes * 60
+        log_overdue = self.cadence.overdue(ahead=self.step_times[-1] if self.step_times else 0.0)
         if self.control is not None:
-            flags = torch.tensor([signum, int(overdue)])
+            flags = torch.tensor([signum, int(overdue), int(log_overdue)])
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
-            signum, overdue = int(flags[0]), bool(flags[1])
-        self.interrupted = signum
+            signum, overdue, log_overdue = int(flags[0]), bool(flags[1]), bool(flags[2])
+        self.interrupted, self.log_overdue = signum, log_overdue
         stop = bool(signum) or (self.cfg.stop_after is not None and done - self.start_step >= self.cfg.stop_after)
         return self.due(done, self.cfg.ckpt_every) or overdue or stop, stop
 
@@ -464,6 +501,7 @@ class TrainingRun:
         """-> (seconds since the last call, ETA in seconds from the mean of the last log_every step times)."""
         now = time.time()
         elapsed, self.t_log = now - self.t_log, now
+        self.cadence.printed()
         recent = self.step_times[-self.cfg.log_every:]
         return max(elapsed, 1e-9), (self.total_steps - done) * sum(recent) / max(len(recent), 1)
 
