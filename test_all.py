@@ -520,8 +520,59 @@ def test_unknown_dataset_and_empty_folder_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images"):
         data.build_dataset(str(tmp_path / "empty"), None, 16, "train")
-    with pytest.raises(UserError, match="FFHQ folder"):
+    with pytest.raises(UserError, match="FFHQ folder") as err:
         data.build_dataset("ffhq", str(tmp_path / "missing"), 16, "train")
+    assert "DIR/**/*.png" in str(err.value) and "ffhqtrain.txt" in str(err.value)     # the layout it expects
+    with pytest.raises(UserError, match="no images") as err:
+        data.build_dataset("ffhq", str(tmp_path / "empty"), 16, "train")
+    assert "DIR/**/*.png" in str(err.value)
+
+
+def test_the_file_check_names_every_unreadable_file_at_once_and_is_reused_until_the_folder_changes(
+        tmp_path, monkeypatch, capsys):
+    _write_images(tmp_path / "imgs", 200, size=8)
+    (tmp_path / "imgs" / "zero.png").write_bytes(b"")
+    (tmp_path / "imgs" / "text.jpg").write_bytes(b"this is not a jpeg\n")
+    truncated = (tmp_path / "imgs" / "001.png").read_bytes()[:60]
+    (tmp_path / "imgs" / "cut.png").write_bytes(truncated)     # its header reads: left to the loader
+    out = str(tmp_path / "run")
+    dataset = lambda: data.ImageFiles(data.list_images(str(tmp_path / "imgs")), 8, "eval")
+    checked = data.check_image_files({"train": dataset()}, out)["train"]
+    assert len(checked) == 201 and not {"zero.png", "text.jpg"} & {os.path.basename(f) for f in checked.files}
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "zero.png (empty file)" in warnings[0] and "text.jpg (" in warnings[0]
+    assert "2 of 203 image files" in warnings[0]                 # 2 <= 1% of 203: left out, not an error
+    saved = json.load(open(os.path.join(out, "checked_train.json")))
+    assert saved["files"] == 203 and len(saved["unreadable"]) == 2
+
+    def must_not_run(path):
+        raise AssertionError("checked again")
+    monkeypatch.setattr(data, "header_problem", must_not_run)
+    again = data.check_image_files({"train": dataset()}, out)["train"]   # a resumed run: the saved result
+    assert again.files == checked.files and "as checked before" in capsys.readouterr().out
+    (tmp_path / "imgs" / "201.png").write_bytes((tmp_path / "imgs" / "002.png").read_bytes())   # the folder changed
+    with pytest.raises(AssertionError, match="checked again"):
+        data.check_image_files({"train": dataset()}, out)
+    monkeypatch.undo()
+    (tmp_path / "imgs" / "empty.png").write_bytes(b"")            # 3 of 205: more than 1%
+    with pytest.raises(UserError, match="3 of 205 image files could not be read .more than 1%.") as err:
+        data.check_image_files({"train": dataset()}, out)
+    assert all(name in str(err.value) for name in ("zero.png", "text.jpg", "empty.png"))
+    shapes = data.ShapesDataset(8, 10)
+    assert data.check_image_files({"train": shapes}, str(tmp_path / "shapes"))["train"] is shapes
+    assert not os.path.exists(tmp_path / "shapes")                # no files, nothing to check or keep
+
+
+def test_training_names_all_unreadable_files_before_its_first_step(tmp_path):
+    _write_images(tmp_path / "own", 39, size=24)
+    (tmp_path / "own" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"garbage" * 10)
+    (tmp_path / "own" / "zero.png").write_bytes(b"")
+    r = run_script(TINY_TRAIN + ["--data", str(tmp_path / "own"), "--max-steps", "5", "--out-dir", str(tmp_path / "o")])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    error = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "2 of 41 image files could not be read" in error[0]
+    assert "corrupt.jpg" in error[0] and "zero.png (empty file)" in error[0]
+    assert "step " not in r.stdout and not os.path.exists(tmp_path / "o" / "log.jsonl")
 
 
 # -----------------------------------------------------------------------------
@@ -2545,7 +2596,8 @@ def test_training_proceeds_past_hostile_files_and_names_them(hostile_folder, tmp
 def test_a_corrupt_validation_file_is_reported_and_never_counted_twice(tmp_path):
     _write_images(tmp_path / "set" / "train", 24, size=16)
     _write_images(tmp_path / "set" / "val", 20, size=16, seed=1)
-    (tmp_path / "set" / "val" / "010.png").write_bytes(b"not a png")         # image 10 of 20 is broken
+    broken = tmp_path / "set" / "val" / "010.png"             # image 10 of 20: its header reads, its pixels do not
+    broken.write_bytes(broken.read_bytes()[:60])
     npz = tmp_path / "val.npz"
     r = run_script(["data.py", str(tmp_path / "set"), "--size", "16", "--npz", str(npz)])
     assert r.returncode == 0, r.stderr

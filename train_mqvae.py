@@ -570,8 +570,9 @@ def analyse_checkpoint(cfg: TrainConfig, explicit: set, rank: int, world: int, d
 
 def build_data(cfg: TrainConfig, rank: int, world: int, device) -> SimpleNamespace:
     """Datasets, the resumable sampler and loader, and the schedule they fix (steps, warmup, lr)."""
-    train_set = data.build_dataset(cfg.data, cfg.data_dir, cfg.image_size, "train")
-    val_set = data.build_dataset(cfg.data, cfg.data_dir, cfg.image_size, "val")
+    splits = data.check_image_files({split: data.build_dataset(cfg.data, cfg.data_dir, cfg.image_size, split)
+                                     for split in ("train", "val")}, cfg.out_dir)
+    train_set, val_set = splits["train"], splits["val"]
     global_batch = cfg.batch_size * world * cfg.grad_accum
     steps_per_epoch = len(train_set) // global_batch
     check(steps_per_epoch > 0, f"the training set has {len(train_set)} images, fewer than one global batch "

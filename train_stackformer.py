@@ -240,7 +240,8 @@ def build_token_cache(cfg, mqvae, stage1_sha: str, split: str, device, rank: int
     meta_path, key_path = os.path.join(folder, "meta.json"), os.path.join(folder, "key.json")
     if os.path.isfile(meta_path) and json.load(open(meta_path)).get("key") == key:
         return folder
-    dataset = data.build_dataset(cfg.data, cfg.data_dir, image_size, split)
+    dataset = data.check_image_files({split: data.build_dataset(cfg.data, cfg.data_dir, image_size, split)},
+                                     cfg.out_dir)[split]
     files = isinstance(dataset, data.ImageFiles)
     check(views == 1 or files, f"--views {views} needs image files with a training augmentation; the shapes data "
                                f"draws each image one way only: use --views 1")
