@@ -640,8 +640,8 @@ def test_mask_statistics_count_kept_object_tokens_and_rank_scores():
     flat = np.ones((2, 8))                      # ties everywhere: chance, and no correlation to report
     m = train_mqvae.mask_statistics(flat, kept, detail, detail, objects)
     assert m["mask_auroc"] == 0.5 and "mask_r_detail" not in m
-    assert train_mqvae.inversion_warning(train_mqvae.mask_statistics(1 - detail, kept, detail, detail)) is not None
-    assert train_mqvae.inversion_warning(train_mqvae.mask_statistics(detail, kept, detail, detail)) is None
+    assert train_mqvae.inversion_warning(train_mqvae.mask_statistics(1 - detail, kept, detail, detail), False) is not None
+    assert train_mqvae.inversion_warning(train_mqvae.mask_statistics(detail, kept, detail, detail), False) is None
 
 
 def inverted_mask_checkpoint(path):
@@ -666,6 +666,17 @@ def inverted_mask_checkpoint(path):
                                                            eval_images=64))
     save_checkpoint(dict(kind="mqvae", version=1, mqvae_config=dataclasses.asdict(cfg), train_config=train_cfg,
                          mqvae=model.state_dict(), step=0), str(path))
+
+
+def test_the_inversion_warning_names_the_commit_path_only_on_a_run_that_takes_it():
+    inverted = dict(mask_r_detail=-0.4, mask_p_detail=1e-12)
+    off = train_mqvae.inversion_warning(inverted, False, 0.1, 0.25)
+    assert "looks inverted" in off and "r = -0.40" in off
+    assert "commit-through-score" not in off                      # the default: nothing to turn off
+    assert "--codebook-weight 0.1 × β 0.25 = 0.025" in off and "--lr" in off
+    on = train_mqvae.inversion_warning(inverted, True, 1.0, 0.25)
+    assert "turn --commit-through-score off" in on and "--codebook-weight 1 × β 0.25 = 0.25" in on
+    assert train_mqvae.inversion_warning(dict(mask_r_detail=-0.4, mask_p_detail=0.5), True) is None  # not significant
 
 
 def test_analysing_an_inverted_checkpoint_warns_and_writes_its_numbers(tmp_path, capsys):

@@ -450,14 +450,22 @@ def mask_summary(metrics: dict) -> Optional[str]:
     return "mask: " + "; ".join(parts) if parts else None
 
 
-def inversion_warning(metrics: dict) -> Optional[str]:
-    """A warning when the importance map is clearly anti-correlated with pixel detail: it keeps flat regions."""
+def inversion_warning(metrics: dict, commit_through_score: bool, codebook_weight: Optional[float] = None,
+                      beta: float = 0.25) -> Optional[str]:
+    """A warning when the importance map is clearly anti-correlated with pixel detail: it keeps flat regions.
+    It names what moved the map in docs/findings.md: the commitment weight (this run's, where known), the
+    learning rate and, only where this run takes it (commit_through_score), the commitment path."""
     r, p = metrics.get("mask_r_detail"), metrics.get("mask_p_detail")
     if r is None or not (r < -0.1 and p < 1e-3):
         return None
+    weight = (f"here --codebook-weight {codebook_weight:g} × β {beta:g} = {codebook_weight * beta:g}; "
+              if codebook_weight is not None else "--codebook-weight; ")
+    path = ("; and this run takes L_commit through the scores (the official term), which kept the background in "
+            "6 of 12 runs there: turn --commit-through-score off" if commit_through_score else "")
     return (f"warning: the importance map looks inverted: its correlation with pixel detail is r = {r:.2f} "
-            f"(p = {p:.1g}), so the mask keeps flat regions and drops detailed ones; train with "
-            f"--commit-through-score off (docs/findings.md)")
+            f"(p = {p:.1g}), so the mask keeps flat regions and drops detailed ones. What moved the map in "
+            f"docs/findings.md: the commitment weight ({weight}0.1 kept the shapes in every short demo run, 1.0 "
+            f"not always) and the learning rate (--lr; 3e-4 held maps that drifted at 1e-3){path}")
 
 
 # -----------------------------------------------------------------------------
@@ -527,7 +535,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
             run.check_finite(done)
             metrics, picture = evaluate(n.raw_model, d.val_set, cfg, device, n.autocast, n.lpips_fn, rank, world,
                                         n.graphed)
-            report_evaluation(run, done, metrics, picture)
+            report_evaluation(run, done, metrics, picture, mcfg)
         save, stop = run.after_step(done)
         if save:
             run.save(done, checkpoint_state(n, mcfg, cfg, done / d.steps_per_epoch))
@@ -561,7 +569,8 @@ def analyse_checkpoint(cfg: TrainConfig, explicit: set, rank: int, world: int, d
     save_grid(visualisation_grid(*picture), os.path.join(out_dir, "mask_analysis.png"), nrow=4)
     print(f"{cfg.analyse} (step {ckpt['step']}), {metrics['val_images']} validation images of {run_cfg.data}: "
           f"PSNR {metrics['val_psnr']:.2f} dB, {metrics['val_codes_used']} codes used")
-    for line in (mask_summary(metrics), inversion_warning(metrics)):
+    for line in (mask_summary(metrics), inversion_warning(metrics, model.config.commit_through_score,
+                                                          run_cfg.codebook_weight, model.config.beta)):
         if line:
             print(line)
     print(f"wrote {os.path.join(out_dir, 'mask_analysis.json')} and mask_analysis.png")
@@ -716,7 +725,7 @@ def log_training(run: TrainingRun, stats: TrainingStats, done: int, lr: float, d
     stats.count = 0
 
 
-def report_evaluation(run: TrainingRun, step: int, metrics: dict, picture):
+def report_evaluation(run: TrainingRun, step: int, metrics: dict, picture, mcfg: MQVAEConfig):
     """Rank 0: the picture recon_<step>.png, log lines (the metrics, where the mask keeps, a warning if it
     looks inverted) and a log.jsonl record."""
     if not run.master:
@@ -725,7 +734,8 @@ def report_evaluation(run: TrainingRun, step: int, metrics: dict, picture):
         save_grid(visualisation_grid(*picture), os.path.join(run.cfg.out_dir, f"recon_{step:07d}.png"), nrow=4)
     run.log(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in metrics.items() if k.startswith("val_")))
-    for line in (mask_summary(metrics), inversion_warning(metrics)):
+    for line in (mask_summary(metrics), inversion_warning(metrics, mcfg.commit_through_score, run.cfg.codebook_weight,
+                                                          mcfg.beta)):
         if line:
             run.log(line)
     run.write_record(dict(step=step, **metrics))
