@@ -2387,6 +2387,24 @@ def test_show_positions_writes_a_second_grid_with_cells_without_code_dimmed(ckpt
     assert (kept == 255).all(axis=-1).sum() == SP_N * 4 and (kept == 76).all(axis=-1).sum() == (SP_T - SP_N) * 4
 
 
+def test_a_run_folder_as_ckpt_samples_from_its_ckpt_pt(tmp_path):
+    write_checkpoint(tmp_path / "ckpt.pt")
+    summary = run_sample("--ckpt", tmp_path, "--n", 2, "--batch-size", 2)
+    assert summary["generated"] == 2 and summary["grid"] == str(tmp_path / "samples.png")
+    (tmp_path / "no_run").mkdir()
+    with pytest.raises(UserError, match="is a folder without a ckpt.pt"):
+        run_sample("--ckpt", tmp_path / "no_run", "--n", 2)
+
+
+def test_sample_usage_shows_ckpt_as_required(capsys):
+    with pytest.raises(UserError, match="required: --ckpt"):
+        sample.main(["--n", "2"])
+    with pytest.raises(SystemExit):
+        sample.main(["--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert "--ckpt CKPT" in usage and "[--ckpt" not in usage
+
+
 def test_default_grid_goes_next_to_the_checkpoint_only_for_small_n(tmp_path):
     ckpt = write_checkpoint(tmp_path / "ckpt.pt")
     summary = run_sample("--ckpt", ckpt, "--n", 2)
@@ -2408,9 +2426,12 @@ def bad_cases(ckpts, tmp_path):
     empty.write_text("\n  \n")
     a_file = tmp_path / "a_file"
     a_file.write_text("")
+    picture = tmp_path / "picture.png"
+    Image.new("RGB", (4, 4)).save(picture)
     return [
         (["--ckpt", tmp_path / "missing.pt"], "checkpoint not found"),
         (["--ckpt", truncated], "cannot read checkpoint"),
+        (["--ckpt", picture], "it is not a Stackformer (stage-2) checkpoint"),
         (["--ckpt", stage1], "is an MQ-VAE (stage-1) checkpoint"),
         (["--ckpt", ckpts["class"], "--class-id", 3], "class id 3 is out of range: this model has 3 classes, valid ids 0..2"),
         (["--ckpt", ckpts["class"], "--classes", "0,oval"], "unknown class 'oval'"),
@@ -2440,6 +2461,7 @@ def test_each_bad_input_is_one_error_line_with_exit_code_2_before_any_sampling(c
         lines = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2, args
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, lines)
+        assert "weights_only" not in lines[0]                    # torch's advice to load the file unsafely
 
 
 def test_bad_input_from_the_shell_prints_no_traceback(ckpts, tmp_path):

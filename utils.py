@@ -82,15 +82,27 @@ def save_checkpoint(obj: dict, path: str):
         os.fsync(fh.fileno())
 
 
+def run_checkpoint(path: str) -> str:
+    """A checkpoint file, or a run's --out-dir, which stands for the ckpt.pt in it."""
+    if os.path.isdir(path):
+        check(os.path.isfile(os.path.join(path, "ckpt.pt")),
+              f"{path} is a folder without a ckpt.pt (a run writes it at its first checkpoint); give a checkpoint")
+        return os.path.join(path, "ckpt.pt")
+    return path
+
+
 def load_checkpoint(path: str, kind: str, map_location="cpu") -> dict:
     """Load a checkpoint of the given kind ("mqvae" or "stackformer") or raise a one-line UserError."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder; give the checkpoint file in it (e.g. {os.path.join(path, 'ckpt.pt')})")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, not a torch file, pickled objects we refuse to run
-        raise UserError(f"cannot read checkpoint {path} (truncated or not a checkpoint of this project): "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        # torch's own message advises loading with weights_only=False, which would run the file's code
+        raise UserError(f"cannot read checkpoint {path}: it is not {CHECKPOINT_KINDS[kind]}, but an empty, "
+                        f"truncated or other file (torch.load raised {type(e).__name__})") from None
     found = ckpt.get("kind") if isinstance(ckpt, dict) else None
     if found != kind:
         what = CHECKPOINT_KINDS.get(found, "not a checkpoint of this project")
@@ -244,10 +256,11 @@ class FlagParser(argparse.ArgumentParser):
         raise UserError(f"unknown flag {', '.join(hints)}; see --help" if hints else f"{message}; see --help")
 
 
-def config_to_parser(defaults, description: str) -> FlagParser:
+def config_to_parser(defaults, description: str, required=()) -> FlagParser:
     """One flag per dataclass field: `--batch-size 8` and `--batch-size=8` both work; booleans get
     `--flag/--no-flag`; a field whose default is None takes the type named in its annotation; the
-    field's comment is its help text, followed by the default where the comment does not give it."""
+    field's comment is its help text, followed by the default where the comment does not give it.
+    The fields named in `required` must be given (and show so in the usage line)."""
     help_texts = field_comments(type(defaults))
     parser = FlagParser(description=description)
     for f in dataclasses.fields(defaults):
@@ -263,7 +276,7 @@ def config_to_parser(defaults, description: str) -> FlagParser:
         else:
             kind = (int if "int" in annotation else float if "float" in annotation else str)
             parser.add_argument(name, type=kind, default=default, help=help_text,
-                                metavar=f.name.upper())
+                                metavar=f.name.upper(), required=f.name in required)
     return parser
 
 
