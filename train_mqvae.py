@@ -1,9 +1,10 @@
 """
 Train the MQ-VAE (stage 1): VQGAN's losses and nothing special for the mask (supplementary §1).
 
-    L_AE = L_rec + λ·L_G + L_commit
+    L_AE = L_rec + λ·L_G + w·L_commit        w = --codebook-weight: the commitment weight in effect is w·β
+                                             (1.0 × 0.25 = 0.25; the demo's 0.1 × 0.25 = 0.025)
     L_rec    = |x - x̃|₁ (official code; --rec-loss l2 is the supplementary's ||x - x̃||²) + 1.0·LPIPS(x, x̃)
-    L_commit = β·||Ẑ - sg(Ẑ^q)||²            (plus the codebook loss with --codebook grad); by default taken
+    L_commit = β·||Ẑ - sg(Ẑ^q)||², β = 0.25  (plus the codebook loss with --codebook grad); by default taken
                                              on sg(s)·u, so the mask learns from L_rec alone (--commit-through-score)
     L_G      = -mean D(x̃)                    hinge GAN, PatchGAN discriminator D
     λ        = min(0.75 · ||∇_W L_rec|| / (||∇_W L_G|| + 1e-4), 1.0), W = the decoder's last layer
@@ -74,7 +75,7 @@ class TrainConfig:
     # losses
     rec_loss: str = "l1"                  # l1 (official) | l2 (supplementary)
     perceptual_weight: Optional[float] = None  # LPIPS weight (1.0; 0 for the shapes demo)
-    codebook_weight: Optional[float] = None  # weight of L_commit (1.0; 0.1 for the shapes demo)
+    codebook_weight: Optional[float] = None  # w: multiplies L_commit = β·||Ẑ - sg(Ẑ^q)||² (β = 0.25 in the quantizer), so the commitment weight in effect is w × 0.25 (1.0; 0.1 for the shapes demo, in effect 0.025)
     commit_through_score: str = "off"     # off: L_commit sees sg(s)·u, the mask learns from reconstruction alone | on: official (docs/findings.md)
     disc_weight: float = 0.75             # 0.75 × adaptive λ
     disc_weight_max: float = 1.0          # cap on λ (official code)
@@ -110,9 +111,10 @@ class TrainConfig:
 
 
 DATA_DEFAULTS = {
-    # The demo: minutes on a CPU. LPIPS needs downloaded VGG weights, so it is off. Commitment weight 0.1
-    # and lr 3e-4: with the official weight 1.0, or at lr 1e-3, the short runs' masks drifted off the shapes
-    # in most seeds; with these, 3 of 3 seeds kept them (docs/findings.md has the table).
+    # The demo: minutes on a CPU. LPIPS needs downloaded VGG weights, so it is off. --codebook-weight 0.1 (times
+    # the quantizer's β = 0.25: a commitment weight of 0.025 in effect) and lr 3e-4: with the official 1.0, or
+    # at lr 1e-3, the short runs' masks drifted off the shapes in most seeds; with these, 3 of 3 seeds kept them
+    # (docs/findings.md has the table).
     "shapes":   dict(image_size=32, preset="demo", batch_size=16, perceptual_weight=0.0, codebook_weight=0.1,
                      disc_start=1000, warmup_epochs=0.02, epochs=1.0, eval_every=250, eval_images=256, lr=3e-4,
                      num_workers=0),
@@ -654,7 +656,9 @@ def describe_run(cfg: TrainConfig, mcfg: MQVAEConfig, d: SimpleNamespace, n: Sim
           f"mask {millions(model.mask):.2f}M, de-mask {millions(model.demask):.2f}M, "
           f"decoder {millions(model.decoder):.2f}M); discriminator {millions(n.raw_disc):.2f}M")
     print(f"f={mcfg.downsample_factor}: {mcfg.grid_size}x{mcfg.grid_size} grid, keep {mcfg.keep_ratio:.0%} -> "
-          f"N={mcfg.seq_len} codes per image; codebook {mcfg.codebook_size}x{mcfg.codebook_dim} ({mcfg.codebook})")
+          f"N={mcfg.seq_len} codes per image; codebook {mcfg.codebook_size}x{mcfg.codebook_dim} ({mcfg.codebook}); "
+          f"commitment weight {cfg.codebook_weight:g} (--codebook-weight) × β {mcfg.beta:g} = "
+          f"{cfg.codebook_weight * mcfg.beta:g}")
     print(f"data {cfg.data}: {len(d.train_set)} train / {len(d.val_set)} val images; global batch {d.global_batch} "
           f"({cfg.batch_size} x {world} GPU x {cfg.grad_accum} accum); {d.steps_per_epoch} steps/epoch, "
           f"{d.total_steps} steps, peak lr {d.peak_lr:.3g}, warmup {d.warmup_steps} steps")
