@@ -498,6 +498,9 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         log(f"resumed from {ckpt_path} at step {start_step}")
     if rank == 0:
         describe_run(cfg, mcfg, d, n, world)
+        if device.type == "cpu" and cfg.preset not in ("demo", "tiny"):
+            print(f"note: the full-size {cfg.preset} MQ-VAE at {cfg.image_size}px takes seconds to minutes a step on a "
+                  f"CPU; a short run: --preset demo --image-size 64 --perceptual-weight 0 --max-steps 1000")
     stats = TrainingStats(mcfg.codebook_size, device)
     unreadable = data.UnreadableFiles(d.train_set, len(d.train_set) // world, "training")
     metrics = {}            # of the last evaluation

@@ -424,6 +424,9 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         if ckpt is not None and key not in ckpt["train_config"]:
             setattr(cfg, key, before)
     validate(cfg)
+    if rank == 0 and device.type == "cpu" and cfg.preset not in ("demo", "tiny"):
+        print(f"note: the full-size {cfg.preset} Stackformer is slow on a CPU; a short run: --preset demo --views 1 "
+              f"--max-steps 1000")
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
