@@ -16,20 +16,24 @@ Random augmentations draw from a generator seeded by (seed, epoch, index), so a 
 exactly the crops an uninterrupted run would have seen.
 """
 
+import hashlib
 import json
 import math
 import os
 import random
 import sys
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+import torch.distributed as dist
+from PIL import Image, ImageDraw, UnidentifiedImageError
 from torch.utils.data import Dataset, DistributedSampler
 
-from utils import UserError, atomic_path
+from utils import UserError, atomic_path, write_json
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DATASET_NAMES = ("shapes", "ffhq", "imagenet", "coco")
@@ -141,6 +145,14 @@ class ImageFiles(Dataset):
     def path(self, index: int) -> str:
         return os.fsdecode(self._paths[index])
 
+    def without(self, indices) -> "ImageFiles":
+        """The same dataset less the items `indices` (files that cannot be read)."""
+        keep = np.setdiff1d(np.arange(len(self)), np.asarray(sorted(indices), dtype=np.int64))
+        return ImageFiles([self.path(i) for i in keep], self.size, self.mode,
+                          labels=self.labels[keep] if self.labels is not None else None,
+                          captions=[self.captions[i] for i in keep] if self.captions is not None else None,
+                          classes=self.classes)
+
     def load(self, index: int, gen) -> torch.Tensor:
         return transform_image(load_rgb(self.path(index)), self.size, self.mode, gen)
 
@@ -178,10 +190,16 @@ class UnreadableFiles:
             self.seen.add(index)
             print(f"warning: skipped unreadable {self.what} image {self.dataset.path(index)} "
                   f"({len(self.seen)} so far)", file=sys.stderr)
-            if len(self.seen) > max(1.0, 0.01 * self.share):
+            if too_many_unreadable(len(self.seen), self.share):
                 raise UserError(f"{len(self.seen)} of {self.share} {self.what} images could not be read (more "
                                 f"than 1%); check the dataset (the files are named above)")
         return bad < 0
+
+
+def too_many_unreadable(bad: int, total: int) -> bool:
+    """The rule for unreadable files: a few are named and skipped, more than 1% of the images (and more than
+    one) stop the run, since the data is then more likely wrong than a file or two damaged."""
+    return bad > max(1.0, 0.01 * total)
 
 
 def index_seed(index: int) -> int:
@@ -279,13 +297,19 @@ def list_images(root: str) -> List[str]:
     return files
 
 
-def _require_dir(path: str, what: str):
+def _require_dir(path: str, what: str, layout: str = ""):
     if not os.path.isdir(path):
-        raise UserError(f"{what} not found: {path}")
+        raise UserError(f"{what} not found: {path}" + (f"; {layout}" if layout else ""))
+
+
+FFHQ_LAYOUT = ("expected --data-dir DIR (default data/ffhq) holding the images as DIR/**/*.png at any depth "
+               "(e.g. DIR/00000/00000.png ... DIR/69000/69999.png), optionally with DIR/ffhqtrain.txt and "
+               "DIR/ffhqvalidation.txt listing the split's files relative to DIR (without them the last 1/7 by "
+               "path is the validation split)")
 
 
 def _ffhq(root, size, split):
-    _require_dir(root, "FFHQ folder (--data-dir)")
+    _require_dir(root, "FFHQ folder (--data-dir)", FFHQ_LAYOUT)
     list_file = os.path.join(root, "ffhqtrain.txt" if split == "train" else "ffhqvalidation.txt")
     if os.path.isfile(list_file):
         with open(list_file) as fh:
@@ -295,7 +319,7 @@ def _ffhq(root, size, split):
         # images named 00000..69999 this is 60000..69999 as validation).
         files = list_images(root)
         if not files:
-            raise UserError(f"no images (png/jpg/jpeg/webp/bmp) under {root}")
+            raise UserError(f"no images (png/jpg/jpeg/webp/bmp) under {root}; {FFHQ_LAYOUT}")
         cut = len(files) - max(1, len(files) // 7)
         files = files[:cut] if split == "train" else files[cut:]
     return ImageFiles(files, size, "rrc" if split == "train" else "eval")
@@ -388,6 +412,106 @@ def first_images(dataset, count: Optional[int]):
         if dataset.captions is not None:
             dataset.captions = dataset.captions[:count]
     return dataset
+
+
+# -----------------------------------------------------------------------------
+# Every file checked before the first step: headers only, in parallel, the result kept in the output folder
+
+def header_problem(path: str) -> Optional[str]:
+    """What makes an image file unreadable, judged from its header alone (PIL reads the format, size and mode,
+    not the pixels), or None. A file cut off after its header passes; the loader names it when it fails."""
+    try:
+        if os.path.getsize(path) == 0:
+            return "empty file"
+        with Image.open(path) as img:
+            pixels = img.size[0] * img.size[1]
+    except FileNotFoundError:
+        return "missing"
+    except Image.DecompressionBombError:
+        return "larger than PIL's decompression-bomb limit"
+    except UnidentifiedImageError:
+        return "not an image format PIL knows"
+    except Exception as e:
+        return f"unreadable header ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+    if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:   # load_rgb refuses these
+        return "larger than PIL's decompression-bomb limit"
+    return "no pixels" if pixels == 0 else None
+
+
+CHECK_THREADS = 16      # threads for the file check: opening files waits on the disk (or the network), not the CPU
+CHECK_NAMED = 20        # unreadable files named in the message at most; the check's JSON file lists them all
+
+
+def _in_threads(fn, paths: List[str]) -> list:
+    """[fn(path) for path in paths], on CHECK_THREADS threads, in blocks so that 70,000 files are not 70,000 tasks."""
+    blocks = [paths[i:i + 256] for i in range(0, len(paths), 256)]
+    with ThreadPoolExecutor(CHECK_THREADS) as pool:
+        return [result for block in pool.map(lambda b: [fn(p) for p in b], blocks) for result in block]
+
+
+def _file_stamp(path: str) -> str:
+    try:
+        st = os.stat(path)
+        return f"{st.st_size} {st.st_mtime_ns}"
+    except OSError:
+        return "missing"
+
+
+def check_image_files(splits: dict, out_dir: str) -> dict:
+    """{split: dataset} -> the same datasets less their unreadable files, found before the first step: the
+    header of every file is read (in threads) and all bad files are named in one message; more than 1% of
+    the files is a UserError. The result is kept in out_dir under a key of the file names, sizes and
+    modification times, so a resumed run does not check again and a changed folder is checked anew. Rank 0
+    checks, the other ranks take its result. Datasets without files (shapes) pass as they are."""
+    lists = {split: ds.files for split, ds in splits.items() if isinstance(ds, ImageFiles)}
+    if not lists:
+        return splits
+    distributed = dist.is_available() and dist.is_initialized()
+    rank0 = not distributed or dist.get_rank() == 0
+    files = [f for split_files in lists.values() for f in split_files]
+    path = os.path.join(out_dir, f"checked_{'_'.join(lists)}.json")
+    found = [None]
+    if rank0:
+        start = time.time()
+        stamps = "\n".join(f"{f} {stamp}" for f, stamp in zip(files, _in_threads(_file_stamp, files)))
+        key = hashlib.sha256(f"{list(map(len, lists.values()))}\n{stamps}".encode()).hexdigest()
+        try:
+            with open(path) as fh:
+                saved = json.load(fh)
+        except (OSError, ValueError):
+            saved = {}
+        if saved.get("key") == key:
+            found[0], how = saved["unreadable"], f"as checked before: {path}"
+        else:
+            with warnings.catch_warnings():     # PIL warns below the limit that header_problem applies itself
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                problems = _in_threads(header_problem, files)
+            found[0] = {f: problem for f, problem in zip(files, problems) if problem is not None}
+            write_json(path, dict(key=key, files=len(files), unreadable=found[0]))
+            how = f"headers read in {time.time() - start:.1f} s on {CHECK_THREADS} threads"
+        counts = " + ".join(f"{len(split_files)} {split}" for split, split_files in lists.items())
+        print(f"image files: {counts}, {len(found[0])} unreadable ({how})", flush=True)
+    if distributed:
+        dist.broadcast_object_list(found, src=0)
+    bad = found[0]
+    if not bad:
+        return splits
+    named = ", ".join(f"{f} ({problem})" for f, problem in list(bad.items())[:CHECK_NAMED])
+    if len(bad) > CHECK_NAMED:
+        named += f" and {len(bad) - CHECK_NAMED} more (all in {path})"
+    if too_many_unreadable(len(bad), len(files)):
+        raise UserError(f"{len(bad)} of {len(files)} image files could not be read (more than 1%): {named}; "
+                        f"fix or remove them")
+    checked = dict(splits)
+    for split, split_files in lists.items():
+        dropped = [i for i, f in enumerate(split_files) if f in bad]
+        if len(dropped) == len(split_files):
+            raise UserError(f"none of the {len(split_files)} {split} images can be read: {named}")
+        checked[split] = splits[split].without(dropped)
+    if rank0:
+        print(f"warning: {len(bad)} of {len(files)} image files could not be read and are left out: {named}",
+              file=sys.stderr, flush=True)
+    return checked
 
 
 # -----------------------------------------------------------------------------

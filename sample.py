@@ -57,8 +57,8 @@ from PIL import Image
 
 import fast_sampling
 from data import to_uint8
-from utils import (UserError, atomic_path, check, cleanup_distributed, config_to_parser, load_stackformer, run_main,
-                   setup_distributed, write_json)
+from utils import (UserError, atomic_path, check, cleanup_distributed, config_to_parser, load_stackformer, run_checkpoint,
+                   run_main, setup_distributed, write_json)
 
 
 # -----------------------------------------------------------------------------
@@ -66,7 +66,7 @@ from utils import (UserError, atomic_path, check, cleanup_distributed, config_to
 
 @dataclass
 class SampleConfig:
-    ckpt: str = ""                          # Stackformer checkpoint written by train_stackformer.py (required)
+    ckpt: str = ""                          # Stackformer checkpoint written by train_stackformer.py, or its run folder (required)
     num_samples: Optional[int] = None       # images to sample, --n for short (64; the number of classes with --classes all, of prompts with --prompts-file)
     batch_size: int = 64                    # images per generate() call; part of the seed rule, so changing it changes the images
     seed: int = 0                           # chunk starting at sample i is seeded from (seed, i)
@@ -106,7 +106,7 @@ PROGRESS_EVERY_S = 5.0      # seconds between progress lines
 
 
 def parse_config(argv) -> SampleConfig:
-    parser = config_to_parser(SampleConfig(), __doc__.strip().split("\n\n")[0])
+    parser = config_to_parser(SampleConfig(), __doc__.strip().split("\n\n")[0], required=("ckpt",))
     parser.add_argument("--n", dest="num_samples", type=int, default=argparse.SUPPRESS, metavar="N",
                         help="short for --num-samples (not under torchrun, which takes --n for one of its own flags)")
     return SampleConfig(**vars(parser.parse_args(argv)))
@@ -115,6 +115,7 @@ def parse_config(argv) -> SampleConfig:
 def validate(cfg: SampleConfig):
     """Flag checks that need no checkpoint; they run before anything is loaded."""
     check(bool(cfg.ckpt), "--ckpt is required: a Stackformer checkpoint written by train_stackformer.py")
+    cfg.ckpt = run_checkpoint(cfg.ckpt)
     check(cfg.num_samples is None or cfg.num_samples > 0, f"--n/--num-samples must be positive, got {cfg.num_samples}")
     check(cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}")
     check(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")

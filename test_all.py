@@ -520,8 +520,59 @@ def test_unknown_dataset_and_empty_folder_are_clear_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no images"):
         data.build_dataset(str(tmp_path / "empty"), None, 16, "train")
-    with pytest.raises(UserError, match="FFHQ folder"):
+    with pytest.raises(UserError, match="FFHQ folder") as err:
         data.build_dataset("ffhq", str(tmp_path / "missing"), 16, "train")
+    assert "DIR/**/*.png" in str(err.value) and "ffhqtrain.txt" in str(err.value)     # the layout it expects
+    with pytest.raises(UserError, match="no images") as err:
+        data.build_dataset("ffhq", str(tmp_path / "empty"), 16, "train")
+    assert "DIR/**/*.png" in str(err.value)
+
+
+def test_the_file_check_names_every_unreadable_file_at_once_and_is_reused_until_the_folder_changes(
+        tmp_path, monkeypatch, capsys):
+    _write_images(tmp_path / "imgs", 200, size=8)
+    (tmp_path / "imgs" / "zero.png").write_bytes(b"")
+    (tmp_path / "imgs" / "text.jpg").write_bytes(b"this is not a jpeg\n")
+    truncated = (tmp_path / "imgs" / "001.png").read_bytes()[:60]
+    (tmp_path / "imgs" / "cut.png").write_bytes(truncated)     # its header reads: left to the loader
+    out = str(tmp_path / "run")
+    dataset = lambda: data.ImageFiles(data.list_images(str(tmp_path / "imgs")), 8, "eval")
+    checked = data.check_image_files({"train": dataset()}, out)["train"]
+    assert len(checked) == 201 and not {"zero.png", "text.jpg"} & {os.path.basename(f) for f in checked.files}
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning")]
+    assert len(warnings) == 1 and "zero.png (empty file)" in warnings[0] and "text.jpg (" in warnings[0]
+    assert "2 of 203 image files" in warnings[0]                 # 2 <= 1% of 203: left out, not an error
+    saved = json.load(open(os.path.join(out, "checked_train.json")))
+    assert saved["files"] == 203 and len(saved["unreadable"]) == 2
+
+    def must_not_run(path):
+        raise AssertionError("checked again")
+    monkeypatch.setattr(data, "header_problem", must_not_run)
+    again = data.check_image_files({"train": dataset()}, out)["train"]   # a resumed run: the saved result
+    assert again.files == checked.files and "as checked before" in capsys.readouterr().out
+    (tmp_path / "imgs" / "201.png").write_bytes((tmp_path / "imgs" / "002.png").read_bytes())   # the folder changed
+    with pytest.raises(AssertionError, match="checked again"):
+        data.check_image_files({"train": dataset()}, out)
+    monkeypatch.undo()
+    (tmp_path / "imgs" / "empty.png").write_bytes(b"")            # 3 of 205: more than 1%
+    with pytest.raises(UserError, match="3 of 205 image files could not be read .more than 1%.") as err:
+        data.check_image_files({"train": dataset()}, out)
+    assert all(name in str(err.value) for name in ("zero.png", "text.jpg", "empty.png"))
+    shapes = data.ShapesDataset(8, 10)
+    assert data.check_image_files({"train": shapes}, str(tmp_path / "shapes"))["train"] is shapes
+    assert not os.path.exists(tmp_path / "shapes")                # no files, nothing to check or keep
+
+
+def test_training_names_all_unreadable_files_before_its_first_step(tmp_path):
+    _write_images(tmp_path / "own", 39, size=24)
+    (tmp_path / "own" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"garbage" * 10)
+    (tmp_path / "own" / "zero.png").write_bytes(b"")
+    r = run_script(TINY_TRAIN + ["--data", str(tmp_path / "own"), "--max-steps", "5", "--out-dir", str(tmp_path / "o")])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    error = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "2 of 41 image files could not be read" in error[0]
+    assert "corrupt.jpg" in error[0] and "zero.png (empty file)" in error[0]
+    assert "step " not in r.stdout and not os.path.exists(tmp_path / "o" / "log.jsonl")
 
 
 # -----------------------------------------------------------------------------
@@ -589,8 +640,8 @@ def test_mask_statistics_count_kept_object_tokens_and_rank_scores():
     flat = np.ones((2, 8))                      # ties everywhere: chance, and no correlation to report
     m = train_mqvae.mask_statistics(flat, kept, detail, detail, objects)
     assert m["mask_auroc"] == 0.5 and "mask_r_detail" not in m
-    assert train_mqvae.inversion_warning(train_mqvae.mask_statistics(1 - detail, kept, detail, detail)) is not None
-    assert train_mqvae.inversion_warning(train_mqvae.mask_statistics(detail, kept, detail, detail)) is None
+    assert train_mqvae.inversion_warning(train_mqvae.mask_statistics(1 - detail, kept, detail, detail), False) is not None
+    assert train_mqvae.inversion_warning(train_mqvae.mask_statistics(detail, kept, detail, detail), False) is None
 
 
 def inverted_mask_checkpoint(path):
@@ -615,6 +666,17 @@ def inverted_mask_checkpoint(path):
                                                            eval_images=64))
     save_checkpoint(dict(kind="mqvae", version=1, mqvae_config=dataclasses.asdict(cfg), train_config=train_cfg,
                          mqvae=model.state_dict(), step=0), str(path))
+
+
+def test_the_inversion_warning_names_the_commit_path_only_on_a_run_that_takes_it():
+    inverted = dict(mask_r_detail=-0.4, mask_p_detail=1e-12)
+    off = train_mqvae.inversion_warning(inverted, False, 0.1, 0.25)
+    assert "looks inverted" in off and "r = -0.40" in off
+    assert "commit-through-score" not in off                      # the default: nothing to turn off
+    assert "--codebook-weight 0.1 × β 0.25 = 0.025" in off and "--lr" in off
+    on = train_mqvae.inversion_warning(inverted, True, 1.0, 0.25)
+    assert "turn --commit-through-score off" in on and "--codebook-weight 1 × β 0.25 = 0.25" in on
+    assert train_mqvae.inversion_warning(dict(mask_r_detail=-0.4, mask_p_detail=0.5), True) is None  # not significant
 
 
 def test_analysing_an_inverted_checkpoint_warns_and_writes_its_numbers(tmp_path, capsys):
@@ -2325,6 +2387,24 @@ def test_show_positions_writes_a_second_grid_with_cells_without_code_dimmed(ckpt
     assert (kept == 255).all(axis=-1).sum() == SP_N * 4 and (kept == 76).all(axis=-1).sum() == (SP_T - SP_N) * 4
 
 
+def test_a_run_folder_as_ckpt_samples_from_its_ckpt_pt(tmp_path):
+    write_checkpoint(tmp_path / "ckpt.pt")
+    summary = run_sample("--ckpt", tmp_path, "--n", 2, "--batch-size", 2)
+    assert summary["generated"] == 2 and summary["grid"] == str(tmp_path / "samples.png")
+    (tmp_path / "no_run").mkdir()
+    with pytest.raises(UserError, match="is a folder without a ckpt.pt"):
+        run_sample("--ckpt", tmp_path / "no_run", "--n", 2)
+
+
+def test_sample_usage_shows_ckpt_as_required(capsys):
+    with pytest.raises(UserError, match="required: --ckpt"):
+        sample.main(["--n", "2"])
+    with pytest.raises(SystemExit):
+        sample.main(["--help"])
+    usage = capsys.readouterr().out.split("\n\n")[0]
+    assert "--ckpt CKPT" in usage and "[--ckpt" not in usage
+
+
 def test_default_grid_goes_next_to_the_checkpoint_only_for_small_n(tmp_path):
     ckpt = write_checkpoint(tmp_path / "ckpt.pt")
     summary = run_sample("--ckpt", ckpt, "--n", 2)
@@ -2346,9 +2426,12 @@ def bad_cases(ckpts, tmp_path):
     empty.write_text("\n  \n")
     a_file = tmp_path / "a_file"
     a_file.write_text("")
+    picture = tmp_path / "picture.png"
+    Image.new("RGB", (4, 4)).save(picture)
     return [
         (["--ckpt", tmp_path / "missing.pt"], "checkpoint not found"),
         (["--ckpt", truncated], "cannot read checkpoint"),
+        (["--ckpt", picture], "it is not a Stackformer (stage-2) checkpoint"),
         (["--ckpt", stage1], "is an MQ-VAE (stage-1) checkpoint"),
         (["--ckpt", ckpts["class"], "--class-id", 3], "class id 3 is out of range: this model has 3 classes, valid ids 0..2"),
         (["--ckpt", ckpts["class"], "--classes", "0,oval"], "unknown class 'oval'"),
@@ -2378,6 +2461,7 @@ def test_each_bad_input_is_one_error_line_with_exit_code_2_before_any_sampling(c
         lines = capsys.readouterr().err.strip().splitlines()
         assert exit_info.value.code == 2, args
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], (args, lines)
+        assert "weights_only" not in lines[0]                    # torch's advice to load the file unsafely
 
 
 def test_bad_input_from_the_shell_prints_no_traceback(ckpts, tmp_path):
@@ -2545,7 +2629,8 @@ def test_training_proceeds_past_hostile_files_and_names_them(hostile_folder, tmp
 def test_a_corrupt_validation_file_is_reported_and_never_counted_twice(tmp_path):
     _write_images(tmp_path / "set" / "train", 24, size=16)
     _write_images(tmp_path / "set" / "val", 20, size=16, seed=1)
-    (tmp_path / "set" / "val" / "010.png").write_bytes(b"not a png")         # image 10 of 20 is broken
+    broken = tmp_path / "set" / "val" / "010.png"             # image 10 of 20: its header reads, its pixels do not
+    broken.write_bytes(broken.read_bytes()[:60])
     npz = tmp_path / "val.npz"
     r = run_script(["data.py", str(tmp_path / "set"), "--size", "16", "--npz", str(npz)])
     assert r.returncode == 0, r.stderr
@@ -2802,6 +2887,59 @@ def test_resume_keeps_the_log_up_to_the_checkpoint_and_drops_a_line_cut_off_by_a
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
     assert [rec["step"] for rec in read_jsonl(tmp_path / "log.jsonl")] == [1, 2, 3]
+
+
+def test_log_lines_come_after_the_first_step_every_log_every_steps_and_at_least_every_30_seconds(tmp_path,
+                                                                                                    monkeypatch):
+    import signal
+    now = [1000.0]
+    monkeypatch.setattr(utils.time, "time", lambda: now[0])
+    cfg = train_mqvae.TrainConfig(out_dir=str(tmp_path), log_every=50)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    logged = {}                                                     # step -> the time of its line
+    try:
+        run = utils.TrainingRun(cfg, str(tmp_path / "ckpt.pt"), False, 0, 200, 0, 1, torch.device("cpu"), "")
+        for done in range(1, 201):
+            step_s = 1.0 if done <= 100 else 12.0                   # fast steps, then slow ones
+            now[0] += step_s
+            run.step_times.append(step_s)
+            if run.log_due(done):
+                run.interval(done)
+                logged[done] = now[0]
+            run.after_step(done)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    steps = sorted(logged)
+    assert steps[0] == 1 and {50, 100, 150, 200} <= set(steps)
+    for a, b in zip(steps, steps[1:]):
+        gap = logged[b] - logged[a]
+        assert gap < utils.LOG_SECONDS + run.step_times[b - 1], (a, b)   # never silent much past 30 s
+        assert gap >= utils.LOG_SECONDS or b % 50 == 0, (a, b)        # and no line the rules do not ask for
+    assert steps[:5] == [1, 31, 50, 80, 100] and steps[5:8] == [103, 106, 109]   # 1 s steps, then 12 s ones
+
+
+def test_training_logs_its_first_step_whatever_log_every_says(tmp_path):
+    out = tmp_path / "run"
+    r = run_script(TINY_TRAIN[:-8] + ["--log-every", "50", "--max-steps", "3", "--eval-images", "8", "--disc-start",
+                                      "1", "--num-workers", "0", "--disc-layers", "2", "--perceptual-weight", "0",
+                                      "--out-dir", str(out)])
+    assert r.returncode == 0, r.stderr
+    assert [rec["step"] for rec in read_jsonl(out / "log.jsonl") if "loss" in rec] == [1, 3]   # first, last
+    assert r.stdout.count("step 1/3 ") == 1
+
+
+def test_token_extraction_prints_progress_after_its_first_batch_and_at_least_every_30_seconds(monkeypatch, capsys):
+    now = [0.0]
+    monkeypatch.setattr(utils.time, "time", lambda: now[0])
+    progress = train_stackformer.EncodingProgress("train", 640, 1, True)
+    printed = []
+    for batch in range(10):
+        now[0] += 10.0                                              # 64 images every 10 s
+        progress.update(64)
+        printed.append(capsys.readouterr().out)
+    assert [i for i, out in enumerate(printed) if out] == [0, 3, 6, 9]   # the first batch, then every 30 s
+    assert "encoding train: 64/640 images (10%), 6.4 img/s, ETA 1.5 min" in printed[0]
 
 
 def test_a_second_run_without_resume_leaves_the_checkpoint_untouched(tmp_path):

@@ -1,9 +1,10 @@
 """
 Train the MQ-VAE (stage 1): VQGAN's losses and nothing special for the mask (supplementary §1).
 
-    L_AE = L_rec + λ·L_G + L_commit
+    L_AE = L_rec + λ·L_G + w·L_commit        w = --codebook-weight: the commitment weight in effect is w·β
+                                             (1.0 × 0.25 = 0.25; the demo's 0.1 × 0.25 = 0.025)
     L_rec    = |x - x̃|₁ (official code; --rec-loss l2 is the supplementary's ||x - x̃||²) + 1.0·LPIPS(x, x̃)
-    L_commit = β·||Ẑ - sg(Ẑ^q)||²            (plus the codebook loss with --codebook grad); by default taken
+    L_commit = β·||Ẑ - sg(Ẑ^q)||², β = 0.25  (plus the codebook loss with --codebook grad); by default taken
                                              on sg(s)·u, so the mask learns from L_rec alone (--commit-through-score)
     L_G      = -mean D(x̃)                    hinge GAN, PatchGAN discriminator D
     λ        = min(0.75 · ||∇_W L_rec|| / (||∇_W L_G|| + 1e-4), 1.0), W = the decoder's last layer
@@ -75,7 +76,7 @@ class TrainConfig:
     # losses
     rec_loss: str = "l1"                  # l1 (official) | l2 (supplementary)
     perceptual_weight: Optional[float] = None  # LPIPS weight (1.0; 0 for the shapes demo)
-    codebook_weight: Optional[float] = None  # weight of L_commit (1.0; 0.1 for the shapes demo)
+    codebook_weight: Optional[float] = None  # w: multiplies L_commit = β·||Ẑ - sg(Ẑ^q)||² (β = 0.25 in the quantizer), so the commitment weight in effect is w × 0.25 (1.0; 0.1 for the shapes demo, in effect 0.025)
     commit_through_score: str = "off"     # off: L_commit sees sg(s)·u, the mask learns from reconstruction alone | on: official (docs/findings.md)
     disc_weight: float = 0.75             # 0.75 × adaptive λ
     disc_weight_max: float = 1.0          # cap on λ (official code)
@@ -99,7 +100,7 @@ class TrainConfig:
     compile: bool = False                 # torch.compile encoder, de-mask, decoder and discriminator
     compile_mode: str = "default"         # with --compile: default | reduce-overhead (encoder, de-mask, decoder as CUDA graphs) | max-autotune
     channels_last: bool = False           # NHWC memory layout for the convolutional networks (CUDA)
-    log_every: int = 50                   # steps between log lines
+    log_every: int = 50                   # steps between log lines (also one after the first step and at least every 30 s)
     eval_every: Optional[int] = None      # steps between evaluations (default 2000; demo 250)
     eval_images: Optional[int] = None     # validation images per evaluation (1000; 256 for the demo)
     ckpt_every: int = 1000                # steps between checkpoints (also written at the end and on SIGINT/SIGTERM)
@@ -112,9 +113,10 @@ class TrainConfig:
 
 
 DATA_DEFAULTS = {
-    # The demo: minutes on a CPU. LPIPS needs downloaded VGG weights, so it is off. Commitment weight 0.1
-    # and lr 3e-4: with the official weight 1.0, or at lr 1e-3, the short runs' masks drifted off the shapes
-    # in most seeds; with these, 3 of 3 seeds kept them (docs/findings.md has the table).
+    # The demo: minutes on a CPU. LPIPS needs downloaded VGG weights, so it is off. --codebook-weight 0.1 (times
+    # the quantizer's β = 0.25: a commitment weight of 0.025 in effect) and lr 3e-4: with the official 1.0, or
+    # at lr 1e-3, the short runs' masks drifted off the shapes in most seeds; with these, 3 of 3 seeds kept them
+    # (docs/findings.md has the table).
     "shapes":   dict(image_size=32, preset="demo", batch_size=16, perceptual_weight=0.0, codebook_weight=0.1,
                      disc_start=1000, warmup_epochs=0.02, epochs=1.0, eval_every=250, eval_images=256, lr=3e-4,
                      num_workers=0),
@@ -458,14 +460,22 @@ def mask_summary(metrics: dict) -> Optional[str]:
     return "mask: " + "; ".join(parts) if parts else None
 
 
-def inversion_warning(metrics: dict) -> Optional[str]:
-    """A warning when the importance map is clearly anti-correlated with pixel detail: it keeps flat regions."""
+def inversion_warning(metrics: dict, commit_through_score: bool, codebook_weight: Optional[float] = None,
+                      beta: float = 0.25) -> Optional[str]:
+    """A warning when the importance map is clearly anti-correlated with pixel detail: it keeps flat regions.
+    It names what moved the map in docs/findings.md: the commitment weight (this run's, where known), the
+    learning rate and, only where this run takes it (commit_through_score), the commitment path."""
     r, p = metrics.get("mask_r_detail"), metrics.get("mask_p_detail")
     if r is None or not (r < -0.1 and p < 1e-3):
         return None
+    weight = (f"here --codebook-weight {codebook_weight:g} × β {beta:g} = {codebook_weight * beta:g}; "
+              if codebook_weight is not None else "--codebook-weight; ")
+    path = ("; and this run takes L_commit through the scores (the official term), which kept the background in "
+            "6 of 12 runs there: turn --commit-through-score off" if commit_through_score else "")
     return (f"warning: the importance map looks inverted: its correlation with pixel detail is r = {r:.2f} "
-            f"(p = {p:.1g}), so the mask keeps flat regions and drops detailed ones; train with "
-            f"--commit-through-score off (docs/findings.md)")
+            f"(p = {p:.1g}), so the mask keeps flat regions and drops detailed ones. What moved the map in "
+            f"docs/findings.md: the commitment weight ({weight}0.1 kept the shapes in every short demo run, 1.0 "
+            f"not always) and the learning rate (--lr; 3e-4 held maps that drifted at 1e-3){path}")
 
 
 # -----------------------------------------------------------------------------
@@ -496,6 +506,9 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         log(f"resumed from {ckpt_path} at step {start_step}")
     if rank == 0:
         describe_run(cfg, mcfg, d, n, world)
+        if device.type == "cpu" and cfg.preset not in ("demo", "tiny"):
+            print(f"note: the full-size {cfg.preset} MQ-VAE at {cfg.image_size}px takes seconds to minutes a step on a "
+                  f"CPU; a short run: --preset demo --image-size 64 --perceptual-weight 0 --max-steps 1000")
     stats = TrainingStats(mcfg.codebook_size, device)
     unreadable = data.UnreadableFiles(d.train_set, len(d.train_set) // world, "training")
     metrics = {}            # of the last evaluation
@@ -529,13 +542,13 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
             n.opt_d.zero_grad(set_to_none=True)
         run.step_times.append(time.time() - t0)
         done = step + 1
-        if run.due(done, cfg.log_every):
+        if run.log_due(done):
             log_training(run, stats, done, lr, d, cfg)
         if run.due(done, cfg.eval_every):
             run.check_finite(done)
             metrics, picture = evaluate(n.raw_model, d.val_set, cfg, device, n.autocast, n.lpips_fn, rank, world,
                                         n.graphed)
-            report_evaluation(run, done, metrics, picture)
+            report_evaluation(run, done, metrics, picture, mcfg)
         save, stop = run.after_step(done)
         if save:
             run.save(done, checkpoint_state(n, mcfg, cfg, done / d.steps_per_epoch))
@@ -575,7 +588,8 @@ def analyse_checkpoint(cfg: TrainConfig, explicit: set, rank: int, world: int, d
     save_grid(visualisation_grid(*picture), os.path.join(out_dir, "mask_analysis.png"), nrow=4)
     print(f"{cfg.analyse} (step {ckpt['step']}), {metrics['val_images']} validation images of {run_cfg.data}: "
           f"PSNR {metrics['val_psnr']:.2f} dB, {metrics['val_codes_used']} codes used")
-    for line in (mask_summary(metrics), inversion_warning(metrics)):
+    for line in (mask_summary(metrics), inversion_warning(metrics, model.config.commit_through_score,
+                                                          run_cfg.codebook_weight, model.config.beta)):
         if line:
             print(line)
     print(f"wrote {os.path.join(out_dir, 'mask_analysis.json')} and mask_analysis.png"
@@ -585,8 +599,11 @@ def analyse_checkpoint(cfg: TrainConfig, explicit: set, rank: int, world: int, d
 
 def build_data(cfg: TrainConfig, rank: int, world: int, device) -> SimpleNamespace:
     """Datasets, the resumable sampler and loader, and the schedule they fix (steps, warmup, lr)."""
-    train_set = data.first_images(data.build_dataset(cfg.data, cfg.data_dir, cfg.image_size, "train"), cfg.train_images)
-    val_set = data.build_dataset(cfg.data, cfg.data_dir, cfg.image_size, "val")
+    built = {"train": data.first_images(data.build_dataset(cfg.data, cfg.data_dir, cfg.image_size, "train"),
+                                        cfg.train_images),
+             "val": data.build_dataset(cfg.data, cfg.data_dir, cfg.image_size, "val")}
+    splits = data.check_image_files(built, cfg.out_dir)
+    train_set, val_set = splits["train"], splits["val"]
     global_batch = cfg.batch_size * world * cfg.grad_accum
     steps_per_epoch = len(train_set) // global_batch
     check(steps_per_epoch > 0, f"the training set has {len(train_set)} images, fewer than one global batch "
@@ -661,7 +678,9 @@ def describe_run(cfg: TrainConfig, mcfg: MQVAEConfig, d: SimpleNamespace, n: Sim
           f"{millions(model):.2f}M parameters (encoder {millions(model.encoder):.2f}M, {parts}, "
           f"decoder {millions(model.decoder):.2f}M); discriminator {millions(n.raw_disc):.2f}M")
     print(f"f={mcfg.downsample_factor}: {mcfg.grid_size}x{mcfg.grid_size} grid, keep {mcfg.keep_ratio:.0%} -> "
-          f"N={mcfg.seq_len} codes per image; codebook {mcfg.codebook_size}x{mcfg.codebook_dim} ({mcfg.codebook})")
+          f"N={mcfg.seq_len} codes per image; codebook {mcfg.codebook_size}x{mcfg.codebook_dim} ({mcfg.codebook}); "
+          f"commitment weight {cfg.codebook_weight:g} (--codebook-weight) × β {mcfg.beta:g} = "
+          f"{cfg.codebook_weight * mcfg.beta:g}")
     print(f"data {cfg.data}: {len(d.train_set)} train / {len(d.val_set)} val images; global batch {d.global_batch} "
           f"({cfg.batch_size} x {world} GPU x {cfg.grad_accum} accum); {d.steps_per_epoch} steps/epoch, "
           f"{d.total_steps} steps, peak lr {d.peak_lr:.3g}, warmup {d.warmup_steps} steps")
@@ -732,7 +751,7 @@ def log_training(run: TrainingRun, stats: TrainingStats, done: int, lr: float, d
     stats.count = 0
 
 
-def report_evaluation(run: TrainingRun, step: int, metrics: dict, picture):
+def report_evaluation(run: TrainingRun, step: int, metrics: dict, picture, mcfg: MQVAEConfig):
     """Rank 0: the picture recon_<step>.png, log lines (the metrics, where the mask keeps, a warning if it
     looks inverted) and a log.jsonl record."""
     if not run.master:
@@ -741,7 +760,8 @@ def report_evaluation(run: TrainingRun, step: int, metrics: dict, picture):
         save_grid(visualisation_grid(*picture), os.path.join(run.cfg.out_dir, f"recon_{step:07d}.png"), nrow=4)
     run.log(f"eval step {step}: " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                              for k, v in metrics.items() if k.startswith("val_")))
-    for line in (mask_summary(metrics), inversion_warning(metrics)):
+    for line in (mask_summary(metrics), inversion_warning(metrics, mcfg.commit_through_score, run.cfg.codebook_weight,
+                                                          mcfg.beta)):
         if line:
             run.log(line)
     run.write_record(dict(step=step, **metrics))

@@ -44,12 +44,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 import data
 import fast_sampling
 from stackformer import PRESETS, Stackformer, StackformerConfig, WordTokenizer, reproducible_attention
-from utils import (COMPILE_MODES, TrainingRun, UserError, atomic_path, barrier, check, check_identical_across_ranks,
+from utils import (COMPILE_MODES, LogCadence, TrainingRun, UserError, atomic_path, barrier, check, check_identical_across_ranks,
                    check_positive, default_workers, fill_defaults, ignore_interrupts, launch, load_checkpoint, mqvae_from_checkpoint, resume_from, run_main,
                    save_grid, seed_or_restore_rng, strip_compile_prefix, warmup_cosine_lr, write_json)
 
@@ -92,7 +91,7 @@ class TrainConfig:
     compile: bool = False                 # torch.compile the Stackformer
     compile_mode: str = "default"         # with --compile: default | reduce-overhead (CUDA graphs, best at small batches) | max-autotune
     peak_tflops: float = 989.0            # for MFU: dense bf16 TFLOP/s of one GPU (H100/H200 datasheet)
-    log_every: int = 50                   # steps between log lines
+    log_every: int = 50                   # steps between log lines (also one after the first step and at least every 30 s)
     eval_every: Optional[int] = None      # default 2000 (demo 500)
     eval_batches: int = 20                # validation batches per evaluation
     num_samples: int = 16                 # images in samples_<step>.png
@@ -240,13 +239,15 @@ def build_token_cache(cfg, mqvae, stage1_sha: str, split: str, device, rank: int
     # views > 1 are draws of the training augmentation that data.py gives this dataset (FFHQ: random resized
     # crop; the others: random crop), so the data and the number of views fix them
     key = dict(stage1_sha256=stage1_sha, data=cfg.data, data_dir=cfg.data_dir, image_size=image_size, flip=flip,
-               views=views, split=split, train_images=cfg.train_images if split == "train" else None, captions=tokenizer.to_dict() if tokenizer is not None else None)
+               views=views, split=split, train_images=cfg.train_images if split == "train" else None,
+               captions=tokenizer.to_dict() if tokenizer is not None else None)
     meta_path, key_path = os.path.join(folder, "meta.json"), os.path.join(folder, "key.json")
     if os.path.isfile(meta_path) and json.load(open(meta_path)).get("key") == key:
         return folder
     dataset = data.build_dataset(cfg.data, cfg.data_dir, image_size, split)
     if split == "train":
         dataset = data.first_images(dataset, cfg.train_images)
+    dataset = data.check_image_files({split: dataset}, cfg.out_dir)[split]
     files = isinstance(dataset, data.ImageFiles)
     check(views == 1 or files, f"--views {views} needs image files with a training augmentation; the shapes data "
                                f"draws each image one way only: use --views 1")
@@ -265,24 +266,47 @@ def build_token_cache(cfg, mqvae, stage1_sha: str, split: str, device, rank: int
     indices = list(range(rank, M, world))
     chunks = [indices[i:i + PART_IMAGES] for i in range(0, len(indices), PART_IMAGES)] or [[]]
     unreadable = data.UnreadableFiles(dataset, len(indices), "stage-2")
-    with tqdm(total=views * len(indices) * world, unit="img", disable=rank != 0, mininterval=5.0,
-              desc=f"encoding {split}") as bar:
-        for view in range(views):
-            for c, chunk in enumerate(chunks):
-                path = os.path.join(folder, f"v{view}-r{rank}-of{world}-c{c}.npz")
-                if os.path.isfile(path):          # done before an interruption
-                    bar.update(len(chunk) * world)
-                    continue
-                part = encode_images(mqvae, ViewOf(dataset, chunk, view, views > 1), flip, cfg.encode_batch_size,
-                                     cfg.num_workers, device, unreadable, lambda n: bar.update(n * world))
-                part["bad"] = np.array(sorted(unreadable.seen), dtype=np.int64)
-                with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-                    np.savez(fh, **part)
+    progress = EncodingProgress(split, views * len(indices) * world, world, rank == 0)
+    for view in range(views):
+        for c, chunk in enumerate(chunks):
+            path = os.path.join(folder, f"v{view}-r{rank}-of{world}-c{c}.npz")
+            if os.path.isfile(path):          # done before an interruption
+                progress.skip(len(chunk))
+                continue
+            part = encode_images(mqvae, ViewOf(dataset, chunk, view, views > 1), flip, cfg.encode_batch_size,
+                                 cfg.num_workers, device, unreadable, progress.update)
+            part["bad"] = np.array(sorted(unreadable.seen), dtype=np.int64)
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                np.savez(fh, **part)
     barrier()
     if rank == 0:
         merge_token_parts(cfg, folder, dataset, key, views, flip, world, len(chunks), tokenizer)
     barrier()
     return folder
+
+
+class EncodingProgress:
+    """Rank 0's progress lines of the token extraction, as often as the training log's (LogCadence): after the
+    first batch, then at least every LOG_SECONDS. Counts are rank 0's times the number of ranks."""
+
+    def __init__(self, split: str, total: int, world: int, master: bool):
+        self.split, self.total, self.world, self.master = split, total, world, master
+        self.cadence = LogCadence(total)
+        self.done = self.skipped = 0
+        self.t0 = time.time()
+
+    def skip(self, images: int):
+        """Images a part file on disk already holds (an interrupted extraction resumed): counted, not timed."""
+        self.done += images * self.world
+        self.skipped += images * self.world
+
+    def update(self, images: int):
+        self.done += images * self.world
+        if self.master and self.cadence.due(self.done):
+            rate = (self.done - self.skipped) / max(time.time() - self.t0, 1e-9)
+            print(f"encoding {self.split}: {self.done}/{self.total} images ({self.done / max(self.total, 1):.0%}), "
+                  f"{rate:.1f} img/s, ETA {(self.total - self.done) / max(rate, 1e-9) / 60:.1f} min", flush=True)
+            self.cadence.printed()
 
 
 def merge_token_parts(cfg, folder: str, dataset, key: dict, views: int, flip: bool, world: int, num_chunks: int,
@@ -406,6 +430,9 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         if ckpt is not None and key not in ckpt["train_config"]:
             setattr(cfg, key, before)
     validate(cfg)
+    if rank == 0 and device.type == "cpu" and cfg.preset not in ("demo", "tiny"):
+        print(f"note: the full-size {cfg.preset} Stackformer is slow on a CPU; a short run: --preset demo --views 1 "
+              f"--max-steps 1000")
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -487,7 +514,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         optimizer.zero_grad(set_to_none=True)
         run.step_times.append(time.time() - t0)
         done = step + 1
-        if run.due(done, cfg.log_every):
+        if run.log_due(done):
             log_training(run, sums / max(count, 1), count / cfg.grad_accum, done, lr, tokens_per_step,
                          raw_model.flops_per_token() * tokens_per_step, steps_per_epoch)
             sums.zero_()

@@ -82,15 +82,27 @@ def save_checkpoint(obj: dict, path: str):
         os.fsync(fh.fileno())
 
 
+def run_checkpoint(path: str) -> str:
+    """A checkpoint file, or a run's --out-dir, which stands for the ckpt.pt in it."""
+    if os.path.isdir(path):
+        check(os.path.isfile(os.path.join(path, "ckpt.pt")),
+              f"{path} is a folder without a ckpt.pt (a run writes it at its first checkpoint); give a checkpoint")
+        return os.path.join(path, "ckpt.pt")
+    return path
+
+
 def load_checkpoint(path: str, kind: str, map_location="cpu") -> dict:
     """Load a checkpoint of the given kind ("mqvae" or "stackformer") or raise a one-line UserError."""
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder; give the checkpoint file in it (e.g. {os.path.join(path, 'ckpt.pt')})")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated file, not a torch file, pickled objects we refuse to run
-        raise UserError(f"cannot read checkpoint {path} (truncated or not a checkpoint of this project): "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        # torch's own message advises loading with weights_only=False, which would run the file's code
+        raise UserError(f"cannot read checkpoint {path}: it is not {CHECKPOINT_KINDS[kind]}, but an empty, "
+                        f"truncated or other file (torch.load raised {type(e).__name__})") from None
     found = ckpt.get("kind") if isinstance(ckpt, dict) else None
     if found != kind:
         what = CHECKPOINT_KINDS.get(found, "not a checkpoint of this project")
@@ -244,10 +256,11 @@ class FlagParser(argparse.ArgumentParser):
         raise UserError(f"unknown flag {', '.join(hints)}; see --help" if hints else f"{message}; see --help")
 
 
-def config_to_parser(defaults, description: str) -> FlagParser:
+def config_to_parser(defaults, description: str, required=()) -> FlagParser:
     """One flag per dataclass field: `--batch-size 8` and `--batch-size=8` both work; booleans get
     `--flag/--no-flag`; a field whose default is None takes the type named in its annotation; the
-    field's comment is its help text, followed by the default where the comment does not give it."""
+    field's comment is its help text, followed by the default where the comment does not give it.
+    The fields named in `required` must be given (and show so in the usage line)."""
     help_texts = field_comments(type(defaults))
     parser = FlagParser(description=description)
     for f in dataclasses.fields(defaults):
@@ -263,7 +276,7 @@ def config_to_parser(defaults, description: str) -> FlagParser:
         else:
             kind = (int if "int" in annotation else float if "float" in annotation else str)
             parser.add_argument(name, type=kind, default=default, help=help_text,
-                                metavar=f.name.upper())
+                                metavar=f.name.upper(), required=f.name in required)
     return parser
 
 
@@ -377,6 +390,33 @@ class StopSignals:
                   f"(send it again to abort at once)", file=sys.stderr, flush=True)
 
 
+LOG_SECONDS = 30.0      # the longest a run that trains or extracts goes without a progress line
+
+
+class LogCadence:
+    """When a long loop prints a progress line: after its first step, every `every` steps (if given), after its
+    last, and once LOG_SECONDS have passed since the line before, whatever --log-every says: the full-size
+    model on a CPU takes seconds a step, and 50 silent steps looked like a hang."""
+
+    def __init__(self, total: int, every: Optional[int] = None):
+        self.total, self.every = total, every
+        self.lines, self.last_line = 0, time.time()
+
+    def counted(self, done: int) -> bool:
+        """Due by the count of steps alone (the same answer on every rank)."""
+        return self.lines == 0 or done == self.total or (self.every is not None and done % self.every == 0)
+
+    def overdue(self, ahead: float = 0.0) -> bool:
+        """LOG_SECONDS since the last line will have passed `ahead` seconds from now."""
+        return time.time() + ahead - self.last_line >= LOG_SECONDS
+
+    def due(self, done: int) -> bool:
+        return self.counted(done) or self.overdue()
+
+    def printed(self):
+        self.lines, self.last_line = self.lines + 1, time.time()
+
+
 class TrainingRun:
     """The bookkeeping both training loops share: logging on rank 0 (stdout and out_dir/log.jsonl), the
     NaN guard, atomic checkpoints holding every rank's RNG state, step times for the ETA, and when to
@@ -393,6 +433,8 @@ class TrainingRun:
         self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
         self.step_times = []
         self.t_log = self.t_saved = time.time()
+        self.cadence = LogCadence(total_steps, cfg.log_every)
+        self.log_overdue = False                                # agreed by after_step for the next step
         self.signals = StopSignals()
         self.interrupted = 0                                    # the signal that stopped the run
         # The per-step agreement on signals and wall-clock checkpoints goes over a CPU (gloo) group, so that
@@ -437,17 +479,25 @@ class TrainingRun:
     def due(self, done: int, every: int) -> bool:
         return done % every == 0 or done == self.total_steps
 
+    def log_due(self, done: int) -> bool:
+        """Whether step `done` logs, the same on every rank (logging all-reduces): as LogCadence says, where
+        the wall-clock part was agreed at the end of the step before."""
+        return self.cadence.counted(done) or self.log_overdue
+
     def after_step(self, done: int):
         """-> (checkpoint now, stop now), the same on every rank. A checkpoint is due every ckpt_every steps,
         every ckpt_minutes of wall time, at the end, and before stopping; the run stops at --stop-after or
-        at a signal (self.interrupted then names it)."""
+        at a signal (self.interrupted then names it). The same agreement settles whether the next step logs
+        by the clock: if it would end LOG_SECONDS or more after the last line (one step takes about as long
+        as the last one did)."""
         signum = self.signals.requested
         overdue = time.time() - self.t_saved >= self.cfg.ckpt_minutes * 60
+        log_overdue = self.cadence.overdue(ahead=self.step_times[-1] if self.step_times else 0.0)
         if self.control is not None:
-            flags = torch.tensor([signum, int(overdue)])
+            flags = torch.tensor([signum, int(overdue), int(log_overdue)])
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.control)
-            signum, overdue = int(flags[0]), bool(flags[1])
-        self.interrupted = signum
+            signum, overdue, log_overdue = int(flags[0]), bool(flags[1]), bool(flags[2])
+        self.interrupted, self.log_overdue = signum, log_overdue
         stop = bool(signum) or (self.cfg.stop_after is not None and done - self.start_step >= self.cfg.stop_after)
         return self.due(done, self.cfg.ckpt_every) or overdue or stop, stop
 
@@ -464,6 +514,7 @@ class TrainingRun:
         """-> (seconds since the last call, ETA in seconds from the mean of the last log_every step times)."""
         now = time.time()
         elapsed, self.t_log = now - self.t_log, now
+        self.cadence.printed()
         recent = self.step_times[-self.cfg.log_every:]
         return max(elapsed, 1e-9), (self.total_steps - done) * sum(recent) / max(len(recent), 1)
 
