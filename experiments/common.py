@@ -287,8 +287,9 @@ class Study:
         a = self.analysis(stage1)
         numbers = dict(psnr=a.get("val_psnr", float("nan")), rfid=self.fid(stage1.name + "-rfid"),
                        codes_used=a.get("val_codes_used", float("nan")))
-        if "mask_lift" in a:
-            numbers["lift"] = a["mask_lift"]
+        for key, name in (("mask_lift", "lift"), ("mask_r_detail", "r_detail")):
+            if key in a:
+                numbers[name] = a[key]
         return numbers
 
     def generation_numbers(self, stage2: Run) -> dict:

@@ -8,7 +8,8 @@ tiny: f=2 against f=4 at 16 px, 16 codes. Same encoder, quantizer, decoder, loss
 
 Measured on the validation images: PSNR, rFID (fid.py between the reconstructions and their inputs),
 the codes used, and on the shapes data the mask's lift (the share of kept tokens on the shapes over
-chance). The picture: input | MQ-VAE's importance map | MQ-VAE | VQGAN, the same images in each row.
+chance), and the score's correlation with pixel detail (mask_r_detail). The picture: input | MQ-VAE's
+importance map | MQ-VAE | VQGAN, the same images in each row.
 
     python experiments/equal_length.py                              # tiny, CPU, minutes
     python experiments/equal_length.py --scale small --seeds 3      # one GPU
@@ -65,7 +66,8 @@ def report(study: Study, arms: dict, out: str):
         column = lambda key, digits: mean_std([v.get(key, float("nan")) for v in values], digits)
         rows.append([arm, f"f={c.downsample_factor}, {c.grid_size}x{c.grid_size} grid, {c.seq_len}",
                      column("psnr", 2), column("rfid", 2), column("codes_used", 1),
-                     column("lift", 2) if any("lift" in v for v in values) else "n/a"])
+                     column("lift", 2) if any("lift" in v for v in values) else "n/a",
+                     column("r_detail", 2) if any("r_detail" in v for v in values) else "n/a"])
     mq, vq = numbers[MQVAE_ARM], numbers[VQGAN_ARM]
     notes = [verdict([v["rfid"] for v in mq], [v["rfid"] for v in vq], "MQ-VAE's rFID is lower than VQGAN's"),
              verdict([v["psnr"] for v in mq], [v["psnr"] for v in vq], "MQ-VAE's PSNR is higher than VQGAN's",
@@ -78,7 +80,8 @@ def report(study: Study, arms: dict, out: str):
         notes.append(f"equal_length.png, seed {study.seeds[0]}: input | MQ-VAE's importance map (red high) | "
                      f"MQ-VAE | VQGAN")
     write_results(study, out, "Equal code length: MQ-VAE against VQGAN",
-                  ["arm", "codes per image", "PSNR (dB)", "rFID", "codes used", "mask lift"], rows, arms,
+                  ["arm", "codes per image", "PSNR (dB)", "rFID", "codes used", "mask lift", "score vs detail r"],
+                  rows, arms,
                   notes, pictures)
 
 
