@@ -3018,3 +3018,103 @@ def test_when_one_ddp_rank_dies_the_other_exits_within_a_timeout(tmp_path):
     proc.communicate(timeout=120)
     assert proc.returncode != 0 and time.time() - t0 < 120
     assert subprocess.run(["ps", "-o", "pid=", "--ppid", str(proc.pid)], capture_output=True, text=True).stdout.strip() == ""
+
+
+# -----------------------------------------------------------------------------
+# The paper's experiments: the VQGAN baseline, the layer flags, the experiment scripts
+
+def test_masker_none_is_vqgan_every_token_in_raster_order_and_no_mask_or_demask_weights():
+    torch.manual_seed(0)
+    cfg = MQVAEConfig(**{**PRESETS["tiny-f4"], "resolution": 16, "masker": "none", "keep_ratio": 1.0})
+    model = MQVAE(cfg).eval()
+    assert cfg.seq_len == cfg.num_tokens == 16
+    assert not any(k.startswith(("mask.", "demask.")) for k in model.state_dict())
+    assert {k.split(".")[0] for k in model.state_dict()} == {"encoder", "quant_conv", "quantizer", "decoder_input",
+                                                             "decoder"}
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    codes, positions, scores = model.encode(x)
+    assert codes.shape == (3, 16) and torch.equal(positions, torch.arange(16).expand(3, 16))
+    assert torch.equal(scores, torch.ones(3, 4, 4))
+    with torch.no_grad():
+        forward = model(x)[0]
+        perm = torch.randperm(16)
+        shuffled = model.decode(codes[:, perm], positions[:, perm])
+    assert torch.allclose(model.decode(codes, positions), forward, atol=1e-5)
+    assert torch.allclose(shuffled, forward, atol=1e-5)
+    with pytest.raises(ValueError, match="keep ratio must be 1"):
+        MQVAEConfig(masker="none", keep_ratio=0.25)
+
+
+def test_vqgan_and_mqvae_presets_at_equal_code_length():
+    for mq, vq, size in (("demo", "demo-f8", 64), ("tiny", "tiny-f4", 16), ("f8", "f16", 256)):
+        a = MQVAEConfig(**PRESETS[mq], resolution=size, keep_ratio=0.25)
+        b = MQVAEConfig(**PRESETS[vq], resolution=size, keep_ratio=1.0, masker="none")
+        assert b.downsample_factor == 2 * a.downsample_factor and a.seq_len == b.seq_len == b.num_tokens
+
+
+def test_a_stackformer_on_vqgan_tokens_samples_every_position_in_raster_order():
+    model = sf_model(num_positions=16, seq_len=16)
+    codes, positions = model.generate(batch_size=4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(positions, torch.arange(16).expand(4, 16))
+
+
+def test_code_and_position_layer_flags_override_the_preset():
+    mcfg = tiny_config()
+    cfg = train_stackformer.resolve_defaults(train_stackformer.TrainConfig(preset="demo", code_layers=3, pos_layers=5),
+                                             dict(data="shapes"))
+    scfg = train_stackformer.model_config(cfg, mcfg, None, None)
+    assert (scfg.n_code_layers, scfg.n_pos_layers, scfg.n_embd) == (3, 5, stackformer.PRESETS["demo"]["n_embd"])
+    default = train_stackformer.model_config(train_stackformer.resolve_defaults(
+        train_stackformer.TrainConfig(preset="demo"), dict(data="shapes")), mcfg, None, None)
+    assert (default.n_code_layers, default.n_pos_layers) == (4, 2)
+
+
+def test_train_images_keeps_the_first_images_of_a_split(tmp_path):
+    shapes = data.first_images(data.build_dataset("shapes", None, 16, "train"), 10)
+    assert len(shapes) == 10
+    folder = tmp_path / "images"
+    _write_images(folder, 12)
+    full = data.build_dataset(str(folder), None, 16, "train")
+    cut = data.first_images(data.build_dataset(str(folder), None, 16, "train"), 5)
+    assert cut.files == full.files[:5]
+
+
+@pytest.mark.parametrize("better,other,expected", [([1.0, 1.1, 0.9], [2.0, 2.1, 1.9], "held"),
+                                                   ([2.0, 2.1, 1.9], [1.0, 1.1, 0.9], "did not hold"),
+                                                   ([1.0, 2.0, 3.0], [1.5, 2.5, 1.0], "not separable"),
+                                                   ([1.0], [2.0, 3.0], "needs at least 2")])
+def test_experiment_verdicts_follow_welchs_test(better, other, expected):
+    sys.path.insert(0, os.path.join(HERE, "experiments"))
+    import common
+    assert expected in common.verdict(better, other, "x is lower")
+    assert common.mean_std([1.0, 2.0, 3.0], 2) == "2.00 ± 1.00" and common.mean_std([float("nan")], 2) == "—"
+
+
+def test_the_five_experiments_run_at_tiny_scale_and_a_rerun_skips_every_finished_run(fid_model, tmp_path):
+    weights = tmp_path / "inception.pth"
+    torch.save(fid_model.state_dict(), weights)
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    common = ["--seeds", "1", "--runs", str(runs), "--fid-weights", str(weights)]
+    r = run_script(["experiments/all.py", "--out", str(out)] + common, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    total = int(re.search(r"(\d+) runs, 0 done already", r.stdout).group(1))
+    arms = {"equal_length": 2, "table1": 5, "table3": 4, "fig1": 5, "fig2": 3}
+    pictures = {"equal_length": ["equal_length.png"], "fig1": ["fig1.png"],
+                "fig2": ["fig2_keep0.25.png", "fig2_keep0.5.png", "fig2_keep0.75.png"]}
+    for name, count in arms.items():
+        for folder in (out / name, tmp_path / name):
+            if folder == tmp_path / name:     # each script on its own, on the same runs: nothing left to run
+                r = run_script([f"experiments/{name}.py", "--out", str(folder)] + common)
+                assert r.returncode == 0, r.stderr[-3000:]
+                assert re.search(r"(\d+) runs, \1 done already", r.stdout) and "\ndone " not in r.stdout
+            table = (folder / "results.md").read_text()
+            rows = [line for line in table.split("## Commands")[0].splitlines() if line.startswith("| ")][2:]
+            assert len(rows) == count, table
+            cells = [cell.strip() for row in rows for cell in row.strip("|").split("|")[1:]]
+            numbers = [float(c) for c in cells if re.fullmatch(r"-?[\d.]+", c)]
+            assert "—" not in cells and numbers and all(math.isfinite(v) for v in numbers), table
+            assert all((folder / p).is_file() for p in pictures.get(name, []))
+            assert table.count("python train_mqvae.py") >= 1 and "python fid.py" in table
+    analysed = np.load(next(runs.glob("s1-*-k0.25-seed1-analyse")) / "reconstructions.npz")["images"]
+    assert analysed.shape == (16, 16, 16, 3) and analysed.dtype == np.uint8
+    assert total == len(list(runs.glob("*/done.json")))
