@@ -293,6 +293,7 @@ def sampling_paths_agree(device, compile=False, preset="demo") -> bool:
     """Do the fast sampler (CUDA graph, attend_cache kernel, compiled with compile), the reference KV-cache
     sampler and the no-cache path draw the same tokens? fp32, small models, greedy and seeded draws:
     unconditional, and class-conditional with guidance (scale 2, and a linear ramp to 3 on the codes only)."""
+    import fid      # for exact_fp32; imported here, not at the top, for the reason fid_bench gives
     agree = True
     cases = [(False, {}), (True, dict(cfg_scale=2.0)),
              (True, dict(cfg_scale=3.0, cfg_schedule="linear", cfg_codes_only=True))]
@@ -302,7 +303,7 @@ def sampling_paths_agree(device, compile=False, preset="demo") -> bool:
         for greedy in (True, False):
             seeded = lambda: torch.Generator(device=device).manual_seed(1)
             settings = dict(greedy=greedy, **rows, **guidance)
-            with utils.exact_fp32():    # TF32 rounds differently in each path, and guidance amplifies that into other tokens
+            with fid.exact_fp32():    # TF32 rounds differently in each path, and guidance amplifies that into other tokens
                 outs = [model.generate(generator=seeded(), **settings),
                         model.generate(generator=seeded(), use_kv_cache=False, **settings),
                         fast_sampling.generate(model, generator=seeded(), **settings)]
@@ -343,14 +344,14 @@ def fid_bench(batch, device, rounds=6, iters=10):
     images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)
 
     def ours():
-        with torch.inference_mode(), utils.exact_fp32():
+        with torch.inference_mode(), fid.exact_fp32():
             return model(images.float() / 255.0)
 
     nets = {"images_per_s": ours}
     reference = pytorch_fid_with_weights(model.state_dict(), device)
     if reference is not None:
         def theirs():
-            with torch.inference_mode(), utils.exact_fp32():
+            with torch.inference_mode(), fid.exact_fp32():
                 return reference(images.float() / 255.0)[0].flatten(1)
         nets["pytorch_fid_images_per_s"] = theirs
     autotune = torch.backends.cudnn.benchmark

@@ -1520,12 +1520,12 @@ def test_non_finite_sqrtm_is_retried_with_eps_on_both_diagonals(monkeypatch, cap
 
 def test_large_imaginary_component_is_an_error():
     # a "covariance" with a negative eigenvalue makes sqrtm genuinely complex
-    with pytest.raises(UserError, match="imaginary component up to 1"):
+    with pytest.raises(fid.UserError, match="imaginary component up to 1"):
         fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([-1.0, 1.0]))
 
 
 def test_mismatched_dims_are_an_error_naming_both():
-    with pytest.raises(UserError, match="dims 4 .* vs 6"):
+    with pytest.raises(fid.UserError, match="dims 4 .* vs 6"):
         fid.frechet_distance(np.zeros(4), np.eye(4), np.zeros(6), np.eye(6))
 
 
@@ -1567,7 +1567,7 @@ def test_weights_file_with_missing_key_names_it(fid_model):
     state = fid_random_state_dict(fid_model, fid_expected_key_names())
     del state["Mixed_7c.branch_pool.bn.running_var"]
     before = fid_model.fc.weight.clone()
-    with pytest.raises(UserError, match=r"missing 1 key\(s\): Mixed_7c\.branch_pool\.bn\.running_var"):
+    with pytest.raises(fid.UserError, match=r"missing 1 key\(s\): Mixed_7c\.branch_pool\.bn\.running_var"):
         fid.load_weights(fid_model, state)
     assert torch.equal(fid_model.fc.weight, before)  # nothing was loaded
 
@@ -1577,13 +1577,13 @@ def test_weights_file_with_extra_or_misshaped_key_names_it(fid_model, tmp_path):
     state["AuxLogits.fc.weight"] = torch.zeros(1008, 768)
     path = tmp_path / "w.pth"
     torch.save(state, path)
-    with pytest.raises(UserError, match=r"unexpected 1 key\(s\): AuxLogits\.fc\.weight") as err:
+    with pytest.raises(fid.UserError, match=r"unexpected 1 key\(s\): AuxLogits\.fc\.weight") as err:
         fid.load_weights(fid_model, path)
     assert "w.pth" in str(err.value)
 
     del state["AuxLogits.fc.weight"]
     state["fc.weight"] = torch.zeros(1000, 2048)
-    with pytest.raises(UserError, match=r"fc\.weight \(1000, 2048\) \(expected \(1008, 2048\)\)"):
+    with pytest.raises(fid.UserError, match=r"fc\.weight \(1000, 2048\) \(expected \(1008, 2048\)\)"):
         fid.load_weights(fid_model, state)
 
 
@@ -1726,7 +1726,7 @@ def test_mixed_sizes_are_resized_per_image_and_bad_files_skipped(fid_model64, tm
     np.testing.assert_allclose(mu, one_by_one.mean(0), atol=1e-5, rtol=0)
 
     monkeypatch.setattr(fid, "MAX_FAILED_FRACTION", 0.01)
-    with pytest.raises(UserError, match="1 of 4 images are unreadable"):
+    with pytest.raises(fid.UserError, match="1 of 4 images are unreadable"):
         fid.compute_statistics(folder, fid_model64, batch_size=4, device="cpu", progress=False)
 
 
@@ -1738,7 +1738,7 @@ def test_missing_weights_message_names_file_url_and_folder(tmp_path, monkeypatch
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(UserError) as err:
+    with pytest.raises(fid.UserError) as err:
         fid.build_inception()
     msg = str(err.value)
     assert "pt_inception-2015-12-05-6726825d.pth" in msg
@@ -1773,7 +1773,7 @@ def test_cli_nonexistent_path_fails_with_one_line(tmp_path, capsys):
     missing = tmp_path / "nope"
     rc = fid.main([str(missing), str(tmp_path)])
     err = capsys.readouterr().err
-    assert rc != 0
+    assert rc == 2      # as the other scripts' user errors
     assert err.count("\n") == 1 and str(missing) in err and "Traceback" not in err
 
 
@@ -1815,6 +1815,29 @@ def test_cli_save_stats_then_compare_matches_library(fid_model, fid_model64, tmp
     assert out[0] == f"FID: {fid.frechet_distance(mu_b, s_b, mu_a, s_a):.4f}"
     assert out[1].startswith("protocol: A=3 images (folder, 32x32); B=3 images (stats file, 32x32); dims=64")
     assert f"sha256 {meta['weights_sha256'][:12]}" in out[1] and "299x299" in out[1]
+
+
+def test_fid_copied_alone_into_an_empty_folder_gives_the_same_number(fid_model, tmp_path):
+    import shutil
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(os.path.join(HERE, "fid.py"), alone / "fid.py")
+    weights = tmp_path / "w.pth"
+    torch.save(fid_model.state_dict(), weights)      # random weights under pytorch-fid's key names
+    for name, seed in (("a", 16), ("b", 17)):
+        np.savez(tmp_path / f"{name}.npz", images=fid_random_images(6, seed=seed))
+    args = [str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--weights", str(weights), "--dims", "64",
+            "--device", "cpu", "--num-workers", "0", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH="")      # only the copy is importable there
+    runs = [subprocess.run([sys.executable, "fid.py", *args], cwd=folder, env=env, capture_output=True, text=True)
+            for folder in (alone, HERE)]
+    for r in runs:
+        assert r.returncode == 0, r.stderr[-2000:]
+    values = [float(r.stdout.splitlines()[0].removeprefix("FID: ")) for r in runs]
+    assert values[0] == values[1] and values[0] > 0
+    bad = subprocess.run([sys.executable, "fid.py", str(tmp_path / "missing"), str(tmp_path / "a.npz")], cwd=alone,
+                         env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: path not found")
 
 
 # -----------------------------------------------------------------------------

@@ -146,35 +146,6 @@ def load_stackformer(path: str, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# Numerics
-
-@contextlib.contextmanager
-def exact_fp32():
-    """Disable TF32 for convolutions and matmuls inside the block, then restore.
-
-    fid.py: pytorch-fid's reference numbers are plain fp32; TF32 rounds conv inputs to 10 mantissa bits, which
-    moves the features and the FID by more than the 1e-4 relative agreement it promises. bench.py: the sampling
-    paths draw equal fp32 tokens only without TF32, whose rounding differs from path to path.
-    """
-    b = torch.backends
-    if hasattr(b.cudnn, "conv") and hasattr(b.cudnn.conv, "fp32_precision"):
-        # torch >= 2.9 warns or errors when the legacy allow_tf32 flags are mixed with these
-        saved = b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision
-        b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision = "ieee", "ieee"
-        try:
-            yield
-        finally:
-            b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision = saved
-    else:
-        saved = b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32
-        b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = False, False
-        try:
-            yield
-        finally:
-            b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = saved
-
-
-# -----------------------------------------------------------------------------
 # torchrun / DDP
 
 def setup_distributed():
