@@ -75,7 +75,7 @@ class TrainConfig:
     rec_loss: str = "l1"                  # l1 (official) | l2 (supplementary)
     perceptual_weight: Optional[float] = None  # LPIPS weight (1.0; 0 for the shapes demo)
     codebook_weight: Optional[float] = None  # weight of L_commit (1.0; 0.1 for the shapes demo)
-    commit_through_score: str = "off"     # off: L_commit sees sg(s)·u, the mask learns from reconstruction alone | on: official (docs/findings.md)
+    commit_through_score: bool = False    # L_commit on s·u (official); off: on sg(s)·u, see docs/findings.md
     disc_weight: float = 0.75             # 0.75 × adaptive λ
     disc_weight_max: float = 1.0          # cap on λ (official code)
     disc_start: Optional[int] = None      # step at which the GAN terms switch on (0; later for the demo)
@@ -139,8 +139,6 @@ def validate(cfg: TrainConfig):
     check_positive(cfg, "image_size", "batch_size", "grad_accum", "max_steps", "epochs", "log_every", "eval_every",
                    "ckpt_every", "eval_images", "usage_window")
     check(cfg.rec_loss in ("l1", "l2"), f"--rec-loss must be l1 or l2, got {cfg.rec_loss!r}")
-    check(cfg.commit_through_score in ("on", "off"),
-          f"--commit-through-score must be on or off, got {cfg.commit_through_score!r}")
     check(cfg.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
     check(cfg.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     check(cfg.perceptual_weight >= 0 and cfg.disc_weight >= 0, "loss weights must be non-negative")
@@ -159,7 +157,7 @@ def model_config(cfg: TrainConfig) -> MQVAEConfig:
     try:
         return MQVAEConfig(**{**PRESETS[cfg.preset], **overrides}, resolution=cfg.image_size,
                            keep_ratio=cfg.keep_ratio, masker=cfg.masker, codebook=cfg.codebook,
-                           demask_attn=cfg.demask_attn, commit_through_score=cfg.commit_through_score == "on")
+                           demask_attn=cfg.demask_attn, commit_through_score=cfg.commit_through_score)
     except ValueError as e:     # the model's own checks (keep ratio, image size vs f, ...)
         raise UserError(str(e)) from None
 
@@ -457,7 +455,7 @@ def inversion_warning(metrics: dict) -> Optional[str]:
         return None
     return (f"warning: the importance map looks inverted: its correlation with pixel detail is r = {r:.2f} "
             f"(p = {p:.1g}), so the mask keeps flat regions and drops detailed ones; train with "
-            f"--commit-through-score off (docs/findings.md)")
+            f"--no-commit-through-score (docs/findings.md)")
 
 
 # -----------------------------------------------------------------------------
@@ -473,8 +471,6 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         return analyse_checkpoint(cfg, explicit, rank, world, device)
     cfg = resolve_defaults(cfg)
     ckpt_path, ckpt, cfg = resume_from(cfg, "mqvae", explicit, RUN_CONTROL, log)
-    if ckpt is not None and "commit_through_score" not in ckpt["train_config"]:
-        cfg.commit_through_score = "on"     # written before the flag existed, with the official commitment term
     validate(cfg)
     mcfg = model_config(cfg)
     d = build_data(cfg, rank, world, device)
@@ -733,7 +729,7 @@ def report_evaluation(run: TrainingRun, step: int, metrics: dict, picture):
 def checkpoint_state(n: SimpleNamespace, mcfg: MQVAEConfig, cfg: TrainConfig, epoch: float) -> dict:
     """Everything but step and RNG states (TrainingRun.save adds them): sample.py and train_stackformer.py
     rebuild the MQ-VAE from mqvae_config + mqvae alone."""
-    return dict(kind="mqvae", version=1, mqvae_config=dataclasses.asdict(mcfg), train_config=vars(cfg),
+    return dict(kind="mqvae", mqvae_config=dataclasses.asdict(mcfg), train_config=vars(cfg),
                 mqvae=strip_compile_prefix(n.raw_model.state_dict()), disc=strip_compile_prefix(n.raw_disc.state_dict()),
                 opt_ae=n.opt_ae.state_dict(), opt_disc=n.opt_d.state_dict(), epoch=epoch)
 

@@ -397,9 +397,6 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     stage1 = load_checkpoint(cfg.stage1, "mqvae")
     cfg = resolve_defaults(cfg, stage1["train_config"])
     ckpt_path, ckpt, cfg = resume_from(cfg, "stackformer", explicit, RUN_CONTROL, log)
-    for key, before in dict(views=1, cond_drop=0.0).items():      # a checkpoint older than these flags ran so
-        if ckpt is not None and key not in ckpt["train_config"]:
-            setattr(cfg, key, before)
     validate(cfg)
     cuda = device.type == "cuda"
     if cuda:
@@ -497,7 +494,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
             run.t_log = time.time()     # the evaluation's time is not training throughput
         save, stop = run.after_step(done)
         if save:
-            run.save(done, dict(kind="stackformer", version=1, stackformer_config=dataclasses.asdict(scfg),
+            run.save(done, dict(kind="stackformer", stackformer_config=dataclasses.asdict(scfg),
                                 model=strip_compile_prefix(raw_model.state_dict()),
                                 mqvae_config=stage1["mqvae_config"], mqvae=stage1["mqvae"],
                                 tokenizer=tokenizer.to_dict() if tokenizer else None, classes=classes,
