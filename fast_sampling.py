@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from stackformer import KVCache, Sampler, Stackformer, reproducible_attention
+from stackformer import KVCache, SamplingConfig, Stackformer, draw_token, reproducible_attention, step_noise
 
 try:    # ships with torch's CUDA builds on Linux
     import triton
@@ -164,14 +164,41 @@ def use_kernel(device) -> bool:
     return triton is not None and torch.device(device).type == "cuda"
 
 
+class SamplingState:
+    """One batch being sampled, shaped for CUDA graphs: every tensor a step reads or writes is allocated
+    once and only ever updated in place. The tokens (rows, N) start at zero, the Exp(1) draws of all N
+    steps are drawn before the first one (step_noise), the step index t is a device tensor, and the KV
+    caches have fixed slots. `reuse` keeps the whole state, and its graph, for the next call."""
+
+    def __init__(self, model: Stackformer, settings: SamplingConfig, batch_size: int, rows: int, cache_class):
+        device = model.code_emb.weight.device
+        self.settings, self.batch_size, self.cond, self.noise, self.graph = settings, batch_size, None, None, None
+        self.codes = torch.zeros(rows, model.config.seq_len, dtype=torch.long, device=device)
+        self.positions = torch.zeros_like(self.codes)
+        self.caches = model.new_kv_caches(rows, cache_class)
+        self.t = torch.zeros(1, dtype=torch.long, device=device)       # the step counter, on the device
+
+    def draw(self, logits: torch.Tensor, t, is_code: bool) -> torch.Tensor:
+        """Stackformer.sample_step's draw: the token of step t (int or (1,) tensor), recorded in place."""
+        t = torch.as_tensor(t, device=logits.device).reshape(1)
+        noise = None if self.noise is None else self.noise[0 if is_code else 1].index_select(0, t)[0]
+        token = draw_token(logits, t, is_code, self.settings, self.positions, noise)
+        (self.codes if is_code else self.positions).index_copy_(1, t, token[:, None])
+        return token
+
+    def step(self, model: Stackformer):
+        """Step t = self.t ≥ 1, entirely from device tensors; advances self.t."""
+        model.sample_step(self.caches, self.t, self.codes, self.positions, None, self.draw)
+        self.t.add_(1)
+
+
 @torch.no_grad()
 def generate(model: Stackformer, batch_size: Optional[int] = None, cond: Optional[torch.Tensor] = None,
-             generator: Optional[torch.Generator] = None, cuda_graph: Optional[bool] = None, compile: bool = False,
-             kernel: Optional[bool] = None, reuse: Optional[dict] = None, **settings) -> Tuple[torch.Tensor, torch.Tensor]:
-    """model.generate(batch_size, cond, generator=generator, **settings), faster: the same steps, the same noise.
+             settings: Optional[SamplingConfig] = None, generator: Optional[torch.Generator] = None,
+             cuda_graph: Optional[bool] = None, compile: bool = False, kernel: Optional[bool] = None,
+             reuse: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """model.generate(batch_size, cond, settings, generator), faster: the same steps, the same noise.
 
-    settings: generate()'s sampling arguments (temperature, top_k, top_p, pos_temperature, pos_top_k,
-    pos_top_p, position_rule, greedy, cfg_scale, cfg_schedule, cfg_codes_only).
     cuda_graph: after two warm-up steps, capture one step as a CUDA graph and replay it for the rest
         (default: on CUDA when no autocast is active; cast the model to bf16 instead of using autocast).
     compile: torch.compile the step first (then captured): fewer, fused kernels per step, after a
@@ -180,9 +207,10 @@ def generate(model: Stackformer, batch_size: Optional[int] = None, cond: Optiona
         one process repeat exactly.
     kernel: attend with attend_cache (default: use_kernel(device)).
     reuse: a dict owned by the caller, for many calls of one shape (sample.py's chunks). The first call
-        stores its buffers and graph in it; a later call with the same batch size, settings and parameter
-        storage refills the noise and replays that graph instead of warming up and capturing again.
-        Tokens are the same either way. Other calls replace its contents; drop the dict to free the memory.
+        stores its SamplingState (buffers and graph) in it; a later call with the same batch size,
+        settings and parameter storage refills the noise and replays that graph instead of warming up
+        and capturing again. Tokens are the same either way. Other calls replace its contents; drop the
+        dict to free the memory.
     """
     device = model.code_emb.weight.device
     if cuda_graph is None:
@@ -192,62 +220,59 @@ def generate(model: Stackformer, batch_size: Optional[int] = None, cond: Optiona
     kernel = use_kernel(device) if kernel is None else kernel
     if kernel and triton is None:
         raise ValueError("kernel=True needs Triton, which this torch build lacks")
-    rows = cond.size(0) if cond is not None else batch_size
-    # What a kept sampler was built for; parameters moved or re-allocated invalidate its graph.
-    key = (rows, tuple(sorted(settings.items())), cuda_graph, compile, kernel, str(device),
-           tuple(p.data_ptr() for p in model.parameters()))
+    settings, cond, B = model.sampling_rows(batch_size, cond, settings or SamplingConfig())
+    # What a kept state was built for; parameters moved or re-allocated invalidate its graph.
+    key = (B, settings, cuda_graph, compile, kernel, str(device), tuple(p.data_ptr() for p in model.parameters()))
     kept = reuse is not None and reuse.get("key") == key
-    if kept:
-        sampler, caches, t_now, graph = reuse["sampler"], reuse["caches"], reuse["t_now"], reuse["graph"]
-    else:
-        sampler = Sampler(model, batch_size, cond, **settings)
-        caches = model.new_kv_caches(sampler.rows, KernelKVCache if kernel else KVCache)
-        t_now = torch.zeros(1, dtype=torch.long, device=device)    # the step counter, on the device
-        graph = None
-    sampler.draw_noise(generator)
-    N = model.config.seq_len
+    state = reuse["state"] if kept else SamplingState(model, settings, B, B if cond is None else cond.size(0),
+                                                      KernelKVCache if kernel else KVCache)
+    state.cond = cond
+    state.noise = step_noise(settings, B, model.config, device, generator, out=state.noise)
     was_training = model.training
     model.eval()
-    if kept and cond is not None:    # the kept sampler's condition rows are this call's
-        sampler.set_condition(model, cond)
     with reproducible_attention(), room_for_compiled_steps():
-        model.sample_step(sampler, caches, 0, sampler.cond)     # step 0 reads the condition (a whole caption for text)
-        t_now.fill_(1)
-
-        def step():
-            """One step t = t_now ≥ 1, entirely from device tensors; advances t_now."""
-            model.sample_step(sampler, caches, t_now)
-            t_now.add_(1)
-
-        if compile:
-            step = torch.compile(step, fullgraph=True, dynamic=False)
-        if graph is not None:                    # captured by an earlier call (reuse)
-            for _ in range(N - 1):
-                graph.replay()
-        elif not cuda_graph:
-            for _ in range(N - 1):
-                step()
-        else:
-            # Real steps run on a side stream before the capture, as CUDA graphs require; a compiled
-            # step compiles during them, outside the capture.
-            warmup = min(2, N - 1)
-            side = torch.cuda.Stream(device)
-            side.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(side):
-                for _ in range(warmup):
-                    step()
-            torch.cuda.current_stream(device).wait_stream(side)
-            if N - 1 > warmup:
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    step()          # recorded, not run: every replay is one more step
-                for _ in range(N - 1 - warmup):
-                    graph.replay()
+        model.sample_step(state.caches, 0, state.codes, state.positions, state.cond, state.draw)  # reads the condition
+        state.t.fill_(1)
+        run_later_steps(model, state, cuda_graph, compile)
     model.train(was_training)
-    codes, positions = sampler.result()
+    codes, positions = state.codes[:B], state.positions[:B]
     if reuse is None:
         return codes, positions
     if not kept:
         reuse.clear()
-        reuse.update(key=key, sampler=sampler, caches=caches, t_now=t_now, graph=graph)
+        reuse.update(key=key, state=state)
     return codes.clone(), positions.clone()     # the kept buffers are overwritten by the next call
+
+
+def run_later_steps(model: Stackformer, state: SamplingState, cuda_graph: bool, compile: bool):
+    """Steps 1..N-1: replays of the state's graph, captured now if it has none, or eager steps."""
+    N = model.config.seq_len
+
+    def step():
+        state.step(model)
+
+    if compile:
+        step = torch.compile(step, fullgraph=True, dynamic=False)
+    if state.graph is not None:                 # captured by an earlier call (reuse)
+        for _ in range(N - 1):
+            state.graph.replay()
+    elif not cuda_graph:
+        for _ in range(N - 1):
+            step()
+    else:
+        # Real steps run on a side stream before the capture, as CUDA graphs require; a compiled
+        # step compiles during them, outside the capture.
+        device = state.t.device
+        warmup = min(2, N - 1)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(warmup):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        if N - 1 > warmup:
+            state.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(state.graph):
+                step()          # recorded, not run: every replay is one more step
+            for _ in range(N - 1 - warmup):
+                state.graph.replay()

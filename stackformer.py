@@ -30,7 +30,7 @@ sampling steps as CUDA graphs with a fused attention kernel.
 
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, List, Optional, Tuple
 
 import torch
@@ -172,6 +172,11 @@ class Stackformer(nn.Module):
         super().__init__()
         self.config = config
         d, V, T, N = config.n_embd, config.codebook_size, config.num_positions, config.seq_len
+        # The transformer that reads the sequence is the *lower* one, the one stacked on it the
+        # *upper* one: code below position for Stackformer, position below code for Stackformer_r.
+        self.code_first = config.variant == "code-first"
+        # Inputs of the lower transformer before image step 1: the start step, or the whole caption.
+        self.prefix_len = config.text_len if config.cond == "text" else 1
 
         self.code_emb = nn.Embedding(V, d)          # E_v
         self.pos_emb = nn.Embedding(T + 1, d)       # E_p; row T is the start position p_0
@@ -206,44 +211,20 @@ class Stackformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    # Which transformer reads the sequence (lower) and which is stacked on top of it (upper).
-    @property
-    def code_first(self) -> bool:
-        return self.config.variant == "code-first"
+    def stack(self) -> Tuple[CausalTransformer, nn.Module, CausalTransformer, nn.Module]:
+        """(lower transformer, its head, upper transformer, its head)."""
+        code = (self.code_transformer, self.code_head)
+        position = (self.position_transformer, self.pos_head)
+        return (*code, *position) if self.code_first else (*position, *code)
 
-    @property
-    def lower(self) -> CausalTransformer:
-        return self.code_transformer if self.code_first else self.position_transformer
-
-    @property
-    def upper(self) -> CausalTransformer:
-        return self.position_transformer if self.code_first else self.code_transformer
-
-    @property
-    def lower_head(self) -> nn.Module:
-        return self.code_head if self.code_first else self.pos_head
-
-    @property
-    def upper_head(self) -> nn.Module:
-        return self.pos_head if self.code_first else self.code_head
-
-    def embed_lower_prediction(self, tokens: torch.Tensor) -> torch.Tensor:
-        """E_v(v_{t+1}) for Stackformer, E_p(p_{t+1}) for Stackformer_r: what the upper transformer adds to H_t."""
-        return self.code_emb(tokens) if self.code_first else self.pos_emb(tokens)
+    # --- embeddings
 
     def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
-        """The unconditional stand-in for `cond` that training with cond_drop put in its place: the null
-        class, or the empty caption (all padding)."""
+        """The unconditional stand-in for `cond` that training with cond_drop put in its place: the
+        null class, or the empty caption (all padding)."""
         if self.config.cond == "class":
             return torch.full_like(cond, self.config.num_classes)
         return torch.zeros_like(cond)                    # WordTokenizer.pad_id
-
-    @property
-    def prefix_len(self) -> int:
-        """Length of the lower transformer's input before image step 1: the start step, or the caption."""
-        return self.config.text_len if self.config.cond == "text" else 1
-
-    # --- inputs of the lower transformer
 
     def _start_input(self, cond: Optional[torch.Tensor], batch_size: int) -> torch.Tensor:
         """Step 0 of the lower transformer: (B, 1, d), or (B, L, d) for a caption."""
@@ -269,55 +250,62 @@ class Stackformer(nn.Module):
             x = x + self.abs_pos_emb[:, first_step:first_step + codes.size(1)]
         return x
 
-    # --- teacher-forced passes (training; also the no-KV-cache generation path)
+    def _embed_lower_token(self, tokens: torch.Tensor) -> torch.Tensor:
+        """What the upper transformer adds to H_t: E_v(v_{t+1}), or E_p(p_{t+1}) for Stackformer_r."""
+        return self.code_emb(tokens) if self.code_first else self.pos_emb(tokens)
+
+    # --- teacher-forced passes: training, and the no-KV-cache sampling path
 
     def _lower(self, prev_codes: torch.Tensor, prev_positions: torch.Tensor,
                cond: Optional[torch.Tensor]) -> torch.Tensor:
         """H_0, ..., H_S (B, S+1, d) from the inputs v_1..v_S, p_1..p_S (B, S) and the condition."""
         B, S = prev_codes.shape
         x = torch.cat([self._start_input(cond, B), self._step_input(prev_codes, prev_positions, 1)], dim=1)
-        h = self.lower(self.drop(x))                                     # (B, prefix_len + S, d)
+        h = self.stack()[0](self.drop(x))                                # (B, prefix_len + S, d)
         return h[:, -(S + 1):]      # for text, H_0 is the last caption token's state
 
     def _upper(self, h: torch.Tensor, lower_targets: torch.Tensor) -> torch.Tensor:
         """Upper hidden states (B, S, d) from H_t (B, S, d) plus the embedded true next lower token."""
         # No extra dropout here: the official code applies embedding dropout to the lower input only.
-        return self.upper(h + self.embed_lower_prediction(lower_targets))
+        return self.stack()[2](h + self._embed_lower_token(lower_targets))
 
-    def forward(self, codes: torch.Tensor, positions: torch.Tensor,
-                cond: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced logits for a batch of sequences.
+    def forward(self, codes: torch.Tensor, positions: torch.Tensor, cond: Optional[torch.Tensor] = None,
+                loss: bool = False):
+        """Teacher-forced logits for a batch of sequences, or with loss=True the training loss.
 
         codes, positions: (B, S) int64, v_1..v_S and p_1..p_S (1 ≤ S ≤ N); cond: None, class labels
-        (B,) or caption tokens (B, L). Returns code_logits (B, S, V) and pos_logits (B, S, T);
-        step t predicts v_{t+1} and p_{t+1}, i.e. codes[:, t] and positions[:, t].
+        (B,) or caption tokens (B, L). Returns code_logits (B, S, V) and pos_logits (B, S, T); step t
+        predicts v_{t+1} and p_{t+1}, i.e. codes[:, t] and positions[:, t]. With loss=True it returns
+        (CE_code + pos_weight · CE_pos, CE_code, CE_pos) instead, the mean cross-entropies over all
+        B·S image tokens (never the caption): the loss is computed inside forward so that DDP and
+        torch.compile, which wrap forward, wrap it too. `loss()` is the same call.
         """
+        _, lower_head, _, upper_head = self.stack()
         h = self._lower(codes[:, :-1], positions[:, :-1], cond)         # (B, S, d): H_0..H_{S-1}
-        lower_targets = codes if self.code_first else positions
-        g = self._upper(h, lower_targets)                                # (B, S, d)
-        lower_logits, upper_logits = self.lower_head(h), self.upper_head(g)
-        if self.code_first:
-            return lower_logits, upper_logits
-        return upper_logits, lower_logits
+        g = self._upper(h, codes if self.code_first else positions)      # (B, S, d)
+        lower_logits, upper_logits = lower_head(h), upper_head(g)
+        code_logits, pos_logits = (lower_logits, upper_logits) if self.code_first else (upper_logits, lower_logits)
+        if not loss:
+            return code_logits, pos_logits
+        # In fp32: under bf16 autocast the logits are bf16, too coarse for the log-softmax of V classes.
+        code_ce = F.cross_entropy(code_logits.flatten(0, 1).float(), codes.flatten())
+        pos_ce = F.cross_entropy(pos_logits.flatten(0, 1).float(), positions.flatten())
+        return code_ce + self.config.pos_weight * pos_ce, code_ce, pos_ce
 
     def loss(self, codes: torch.Tensor, positions: torch.Tensor,
              cond: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(total, CE_code, CE_pos): mean cross-entropies over all B·N image tokens (never the caption)."""
-        code_logits, pos_logits = self(codes, positions, cond)
-        code_ce = F.cross_entropy(code_logits.flatten(0, 1), codes.flatten())
-        pos_ce = F.cross_entropy(pos_logits.flatten(0, 1), positions.flatten())
-        return code_ce + self.config.pos_weight * pos_ce, code_ce, pos_ce
+        """(total, CE_code, CE_pos): forward(codes, positions, cond, loss=True)."""
+        return self(codes, positions, cond, loss=True)
 
-    # --- sampling (the reference sampler; fast_sampling.py replays sample_step as a CUDA graph)
+    # --- sampling: one token per step and transformer, with a KV cache
 
     def new_kv_caches(self, batch_size: int, cache_class=None) -> Tuple["KVCache", "KVCache"]:
         """Empty caches for the lower and the upper transformer (slot layout: see KVCache)."""
         cache_class = cache_class or KVCache
-        device = self.code_emb.weight.device
-        N = self.config.seq_len
-        lower = cache_class(len(self.lower.blocks), self.prefix_len + N - 1, batch_size, device)
-        upper = cache_class(len(self.upper.blocks), N, batch_size, device)
-        return lower, upper
+        lower, _, upper, _ = self.stack()
+        N, device = self.config.seq_len, self.code_emb.weight.device
+        return (cache_class(len(lower.blocks), self.prefix_len + N - 1, batch_size, device),
+                cache_class(len(upper.blocks), N, batch_size, device))
 
     @torch.no_grad()
     def lower_step(self, cache: "KVCache", t, prev_code: Optional[torch.Tensor],
@@ -327,86 +315,104 @@ class Stackformer(nn.Module):
         t = 0 (a Python int) reads the condition; prev_code, prev_position are ignored. For t ≥ 1,
         t may be an int or a (1,) int64 tensor on the model's device, and v_t, p_t (B,) are read:
         with a tensor nothing in the step depends on a Python value, so it can be captured once in
-        a CUDA graph and replayed for every t.
+        a CUDA graph and replayed for every t (fast_sampling.py).
         """
+        lower = self.stack()[0]
         offset = self.prefix_len - 1           # slot of step t is offset + t
         if isinstance(t, int) and t == 0:
             x = self._start_input(cond, cache.batch_size)                # (B, prefix_len, d)
-            return self.lower(self.drop(x), cache, cache.slot_ids[:offset + 1])[:, -1]
+            return lower(self.drop(x), cache, cache.slot_ids[:offset + 1])[:, -1]
         t = torch.as_tensor(t, device=cache.slot_ids.device).reshape(1)
         x = self.code_emb(prev_code) + self.pos_emb(prev_position)      # (B, d)
         if self.abs_pos_emb is not None:
             x = x + self.abs_pos_emb[0].index_select(0, t)               # + a_t
-        return self.lower(self.drop(x[:, None]), cache, t + offset)[:, -1]
+        return lower(self.drop(x[:, None]), cache, t + offset)[:, -1]
 
     @torch.no_grad()
     def upper_step(self, cache: "KVCache", t, h: torch.Tensor, lower_token: torch.Tensor) -> torch.Tensor:
-        """Upper hidden state (B, d) at step t (int or (1,) tensor) from H_t (B, d) and the chosen next lower token (B,)."""
+        """Upper hidden state (B, d) at step t (int or (1,) tensor) from H_t (B, d) and the drawn lower token (B,)."""
         t = torch.as_tensor(t, device=cache.slot_ids.device).reshape(1)
-        x = (h + self.embed_lower_prediction(lower_token))[:, None]     # (B, 1, d)
-        return self.upper(x, cache, t)[:, 0]
+        x = (h + self._embed_lower_token(lower_token))[:, None]          # (B, 1, d)
+        return self.stack()[2](x, cache, t)[:, 0]
 
     @torch.no_grad()
-    def sample_step(self, sampler: "Sampler", caches: Tuple["KVCache", "KVCache"], t, cond=None):
-        """Step t of cached sampling: the lower prediction (the code; the position for Stackformer_r) is
-        drawn from H_t, then the upper one from H_t plus the drawn token. Step 0 reads the condition
-        (t a Python 0); for t ≥ 1, t may be a (1,) device tensor (see lower_step)."""
-        lower_cache, upper_cache = caches
+    def sample_step(self, caches: Tuple["KVCache", "KVCache"], t, codes: torch.Tensor, positions: torch.Tensor,
+                    cond: Optional[torch.Tensor], draw):
+        """Step t of cached sampling: draw(logits, t, is_code) picks the lower token (the code; the position
+        for Stackformer_r) from H_t, then the upper one from H_t plus that token, and records each in
+        codes or positions (rows, N), which hold the steps before t. Step 0 reads cond (t a Python 0);
+        for t ≥ 1, t may be a (1,) device tensor (see lower_step)."""
+        _, lower_head, _, upper_head = self.stack()
         if isinstance(t, int) and t == 0:
-            h = self.lower_step(lower_cache, 0, None, None, cond)
+            h = self.lower_step(caches[0], 0, None, None, cond)
         else:
-            prev = torch.as_tensor(t, device=sampler.codes.device).reshape(1) - 1
-            h = self.lower_step(lower_cache, t, sampler.codes.index_select(1, prev)[:, 0],
-                                sampler.positions.index_select(1, prev)[:, 0], None)
-        lower_token = sampler.draw(self.lower_head(h), t, is_code=self.code_first)
-        g = self.upper_step(upper_cache, t, h, lower_token)
-        sampler.draw(self.upper_head(g), t, is_code=not self.code_first)
+            prev = torch.as_tensor(t, device=codes.device).reshape(1) - 1
+            h = self.lower_step(caches[0], t, codes.index_select(1, prev)[:, 0],
+                                positions.index_select(1, prev)[:, 0], None)
+        token = draw(lower_head(h), t, self.code_first)
+        draw(upper_head(self.upper_step(caches[1], t, h, token)), t, not self.code_first)
+
+    def sampling_rows(self, batch_size: Optional[int], cond: Optional[torch.Tensor],
+                      settings: "SamplingConfig") -> Tuple["SamplingConfig", Optional[torch.Tensor], int]:
+        """Checks a sampling call -> (settings with the position rule filled in, the condition rows the
+        model reads, B). With guidance (cfg_scale ≠ 1) those are 2B: cond, then its null stand-in."""
+        if cond is not None:
+            if batch_size is not None and batch_size != cond.size(0):
+                raise ValueError(f"batch_size {batch_size} but cond has {cond.size(0)} rows")
+            batch_size = cond.size(0)
+        if batch_size is None:
+            raise ValueError("give batch_size (unconditional) or cond")
+        if settings.cfg_scale != 1 and cond is None:
+            raise ValueError(f"cfg_scale {settings.cfg_scale} guides towards a condition: give cond "
+                             f"(class labels or captions)")
+        if settings.cfg_scale != 1 and not self.config.cond_drop > 0:
+            raise ValueError(f"cfg_scale {settings.cfg_scale} needs a model trained with null conditions "
+                             f"(cond_drop > 0); this one was not: sample with cfg_scale 1")
+        rule = settings.position_rule or ("increasing" if self.config.order == "raster" else "unique")
+        if settings.cfg_scale != 1:
+            cond = torch.cat([cond, self.null_condition(cond)])
+        return replace(settings, position_rule=rule), cond, batch_size
 
     @torch.no_grad()
     def generate(self, batch_size: Optional[int] = None, cond: Optional[torch.Tensor] = None,
-                 temperature: float = 1.0, top_k: Optional[int] = 100, top_p: Optional[float] = 0.95,
-                 pos_temperature: Optional[float] = None, pos_top_k: Optional[int] = 10,
-                 pos_top_p: Optional[float] = 0.95, position_rule: Optional[str] = None, greedy: bool = False,
-                 cfg_scale: float = 1.0, cfg_schedule: str = "constant", cfg_codes_only: bool = False,
-                 use_kv_cache: bool = True, generator: Optional[torch.Generator] = None
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
+                 settings: Optional["SamplingConfig"] = None, generator: Optional[torch.Generator] = None,
+                 use_kv_cache: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
         """Sample N (code, position) pairs per image: codes (B, N), positions (B, N).
 
-        Each step samples the code, then its position (the reverse for Stackformer_r). Logits are
-        filtered by top-k, then nucleus top-p, then sampled (argmax if greedy); see sample_token.
-        position_rule: "increasing" (positions strictly increase and leave room for the remaining
-        steps, like the raster-ordered training data) or "unique" (official: only no repeats).
-        None picks "increasing" for raster-order models and "unique" for importance-order ones.
-        cfg_scale: classifier-free guidance (models trained with cond_drop > 0): each step's logits are
-        uncond + s·(cond − uncond), the unconditional stream running beside the conditional one as a batch
-        of 2B; 1 is plain conditional sampling. cfg_schedule "linear" ramps s from 1 to cfg_scale over the
-        steps; cfg_codes_only guides the codes and leaves the positions to the conditional logits.
-        generator: a torch.Generator on the model's device. All the randomness of the N steps is drawn
-        from it up front (Sampler), so every path consumes the same noise: the same seed gives the same
-        tokens with and without the KV cache, and in fast_sampling.generate.
-        use_kv_cache=False recomputes the whole prefix every step (the reference for checking the cache).
-        Runs with reproducible attention kernels only (see reproducible_attention); the model is put
-        in eval mode for sampling and restored afterwards.
+        Each step draws the code, then its position (the reverse for Stackformer_r), as SamplingConfig
+        and draw_token say. cond: None, class labels (B,) or caption tokens (B, L). generator: a
+        torch.Generator on the model's device. use_kv_cache=False recomputes the whole prefix every
+        step (the reference for checking the cache). Runs with reproducible attention kernels only (see
+        reproducible_attention), in eval mode; the model's mode is restored afterwards.
         """
-        sampler = Sampler(self, batch_size, cond, temperature, top_k, top_p, pos_temperature, pos_top_k, pos_top_p,
-                          position_rule, greedy, cfg_scale, cfg_schedule, cfg_codes_only)
-        sampler.draw_noise(generator)
+        settings, cond, B = self.sampling_rows(batch_size, cond, settings or SamplingConfig())
+        rows = B if cond is None else cond.size(0)
+        N, device = self.config.seq_len, self.code_emb.weight.device
+        codes = torch.zeros(rows, N, dtype=torch.long, device=device)
+        positions = torch.zeros(rows, N, dtype=torch.long, device=device)
+        noise = step_noise(settings, B, self.config, device, generator)
+
+        def draw(logits, t, is_code):
+            token = draw_token(logits, t, is_code, settings, positions,
+                               noise=None if noise is None else noise[0 if is_code else 1][t])
+            (codes if is_code else positions)[:, t] = token
+            return token
+
         was_training = self.training
         self.eval()
         with reproducible_attention():
-            if use_kv_cache:
-                caches = self.new_kv_caches(sampler.rows)
-                for t in range(self.config.seq_len):
-                    self.sample_step(sampler, caches, t, sampler.cond)
-            else:
-                lower_tokens = sampler.codes if self.code_first else sampler.positions
-                for t in range(self.config.seq_len):
-                    h = self._lower(sampler.codes[:, :t], sampler.positions[:, :t], sampler.cond)   # (rows, t+1, d)
-                    sampler.draw(self.lower_head(h[:, -1]), t, is_code=self.code_first)
-                    g = self._upper(h, lower_tokens[:, :t + 1])[:, -1]
-                    sampler.draw(self.upper_head(g), t, is_code=not self.code_first)
+            caches = self.new_kv_caches(rows)
+            for t in range(N):
+                if use_kv_cache:
+                    self.sample_step(caches, t, codes, positions, cond, draw)
+                    continue
+                _, lower_head, _, upper_head = self.stack()
+                h = self._lower(codes[:, :t], positions[:, :t], cond)                  # (rows, t+1, d)
+                draw(lower_head(h[:, -1]), t, self.code_first)
+                g = self._upper(h, (codes if self.code_first else positions)[:, :t + 1])[:, -1]
+                draw(upper_head(g), t, not self.code_first)
         self.train(was_training)
-        return sampler.result()
+        return codes[:B], positions[:B]
 
     # --- bookkeeping
 
@@ -427,10 +433,10 @@ class Stackformer(nn.Module):
             6·(non-embedding params) + 12·(n_code_layers + n_pos_layers)·d·N.
         With a caption the lower transformer runs over S = L + N − 1 tokens; the total is divided by N.
         """
-        cfg = self.config
-        d, N = cfg.n_embd, cfg.seq_len
+        d, N = self.config.n_embd, self.config.seq_len
+        lower, _, upper, _ = self.stack()
         flops = 0
-        for tower, S in ((self.lower, self.prefix_len + N - 1), (self.upper, N)):
+        for tower, S in ((lower, self.prefix_len + N - 1), (upper, N)):
             tower_params = sum(p.numel() for p in tower.parameters())
             flops += S * (6 * tower_params + 12 * len(tower.blocks) * d * S)
         head_params = sum(p.numel() for m in (self.code_head, self.pos_head) for p in m.parameters())
@@ -439,9 +445,41 @@ class Stackformer(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Sampling: the KV cache, the per-step draw, the position rules
+# Sampling: the settings, the KV cache, the per-step draw, the position rules
+
+@dataclass
+class SamplingConfig:
+    """How generate() draws each token (defaults of the official code); sample.py's flags."""
+    temperature: float = 1.0                # code logits are divided by this
+    top_k: int = 100                        # codes: keep the k most likely (0 = off)
+    top_p: float = 0.95                     # codes: nucleus mass (1 = off)
+    pos_temperature: Optional[float] = None  # position logits are divided by this (default: --temperature)
+    pos_top_k: int = 10                     # positions: keep the k most likely (0 = off)
+    pos_top_p: float = 0.95                 # positions: nucleus mass (1 = off)
+    position_rule: Optional[str] = None     # increasing | unique (default: increasing after raster-order training, unique after importance-order)
+    greedy: bool = False                    # argmax everywhere, ignoring temperatures and filters (images then differ only by condition)
+    cfg_scale: float = 1.0                  # classifier-free guidance: logits uncond + s·(cond − uncond); 1 = none (models trained with --cond-drop)
+    cfg_schedule: str = "constant"          # constant | linear (s ramps from 1 at the first step to --cfg-scale at the last)
+    cfg_codes_only: bool = False            # guide the codes only; positions from the conditional logits
+
+    def __post_init__(self):
+        # Each message starts with the field's name, which sample.py turns into its flag.
+        checks = [("temperature", self.greedy or self.temperature > 0, "be positive (greedy for argmax)"),
+                  ("pos_temperature", self.greedy or self.pos_temperature is None or self.pos_temperature > 0,
+                   "be positive (greedy for argmax)"),
+                  ("top_k", self.top_k >= 0, "be >= 0 (0 = off)"), ("pos_top_k", self.pos_top_k >= 0, "be >= 0 (0 = off)"),
+                  ("top_p", 0 < self.top_p <= 1, "lie in (0, 1] (1 = off)"),
+                  ("pos_top_p", 0 < self.pos_top_p <= 1, "lie in (0, 1] (1 = off)"),
+                  ("position_rule", self.position_rule in (None, "increasing", "unique"), "be increasing or unique"),
+                  ("cfg_scale", self.cfg_scale >= 0, "be >= 0 (1 = no guidance)"),
+                  ("cfg_schedule", self.cfg_schedule in ("constant", "linear"), "be constant or linear")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{name} must {rule}, got {getattr(self, name)!r}")
+
 
 class KVCache:
+
     """Keys and values of one transformer during generation, preallocated for the whole sample.
 
     Every layer owns K and V tensors of shape (B, n_head, max_len, head_dim). A step writes the keys
@@ -487,91 +525,58 @@ class KVCache:
         return F.scaled_dot_product_attention(q, self.keys[layer], self.values[layer], attn_mask=self.mask)
 
 
-class Sampler:
-    """One batch being sampled: the settings, the tokens drawn so far, codes and positions (rows, N), and the
-    random numbers of all N steps, drawn up front by draw_noise. Drawing them up front is what lets the
-    cached, uncached and graphed paths consume exactly the same noise, and keeps the step loop free of
-    host syncs. With guidance (cfg_scale ≠ 1) the model runs rows = 2B sequences, the B conditional ones
-    and B unconditional ones (cond replaced by the null condition); both get the token drawn from the
-    guided logits, so they stay the same sequence read under two conditions."""
 
-    def __init__(self, model: "Stackformer", batch_size: Optional[int], cond: Optional[torch.Tensor],
-                 temperature: float = 1.0, top_k: Optional[int] = 100, top_p: Optional[float] = 0.95,
-                 pos_temperature: Optional[float] = None, pos_top_k: Optional[int] = 10,
-                 pos_top_p: Optional[float] = 0.95, position_rule: Optional[str] = None, greedy: bool = False,
-                 cfg_scale: float = 1.0, cfg_schedule: str = "constant", cfg_codes_only: bool = False):
-        cfg = model.config
-        if cond is not None:
-            if batch_size is not None and batch_size != cond.size(0):
-                raise ValueError(f"batch_size {batch_size} but cond has {cond.size(0)} rows")
-            batch_size = cond.size(0)
-        if batch_size is None:
-            raise ValueError("give batch_size (unconditional) or cond")
-        rule = position_rule or ("increasing" if cfg.order == "raster" else "unique")
-        if rule not in ("increasing", "unique"):
-            raise ValueError(f"position_rule must be increasing or unique, got {rule!r}")
-        if cfg_schedule not in ("constant", "linear"):
-            raise ValueError(f"cfg_schedule must be constant or linear, got {cfg_schedule!r}")
-        self.guided = cfg_scale != 1.0
-        if self.guided and cond is None:
-            raise ValueError(f"cfg_scale {cfg_scale} guides towards a condition: give cond (class labels or captions)")
-        if self.guided and not cfg.cond_drop > 0:
-            raise ValueError(f"cfg_scale {cfg_scale} needs a model trained with null conditions (cond_drop > 0); "
-                             f"this one was not: sample with cfg_scale 1")
-        self.code_filter = (temperature, top_k, top_p)
-        self.pos_filter = (temperature if pos_temperature is None else pos_temperature, pos_top_k, pos_top_p)
-        self.rule, self.greedy, self.batch_size = rule, greedy, batch_size
-        self.cfg_scale, self.cfg_linear, self.cfg_codes_only = cfg_scale, cfg_schedule == "linear", cfg_codes_only
-        self.set_condition(model, cond)
-        self.rows = 2 * batch_size if self.guided else batch_size
-        device = model.code_emb.weight.device
-        B, N, T, V = batch_size, cfg.seq_len, cfg.num_positions, cfg.codebook_size
-        self.codes = torch.zeros(self.rows, N, dtype=torch.long, device=device)
-        self.positions = torch.zeros(self.rows, N, dtype=torch.long, device=device)
-        # Exp(1) draws for the categorical "race" of sample_token, one set per step
-        self.code_noise = None if greedy else torch.empty(N, B, V, device=device)
-        self.pos_noise = None if greedy else torch.empty(N, B, T, device=device)
+def step_noise(settings: SamplingConfig, batch_size: int, config: StackformerConfig, device,
+               generator: Optional[torch.Generator], out=None) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """The Exp(1) draws of sample_token for all N steps: codes (N, B, V), then positions (N, B, T), taken
+    from generator in that order before the first step (None when greedy). Which tokens a seed gives rests
+    on this order; fast_sampling refills its kept buffers (out) with it."""
+    if settings.greedy:
+        return None
+    N, B = config.seq_len, batch_size
+    out = out or (torch.empty(N, B, config.codebook_size, device=device),
+                  torch.empty(N, B, config.num_positions, device=device))
+    for draws in out:
+        draws.exponential_(1.0, generator=generator)
+    return out
 
-    def draw_noise(self, generator: Optional[torch.Generator] = None):
-        if not self.greedy:
-            self.code_noise.exponential_(1.0, generator=generator)
-            self.pos_noise.exponential_(1.0, generator=generator)
 
-    def set_condition(self, model, cond: Optional[torch.Tensor]):
-        """What the model reads: cond, followed with guidance by its null stand-in for the unconditional rows."""
-        self.cond = torch.cat([cond, model.null_condition(cond)]) if self.guided else cond
+def guided_logits(logits: torch.Tensor, t: torch.Tensor, num_steps: int, settings: SamplingConfig,
+                  is_code: bool) -> torch.Tensor:
+    """Classifier-free guidance: (2B, K) logits of the conditional and the unconditional rows -> (B, K)
+    uncond + s·(cond − uncond). t: the (1,) step tensor, for the linear ramp of s."""
+    cond, uncond = logits.float().chunk(2)
+    if not is_code and settings.cfg_codes_only:
+        return cond
+    scale = settings.cfg_scale
+    if settings.cfg_schedule == "linear":       # 1 at the first step, cfg_scale at the last
+        scale = 1 + (scale - 1) * (t.float() + 1) / num_steps
+    return uncond + scale * (cond - uncond)
 
-    def guide(self, logits: torch.Tensor, t: torch.Tensor, is_code: bool) -> torch.Tensor:
-        """(2B, K) logits of the conditional and the unconditional rows -> (B, K) guided ones."""
-        cond, uncond = logits.float().chunk(2)
-        if not is_code and self.cfg_codes_only:
-            return cond
-        scale = self.cfg_scale
-        if self.cfg_linear:     # 1 at the first step, cfg_scale at the last (t a device tensor: graph-safe)
-            scale = 1 + (scale - 1) * (t.float() + 1) / self.codes.size(1)
-        return uncond + scale * (cond - uncond)
 
-    def draw(self, logits: torch.Tensor, t, is_code: bool) -> torch.Tensor:
-        """Draw step t's code or position from logits (rows, V or T), record it, and return it (rows,);
-        t int or (1,) tensor."""
-        t = torch.as_tensor(t, device=logits.device).reshape(1)
-        tokens, noise = (self.codes, self.code_noise) if is_code else (self.positions, self.pos_noise)
-        temperature, top_k, top_p = self.code_filter if is_code else self.pos_filter
-        if self.guided:
-            logits = self.guide(logits, t, is_code)                                     # (B, K)
-        if not is_code:
-            taken = self.positions[:self.batch_size]
-            logits = logits.masked_fill(forbidden_positions(taken, t, logits.size(-1), self.rule), float("-inf"))
-        race = None if noise is None else noise.index_select(0, t)[0]                   # (B, K)
-        token = sample_token(logits, temperature, top_k, top_p, self.greedy, noise=race)
-        if self.guided:
-            token = token.repeat(2)                     # the same token for both streams
-        tokens.index_copy_(1, t, token[:, None])
-        return token
+def draw_token(logits: torch.Tensor, t, is_code: bool, settings: SamplingConfig, positions: torch.Tensor,
+               noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Step t's code (is_code) or position for every row of logits (rows, K) -> (rows,): guidance, the
+    position rule (settings.position_rule, filled in by Stackformer.sampling_rows), then sample_token.
 
-    def result(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """codes, positions (B, N) of the conditional rows."""
-        return self.codes[:self.batch_size], self.positions[:self.batch_size]
+    positions (rows, N): those drawn before step t. With guidance the rows are B conditional and B
+    unconditional sequences; both get the token drawn from the guided logits, so they stay one sequence
+    read under two conditions. t: an int, or a (1,) tensor (then nothing depends on a Python value, as a
+    CUDA graph needs). noise: step t's Exp(1) draws (B, K) from step_noise.
+    """
+    t = torch.as_tensor(t, device=logits.device).reshape(1)
+    s = settings
+    if s.cfg_scale != 1:
+        logits = guided_logits(logits, t, positions.size(1), s, is_code)            # (B, K)
+    if is_code:
+        temperature, top_k, top_p = s.temperature, s.top_k, s.top_p
+    else:
+        taken = positions[:logits.size(0)]
+        logits = logits.masked_fill(forbidden_positions(taken, t, logits.size(-1), s.position_rule), float("-inf"))
+        temperature = s.temperature if s.pos_temperature is None else s.pos_temperature
+        top_k, top_p = s.pos_top_k, s.pos_top_p
+    token = sample_token(logits, temperature, top_k, top_p, s.greedy, noise=noise)
+    return token.repeat(2) if s.cfg_scale != 1 else token
 
 
 def reproducible_attention():

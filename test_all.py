@@ -30,7 +30,7 @@ import train_mqvae
 import train_stackformer
 import utils
 from mqvae import MQVAE, PRESETS, MQVAEConfig
-from stackformer import Stackformer, StackformerConfig, WordTokenizer
+from stackformer import SamplingConfig, Stackformer, StackformerConfig, WordTokenizer
 from utils import UserError, load_stackformer, run_main, save_checkpoint
 
 torch.set_num_threads(2)
@@ -806,14 +806,15 @@ def check_kv_cache_logits(variant, cond, cache_class):
                                             else (pos_logits, code_logits))
     lower_targets = codes if variant == "code-first" else positions
     lower_cache, upper_cache = model.new_kv_caches(codes.size(0), cache_class)
+    _, lower_head, _, upper_head = model.stack()
     for t in range(N):
         prev_code = codes[:, t - 1] if t > 0 else None
         prev_position = positions[:, t - 1] if t > 0 else None
         h = model.lower_step(lower_cache, t, prev_code, prev_position, c)
         g = model.upper_step(upper_cache, t, h, lower_targets[:, t])
         with torch.no_grad():
-            assert torch.allclose(model.lower_head(h), lower_logits_full[:, t], atol=1e-5)
-            assert torch.allclose(model.upper_head(g), upper_logits_full[:, t], atol=1e-5)
+            assert torch.allclose(lower_head(h), lower_logits_full[:, t], atol=1e-5)
+            assert torch.allclose(upper_head(g), upper_logits_full[:, t], atol=1e-5)
 
 
 def test_kv_cache_step_ignores_slots_not_yet_written():
@@ -883,8 +884,8 @@ def test_triton_kernel_writes_the_slot_and_equals_masked_sdpa():
 def test_triton_kernel_fast_sampler_draws_the_reference_tokens(greedy):
     model = sf_model(variant="position-first", seq_len=20, num_positions=64)
     seeded = lambda: torch.Generator().manual_seed(5)
-    reference = model.generate(batch_size=3, greedy=greedy, generator=seeded())
-    fast = fast_sampling.generate(model, batch_size=3, greedy=greedy, generator=seeded(), kernel=True)
+    reference = model.generate(batch_size=3, generator=seeded(), settings=SamplingConfig(greedy=greedy))
+    fast = fast_sampling.generate(model, batch_size=3, generator=seeded(), kernel=True, settings=SamplingConfig(greedy=greedy))
     assert torch.equal(reference[0], fast[0]) and torch.equal(reference[1], fast[1])
 
 
@@ -1056,8 +1057,7 @@ def peaked_model(**overrides):
 def test_increasing_rule_gives_strictly_increasing_positions_in_range(seq_len):
     model = peaked_model(seq_len=seq_len)
     gen = torch.Generator().manual_seed(0)
-    codes, positions = model.generate(batch_size=64, temperature=2.0, top_k=None, top_p=None,
-                                      pos_top_k=None, pos_top_p=None, generator=gen)
+    codes, positions = model.generate(batch_size=64, generator=gen, settings=SamplingConfig(temperature=2.0, top_k=0, top_p=1.0, pos_top_k=0, pos_top_p=1.0))
     assert positions.shape == (64, seq_len) and codes.shape == (64, seq_len)
     assert (positions >= 0).all() and (positions < T).all()
     assert (positions[:, 1:] > positions[:, :-1]).all()
@@ -1067,8 +1067,7 @@ def test_increasing_rule_gives_strictly_increasing_positions_in_range(seq_len):
 def test_unique_rule_never_repeats_a_position():
     model = peaked_model(seq_len=T - 2)
     gen = torch.Generator().manual_seed(0)
-    _, positions = model.generate(batch_size=64, position_rule="unique", temperature=2.0,
-                                  pos_top_k=None, pos_top_p=None, generator=gen)
+    _, positions = model.generate(batch_size=64, generator=gen, settings=SamplingConfig(position_rule="unique", temperature=2.0, pos_top_k=0, pos_top_p=1.0))
     assert (positions.sort(dim=1).values.diff(dim=1) > 0).all()
     assert (positions[:, 1:] < positions[:, :-1]).any()    # the rule does not force an order
 
@@ -1076,8 +1075,7 @@ def test_unique_rule_never_repeats_a_position():
 def test_importance_order_defaults_to_the_unique_rule():
     model = peaked_model(seq_len=T - 2, order="importance")
     gen = torch.Generator().manual_seed(0)
-    _, positions = model.generate(batch_size=64, temperature=2.0, pos_top_k=None, pos_top_p=None,
-                                  generator=gen)
+    _, positions = model.generate(batch_size=64, generator=gen, settings=SamplingConfig(temperature=2.0, pos_top_k=0, pos_top_p=1.0))
     assert (positions.sort(dim=1).values.diff(dim=1) > 0).all()
     assert (positions[:, 1:] < positions[:, :-1]).any()
 
@@ -1088,7 +1086,7 @@ def test_importance_order_defaults_to_the_unique_rule():
 def test_greedy_samples_are_identical_with_and_without_kv_cache(variant, cond, rule):
     model = sf_model(variant=variant, cond=cond, seq_len=10)
     _, _, c = sf_batch(model.config, batch_size=4)
-    kwargs = dict(batch_size=4, cond=c, greedy=True, position_rule=rule)
+    kwargs = dict(batch_size=4, cond=c, settings=SamplingConfig(greedy=True, position_rule=rule))
     cached = model.generate(use_kv_cache=True, **kwargs)
     uncached = model.generate(use_kv_cache=False, **kwargs)
     assert torch.equal(cached[0], uncached[0]) and torch.equal(cached[1], uncached[1])
@@ -1117,18 +1115,18 @@ def test_reused_sampler_draws_what_fresh_calls_draw_and_returns_independent_tens
         return fast_sampling.generate(model, cond=c, generator=torch.Generator().manual_seed(seed), **kwargs)
     reuse = {}
     first = sample(c1, 0, reuse=reuse)
-    sampler, caches = reuse["sampler"], reuse["caches"]
+    state = reuse["state"]
     second = sample(c2, 1, reuse=reuse)
     third = sample(c1, 0, reuse=reuse)
-    assert reuse["sampler"] is sampler and reuse["caches"] is caches          # the same buffers every call
+    assert reuse["state"] is state and reuse["state"].caches is state.caches  # the same buffers every call
     for got, want in [(first, sample(c1, 0)), (second, sample(c2, 1)), (third, sample(c1, 0))]:
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert not torch.equal(first[0], second[0])
     # other settings or another batch size rebuild the kept state
-    top1 = sample(c1, 0, reuse=reuse, top_k=1)
-    assert reuse["sampler"] is not sampler and torch.equal(top1[0], sample(c1, 0, top_k=1)[0])
+    top1 = sample(c1, 0, reuse=reuse, settings=SamplingConfig(top_k=1))
+    assert reuse["state"] is not state and torch.equal(top1[0], sample(c1, 0, settings=SamplingConfig(top_k=1))[0])
     two = sample(c1[:2], 0, reuse=reuse)
-    assert reuse["sampler"].codes.shape[0] == 2 and torch.equal(two[0], sample(c1[:2], 0)[0])
+    assert reuse["state"].codes.shape[0] == 2 and torch.equal(two[0], sample(c1[:2], 0)[0])
     model.double()                                                          # new parameter storage
     sample(c1[:2], 0, reuse=reuse)
     assert reuse["key"][-1] == tuple(p.data_ptr() for p in model.parameters())
@@ -1142,12 +1140,12 @@ def test_guided_logits_are_uncond_plus_scale_times_the_difference_with_a_linear_
     logits = torch.randn(4, 7)
     cond, uncond = logits[:2], logits[2:]
     for schedule, t, scale in [("constant", 0, 3.0), ("linear", 0, 1 + 2.0 / N), ("linear", N - 1, 3.0)]:
-        sampler = stackformer.Sampler(model, None, labels, cfg_scale=3.0, cfg_schedule=schedule)
-        assert sampler.rows == 4 and torch.equal(sampler.cond, torch.tensor([0, 1, NUM_CLASSES, NUM_CLASSES]))
-        guided = sampler.guide(logits, torch.tensor([t]), is_code=True)
+        settings, rows, B = model.sampling_rows(None, labels, SamplingConfig(cfg_scale=3.0, cfg_schedule=schedule))
+        assert B == 2 and torch.equal(rows, torch.tensor([0, 1, NUM_CLASSES, NUM_CLASSES]))
+        guided = stackformer.guided_logits(logits, torch.tensor([t]), N, settings, is_code=True)
         torch.testing.assert_close(guided, uncond + scale * (cond - uncond))
-    codes_only = stackformer.Sampler(model, None, labels, cfg_scale=3.0, cfg_codes_only=True)
-    assert torch.equal(codes_only.guide(logits, torch.tensor([0]), is_code=False), cond)
+    codes_only = SamplingConfig(cfg_scale=3.0, cfg_codes_only=True)
+    assert torch.equal(stackformer.guided_logits(logits, torch.tensor([0]), N, codes_only, is_code=False), cond)
 
 
 def test_guidance_scale_1_samples_exactly_plain_conditional_sampling_and_other_scales_differ():
@@ -1155,8 +1153,9 @@ def test_guidance_scale_1_samples_exactly_plain_conditional_sampling_and_other_s
     labels = torch.arange(8) % NUM_CLASSES
     seeded = lambda: torch.Generator().manual_seed(4)
     plain = model.generate(cond=labels, generator=seeded())
-    assert all(torch.equal(a, b) for a, b in zip(plain, model.generate(cond=labels, generator=seeded(), cfg_scale=1.0)))
-    guided = model.generate(cond=labels, generator=seeded(), cfg_scale=4.0)
+    scale_1 = model.generate(cond=labels, generator=seeded(), settings=SamplingConfig(cfg_scale=1.0))
+    assert all(torch.equal(a, b) for a, b in zip(plain, scale_1))
+    guided = model.generate(cond=labels, generator=seeded(), settings=SamplingConfig(cfg_scale=4.0))
     assert not torch.equal(plain[0], guided[0])
     assert (guided[1][:, 1:] > guided[1][:, :-1]).all()              # the position rule still holds
 
@@ -1164,6 +1163,7 @@ def test_guidance_scale_1_samples_exactly_plain_conditional_sampling_and_other_s
 @pytest.mark.parametrize("cond", ["class", "text"])
 @pytest.mark.parametrize("options", [dict(cfg_scale=3.0), dict(cfg_scale=2.0, cfg_schedule="linear", cfg_codes_only=True)])
 def test_guided_fast_sampler_draws_the_reference_tokens(cond, options):
+    options = dict(settings=SamplingConfig(**options))
     model = sf_model(cond=cond, cond_drop=0.1, seq_len=10)
     _, _, c = sf_batch(model.config, batch_size=3)
     seeded = lambda: torch.Generator().manual_seed(6)
@@ -1183,7 +1183,7 @@ def test_text_guidance_reads_the_empty_caption_as_the_unconditional_stream(monke
     start_input = stackformer.Stackformer._start_input
     monkeypatch.setattr(stackformer.Stackformer, "_start_input",
                         lambda self, cond, batch_size: seen.append(cond.clone()) or start_input(self, cond, batch_size))
-    codes, positions = model.generate(cond=text, greedy=True, cfg_scale=3.0)
+    codes, positions = model.generate(cond=text, settings=SamplingConfig(greedy=True, cfg_scale=3.0))
     assert codes.shape == positions.shape == (2, 8)
     assert torch.equal(seen[0][:2], text) and (seen[0][2:] == 0).all()   # the pad id: the empty caption
 
@@ -1191,13 +1191,13 @@ def test_text_guidance_reads_the_empty_caption_as_the_unconditional_stream(monke
 def test_guidance_needs_a_model_trained_with_null_conditions():
     model = sf_model(cond="class")
     with pytest.raises(ValueError, match="cond_drop > 0"):
-        model.generate(cond=torch.arange(2), cfg_scale=2.0)
+        model.generate(cond=torch.arange(2), settings=SamplingConfig(cfg_scale=2.0))
     assert model.class_emb.num_embeddings == NUM_CLASSES                 # no null class row without cond_drop
     assert sf_model(cond="class", cond_drop=0.1).class_emb.num_embeddings == NUM_CLASSES + 1
     with pytest.raises(ValueError, match="cond_drop"):
         sf_config(cond_drop=0.1)                                         # unconditional: nothing to drop
     with pytest.raises(ValueError, match="give cond"):
-        sf_model(cond="class", cond_drop=0.1).generate(batch_size=2, cfg_scale=2.0)
+        sf_model(cond="class", cond_drop=0.1).generate(batch_size=2, settings=SamplingConfig(cfg_scale=2.0))
 
 
 def test_condition_dropout_replaces_about_the_share_asked_for():
@@ -1218,8 +1218,8 @@ def test_condition_dropout_replaces_about_the_share_asked_for():
 def test_top_k_1_equals_greedy():
     model = sf_model(cond="class")
     labels = torch.arange(8) % NUM_CLASSES
-    greedy = model.generate(cond=labels, greedy=True)
-    top1 = model.generate(cond=labels, top_k=1, pos_top_k=1, generator=torch.Generator().manual_seed(3))
+    greedy = model.generate(cond=labels, settings=SamplingConfig(greedy=True))
+    top1 = model.generate(cond=labels, generator=torch.Generator().manual_seed(3), settings=SamplingConfig(top_k=1, pos_top_k=1))
     assert torch.equal(greedy[0], top1[0]) and torch.equal(greedy[1], top1[1])
 
 
@@ -1238,12 +1238,12 @@ def test_class_and_text_conditions_change_greedy_samples():
         return len(set(map(tuple, torch.cat([codes, positions], dim=1).tolist())))
     model = sf_model(cond="class")
     labels = torch.arange(NUM_CLASSES).repeat(2)
-    codes, positions = model.generate(cond=labels, greedy=True)
+    codes, positions = model.generate(cond=labels, settings=SamplingConfig(greedy=True))
     assert torch.equal(codes[:NUM_CLASSES], codes[NUM_CLASSES:])
     assert distinct_rows(codes, positions) >= NUM_CLASSES // 2
     model = sf_model(cond="text")
     _, _, text = sf_batch(model.config, batch_size=8)
-    codes, positions = model.generate(cond=text.repeat(2, 1), greedy=True)
+    codes, positions = model.generate(cond=text.repeat(2, 1), settings=SamplingConfig(greedy=True))
     assert torch.equal(codes[:8], codes[8:])
     assert distinct_rows(codes, positions) >= 4
 
@@ -2218,8 +2218,8 @@ def test_an_image_depends_only_on_its_own_condition(ckpts, tmp_path):
 def test_kv_cache_and_full_recompute_give_the_same_tokens_under_greedy(ckpts, cond):
     model, _, tokenizer, _ = load_stackformer(ckpts[cond])
     c = {"none": None, "class": torch.tensor([0, 1, 2]), "text": tokenizer.encode_batch(SP_CAPTIONS) if tokenizer else None}[cond]
-    cached = model.generate(batch_size=3, cond=c, greedy=True, use_kv_cache=True)
-    full = model.generate(batch_size=3, cond=c, greedy=True, use_kv_cache=False)
+    cached = model.generate(batch_size=3, cond=c, use_kv_cache=True, settings=SamplingConfig(greedy=True))
+    full = model.generate(batch_size=3, cond=c, use_kv_cache=False, settings=SamplingConfig(greedy=True))
     assert torch.equal(cached[0], full[0]) and torch.equal(cached[1], full[1])
 
 
@@ -2242,8 +2242,8 @@ def test_sample_top_k_1_equals_greedy(ckpts, tmp_path):
 
 def test_increasing_positions_strictly_increase_and_unique_positions_are_distinct(ckpts):
     model, mq, _, _ = load_stackformer(ckpts["none"])
-    _, increasing = sample.sample_images(model, mq, 5, batch_size=5, position_rule="increasing", return_positions=True)
-    _, unique = sample.sample_images(model, mq, 5, batch_size=5, position_rule="unique", return_positions=True)
+    _, increasing = sample.sample_images(model, mq, 5, batch_size=5, return_positions=True, settings=SamplingConfig(position_rule="increasing"))
+    _, unique = sample.sample_images(model, mq, 5, batch_size=5, return_positions=True, settings=SamplingConfig(position_rule="unique"))
     assert increasing.shape == unique.shape == (5, SP_N)
     assert (np.diff(increasing, axis=1) > 0).all() and increasing.min() >= 0 and increasing.max() < SP_T
     assert all(len(set(row)) == SP_N for row in unique.tolist()) and unique.min() >= 0 and unique.max() < SP_T
@@ -2442,13 +2442,20 @@ def test_data_export_writes_the_eval_images_as_uint8(tmp_path):
     assert np.array_equal(images[3], expected)
 
 
-def test_every_script_help_lists_its_flags_with_their_comments():
+def test_every_script_help_lists_its_flags_with_their_comments(capsys):
     for module, config in ((train_mqvae, train_mqvae.TrainConfig), (train_stackformer, train_stackformer.TrainConfig),
                            (sample, sample.SampleConfig)):
         text = utils.config_to_parser(config(), "x").format_help()
         comments = utils.field_comments(config)
         assert len(comments) == len(dataclasses.fields(config))      # every field documented
         assert "--batch-size" in text and comments["batch_size"].split()[0] in text
+    with pytest.raises(SystemExit):
+        sample.parse_config(["--help"])                              # sample.py's flags include the sampling settings
+    text = " ".join(capsys.readouterr().out.split())
+    comments = utils.field_comments(SamplingConfig)
+    assert len(comments) == len(dataclasses.fields(SamplingConfig)) == 11
+    assert all(f"--{name.replace('_', '-')}" in text and " ".join(comment.split()[:3]) in text
+               for name, comment in comments.items())
 
 
 def test_caption_judge_finds_the_colours_an_image_shows():

@@ -309,6 +309,17 @@ def losses_and_backward(model, disc, raw_model, raw_disc, lpips_fn, x, cfg, gan_
                 logits_fake=fake_mean, aux=aux)
 
 
+def update(n: SimpleNamespace, gan_on: bool):
+    """The end of a training step, after its micro-batches: the autoencoder's update, the codebook's EMA
+    step (once per step, whatever the accumulation) and, with the GAN on, the discriminator's update."""
+    n.opt_ae.step()
+    n.opt_ae.zero_grad(set_to_none=True)
+    n.raw_model.quantizer.ema_step()
+    if gan_on:
+        n.opt_d.step()
+        n.opt_d.zero_grad(set_to_none=True)
+
+
 # -----------------------------------------------------------------------------
 # Pictures: input | importance map | kept regions | reconstruction
 
@@ -509,12 +520,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
                                           n.autocast)
             run.guard.update(out["loss"] + out["d_loss"], step + 1)
             stats.add(out, step)
-        n.opt_ae.step()
-        n.opt_ae.zero_grad(set_to_none=True)
-        n.raw_model.quantizer.ema_step()  # the codebook moves once per step, whatever the accumulation
-        if gan_on:
-            n.opt_d.step()
-            n.opt_d.zero_grad(set_to_none=True)
+        update(n, gan_on)
         run.step_times.append(time.time() - t0)
         done = step + 1
         if run.due(done, cfg.log_every):

@@ -216,11 +216,17 @@ class FlagParser(argparse.ArgumentParser):
 
 
 def config_to_parser(defaults, description: str) -> FlagParser:
+    """A FlagParser with the flags of the config dataclass `defaults` (add_config_flags)."""
+    parser = FlagParser(description=description)
+    add_config_flags(parser, defaults)
+    return parser
+
+
+def add_config_flags(parser: argparse.ArgumentParser, defaults):
     """One flag per dataclass field: `--batch-size 8` and `--batch-size=8` both work; booleans get
     `--flag/--no-flag`; a field whose default is None takes the type named in its annotation; the
     field's comment is its help text, followed by the default where the comment does not give it."""
     help_texts = field_comments(type(defaults))
-    parser = FlagParser(description=description)
     for f in dataclasses.fields(defaults):
         name = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
@@ -235,7 +241,6 @@ def config_to_parser(defaults, description: str) -> FlagParser:
             kind = (int if "int" in annotation else float if "float" in annotation else str)
             parser.add_argument(name, type=kind, default=default, help=help_text,
                                 metavar=f.name.upper())
-    return parser
 
 
 def launch(config_class, train_fn, description: str, argv=None):
