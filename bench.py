@@ -233,7 +233,7 @@ def stackformer_train_bench(preset, seq_len, num_positions, batch, device, compi
         torch.cuda.reset_peak_memory_stats(device)
     seconds = timed(step, device, warmup, iters)
     tokens_per_s = batch * seq_len / seconds
-    mfu = model.flops_per_token() * tokens_per_s / (H200_BF16_TFLOPS * 1e12)
+    mfu = train_stackformer.flops_per_token(model) * tokens_per_s / (H200_BF16_TFLOPS * 1e12)
     return dict(tokens_per_s=tokens_per_s, mfu=mfu, ms_per_step=seconds * 1e3, params_m=model.num_params() / 1e6,
                 peak_memory_gb=peak_memory_gb(device))
 

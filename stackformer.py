@@ -104,10 +104,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: Optional["KVCache"] = None, layer: int = 0) -> torch.Tensor:
         B, S, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=2)
-        q = q.view(B, S, self.n_head, d // self.n_head).transpose(1, 2)   # (B, nh, S, hd)
-        k = k.view(B, S, self.n_head, d // self.n_head).transpose(1, 2)   # (B, nh, S, hd)
-        v = v.view(B, S, self.n_head, d // self.n_head).transpose(1, 2)   # (B, nh, S, hd)
+        q, k, v = (z.view(B, S, self.n_head, d // self.n_head).transpose(1, 2)     # (B, nh, S, hd) each
+                   for z in self.qkv(x).split(d, dim=2))
         if cache is None:       # training: the whole sequence at once
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
                                                is_causal=True)
@@ -362,15 +360,15 @@ class Stackformer(nn.Module):
             batch_size = cond.size(0)
         if batch_size is None:
             raise ValueError("give batch_size (unconditional) or cond")
-        if settings.cfg_scale != 1 and cond is None:
-            raise ValueError(f"cfg_scale {settings.cfg_scale} guides towards a condition: give cond "
-                             f"(class labels or captions)")
-        if settings.cfg_scale != 1 and not self.config.cond_drop > 0:
-            raise ValueError(f"cfg_scale {settings.cfg_scale} needs a model trained with null conditions "
-                             f"(cond_drop > 0); this one was not: sample with cfg_scale 1")
-        rule = settings.position_rule or ("increasing" if self.config.order == "raster" else "unique")
-        if settings.cfg_scale != 1:
+        scale = settings.cfg_scale
+        if scale != 1:
+            if cond is None:
+                raise ValueError(f"cfg_scale {scale} guides towards a condition: give cond (class labels or captions)")
+            if not self.config.cond_drop > 0:
+                raise ValueError(f"cfg_scale {scale} needs a model trained with null conditions (cond_drop > 0); "
+                                 f"this one was not: sample with cfg_scale 1")
             cond = torch.cat([cond, self.null_condition(cond)])
+        rule = settings.position_rule or ("increasing" if self.config.order == "raster" else "unique")
         return replace(settings, position_rule=rule), cond, batch_size
 
     @torch.no_grad()
@@ -416,33 +414,8 @@ class Stackformer(nn.Module):
 
     # --- bookkeeping
 
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Parameter count; exclude_embeddings keeps only the transformers and the heads (matmul weights)."""
-        if exclude_embeddings:
-            modules = (self.code_transformer, self.position_transformer, self.code_head, self.pos_head)
-            return sum(p.numel() for m in modules for p in m.parameters())
+    def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    def flops_per_token(self) -> float:
-        """Training FLOPs (forward + backward) per image token, i.e. per (code, position) pair, for MFU.
-
-        As in the PaLM appendix and nanoGPT: a weight matrix with P entries costs 6·P FLOPs per token
-        it processes, and attention over a context of S tokens costs 12·n_layer·d·S per token
-        (QKᵀ and AV, 2 FLOPs per multiply-add, ×3 for the backward pass, causal mask not discounted).
-        Without a caption both transformers run over S = N tokens, so this is
-            6·(non-embedding params) + 12·(n_code_layers + n_pos_layers)·d·N.
-        With a caption the lower transformer runs over S = L + N − 1 tokens; the total is divided by N.
-        """
-        d, N = self.config.n_embd, self.config.seq_len
-        lower, _, upper, _ = self.stack()
-        flops = 0
-        for tower, S in ((lower, self.prefix_len + N - 1), (upper, N)):
-            tower_params = sum(p.numel() for p in tower.parameters())
-            flops += S * (6 * tower_params + 12 * len(tower.blocks) * d * S)
-        head_params = sum(p.numel() for m in (self.code_head, self.pos_head) for p in m.parameters())
-        flops += N * 6 * head_params
-        return flops / N
-
 
 # -----------------------------------------------------------------------------
 # Sampling: the settings, the KV cache, the per-step draw, the position rules
@@ -464,9 +437,10 @@ class SamplingConfig:
 
     def __post_init__(self):
         # Each message starts with the field's name, which sample.py turns into its flag.
-        checks = [("temperature", self.greedy or self.temperature > 0, "be positive (greedy for argmax)"),
+        positive = "be positive (greedy for argmax)"
+        checks = [("temperature", self.greedy or self.temperature > 0, positive),
                   ("pos_temperature", self.greedy or self.pos_temperature is None or self.pos_temperature > 0,
-                   "be positive (greedy for argmax)"),
+                   positive),
                   ("top_k", self.top_k >= 0, "be >= 0 (0 = off)"), ("pos_top_k", self.pos_top_k >= 0, "be >= 0 (0 = off)"),
                   ("top_p", 0 < self.top_p <= 1, "lie in (0, 1] (1 = off)"),
                   ("pos_top_p", 0 < self.pos_top_p <= 1, "lie in (0, 1] (1 = off)"),

@@ -1341,9 +1341,10 @@ def test_preset_parameter_count_matches_paper(preset, expected):
 def test_flops_per_token_follows_the_documented_formula():
     model = sf_model()
     cfg = model.config
-    expected = (6 * model.num_params(exclude_embeddings=True)
+    matmul_weights = (model.code_transformer, model.position_transformer, model.code_head, model.pos_head)
+    expected = (6 * sum(p.numel() for m in matmul_weights for p in m.parameters())
                 + 12 * (cfg.n_code_layers + cfg.n_pos_layers) * cfg.n_embd * cfg.seq_len)
-    assert model.flops_per_token() == pytest.approx(expected)
+    assert train_stackformer.flops_per_token(model) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("cond", ["none", "class", "text"])

@@ -154,6 +154,27 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, betas:
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
 
 
+def flops_per_token(model: Stackformer) -> float:
+    """Training FLOPs (forward + backward) per image token, i.e. per (code, position) pair, for MFU.
+
+    As in the PaLM appendix and nanoGPT: a weight matrix with P entries costs 6·P FLOPs per token
+    it processes, and attention over a context of S tokens costs 12·n_layer·d·S per token
+    (QKᵀ and AV, 2 FLOPs per multiply-add, ×3 for the backward pass, causal mask not discounted).
+    Without a caption both transformers run over S = N tokens, so this is
+        6·(non-embedding params) + 12·(n_code_layers + n_pos_layers)·d·N.
+    With a caption the lower transformer runs over S = L + N − 1 tokens; the total is divided by N.
+    """
+    d, N = model.config.n_embd, model.config.seq_len
+    lower, _, upper, _ = model.stack()
+    flops = 0
+    for tower, S in ((lower, model.prefix_len + N - 1), (upper, N)):
+        tower_params = sum(p.numel() for p in tower.parameters())
+        flops += S * (6 * tower_params + 12 * len(tower.blocks) * d * S)
+    head_params = sum(p.numel() for m in (model.code_head, model.pos_head) for p in m.parameters())
+    flops += N * 6 * head_params
+    return flops / N
+
+
 def file_sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -431,7 +452,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         done = step + 1
         if run.due(done, cfg.log_every):
             log_training(run, sums / max(count, 1), count / cfg.grad_accum, done, lr, tokens_per_step,
-                         n.raw_model.flops_per_token() * tokens_per_step, d.steps_per_epoch)
+                         flops_per_token(n.raw_model) * tokens_per_step, d.steps_per_epoch)
             sums.zero_()
             count = 0
         if run.due(done, cfg.eval_every):
