@@ -7,7 +7,7 @@ Why it is faster (base, N = 256, batch 64, bf16, one H200; docs/speed.md has the
   - A step launches a few hundred small kernels; the plain loop is bound by the CPU launching them.
     Captured once as a CUDA graph, every later step is one replay: ~8x over the eager loop.
   - attend_cache writes the new key and value and attends over the slots written so far in one
-    kernel per layer, reading nothing past the current step; the reference cache reads all N slots.
+    kernel per layer, reading nothing past the current step; SlotKVCache's SDPA reads all N slots.
   - --compile fuses the remaining elementwise work of a step (torch.compile, then captured).
   - `reuse` keeps the buffers and graphs of one call for the next call of the same shape.
 
@@ -15,14 +15,15 @@ Why it is faster (base, N = 256, batch 64, bf16, one H200; docs/speed.md has the
     codes, positions = fast_sampling.generate(model, batch_size=64, generator=g, compile=True)
 
 Without CUDA the steps run eagerly (compiled if asked); without Triton they attend with the
-reference KVCache (SDPA over the whole cache).
+SlotKVCache (SDPA over the whole cache).
 """
 
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
-from stackformer import KVCache, SamplingConfig, Stackformer, draw_token, reproducible_attention, step_noise
+from stackformer import SamplingConfig, Stackformer, draw_token, reproducible_attention, step_noise
 
 try:    # ships with torch's CUDA builds on Linux
     import triton
@@ -118,8 +119,62 @@ def _(q, k, v, k_cache, v_cache, slot):
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-class KernelKVCache(KVCache):
-    """The reference KVCache, except that a step with one new token per sequence writes and attends
+class SlotKVCache:
+    """stackformer.KVCache shaped for CUDA graphs: preallocated for the whole sample.
+
+    Every layer owns K and V tensors of shape (B, n_head, max_len, head_dim). A step writes the keys
+    and values of its new token(s) into fixed slots with `index_copy_` and attends over the whole
+    cache with a causal mask (slot j is visible from slot s iff j ≤ s), rather than over a slice
+    `[:, :, :s+1]`: every step then has the same shapes and reads its slot numbers from a tensor,
+    never from a Python int, so a step can be compiled and captured in a CUDA graph as it
+    is. The price, reading unwritten slots too, is what attend_cache saves.
+
+    Slot layout (filled by Stackformer.lower_step / upper_step):
+      lower transformer, cond none/class: slot t holds step t's input E_v(v_t) + E_p(p_t) + a_t,
+          slot 0 the start step (condition token + start position); max_len = N.
+      lower transformer, cond text: slots 0..L-1 hold the L text tokens, prefilled in one causal
+          pass; slot L-1+t holds image step t ≥ 1; max_len = L + N - 1.
+      upper transformer: slot t holds H_t + E_v(v_{t+1}) (code-first) or H_t + E_p(p_{t+1})
+          (position-first); max_len = N.
+    """
+
+    def __init__(self, n_layer: int, max_len: int, batch_size: int, device):
+        self.max_len, self.batch_size = max_len, batch_size
+        self.slot_ids = torch.arange(max_len, device=device)    # (max_len,)
+        self.keys: List[Optional[torch.Tensor]] = [None] * n_layer
+        self.values: List[Optional[torch.Tensor]] = [None] * n_layer
+        self.slots: Optional[torch.Tensor] = None               # (S,) slots of the current step
+        self.mask: Optional[torch.Tensor] = None                # (S, max_len) slots it may attend to
+
+    def begin_step(self, slots: torch.Tensor):
+        self.slots = slots
+        self.mask = self.slot_ids[None, :] <= slots[:, None]    # (S, max_len), causal
+
+    def allocate(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        # At the first write, so that the cache takes the dtype autocast gives k and v.
+        if self.keys[layer] is None:
+            B, n_head, _, head_dim = k.shape
+            self.keys[layer] = k.new_zeros(B, n_head, self.max_len, head_dim)
+            self.values[layer] = v.new_zeros(B, n_head, self.max_len, head_dim)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write k, v (B, n_head, S, head_dim) into this step's slots, then attend q over the cache."""
+        self.allocate(layer, k, v)
+        self.keys[layer].index_copy_(2, self.slots, k)
+        self.values[layer].index_copy_(2, self.slots, v)
+        return F.scaled_dot_product_attention(q, self.keys[layer], self.values[layer], attn_mask=self.mask)
+
+
+def slot_caches(model: Stackformer, batch_size: int, cache_class=SlotKVCache) -> Tuple[SlotKVCache, SlotKVCache]:
+    """Empty slot caches for the lower and the upper transformer (layout: see SlotKVCache)."""
+    lower, _, upper, _ = model.stack()
+    N, device = model.config.seq_len, model.code_emb.weight.device
+    return (cache_class(len(lower.blocks), model.prefix_len + N - 1, batch_size, device),
+            cache_class(len(upper.blocks), N, batch_size, device))
+
+
+class KernelKVCache(SlotKVCache):
+    """SlotKVCache, except that a step with one new token per sequence writes and attends
     with attend_cache. Multi-token steps (a caption prefilled at step 0) use the reference path."""
 
     def begin_step(self, slots: torch.Tensor):
@@ -175,7 +230,7 @@ class SamplingState:
         self.settings, self.batch_size, self.cond, self.noise, self.graph = settings, batch_size, None, None, None
         self.codes = torch.zeros(rows, model.config.seq_len, dtype=torch.long, device=device)
         self.positions = torch.zeros_like(self.codes)
-        self.caches = model.new_kv_caches(rows, cache_class)
+        self.caches = slot_caches(model, rows, cache_class)
         self.t = torch.zeros(1, dtype=torch.long, device=device)       # the step counter, on the device
 
     def draw(self, logits: torch.Tensor, t, is_code: bool) -> torch.Tensor:
@@ -225,7 +280,7 @@ def generate(model: Stackformer, batch_size: Optional[int] = None, cond: Optiona
     key = (B, settings, cuda_graph, compile, kernel, str(device), tuple(p.data_ptr() for p in model.parameters()))
     kept = reuse is not None and reuse.get("key") == key
     state = reuse["state"] if kept else SamplingState(model, settings, B, B if cond is None else cond.size(0),
-                                                      KernelKVCache if kernel else KVCache)
+                                                      KernelKVCache if kernel else SlotKVCache)
     state.cond = cond
     state.noise = step_noise(settings, B, model.config, device, generator, out=state.noise)
     was_training = model.training

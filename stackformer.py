@@ -7,23 +7,20 @@ pairs (v_1, p_1), ..., (v_N, p_N): codes v ∈ [0, V), positions p ∈ [0, T) as
 row·W + col. Stackformer models them autoregressively with two causal transformers stacked on
 each other. At step t:
 
-    Code-Transformer      reads E_v(v_t) + E_p(p_t) + a_t       its hidden state H_t predicts v_{t+1}
-    Position-Transformer  reads H_t + E_v(v_{t+1})             and predicts p_{t+1}
+    Code-Transformer      reads E_v(v_t) + E_p(p_t) + a_t     its hidden state H_t predicts v_{t+1}
+    Position-Transformer  reads H_t + E_v(v_{t+1})           and predicts p_{t+1}
 
 so every step first decides *what* comes next and then *where* it goes. v_0 is the condition (a
 start token, a class, or a 32-token text prefix), p_0 a start position, a_t a learned absolute
 sequence embedding. Stackformer_r (supp. Table 3, `variant="position-first"`) swaps the roles:
 the sequence-reading transformer predicts p_{t+1} and the stacked one predicts v_{t+1} from
-H_t + E_p(p_{t+1}). In the code we call the transformer that reads the sequence the *lower* one
-and the transformer stacked on it the *upper* one.
+H_t + E_p(p_{t+1}). The code calls the transformer that reads the sequence the *lower* one and the
+one stacked on it the *upper* one.
 
-This file holds the model only: config and presets, both transformers, conditioning
-(unconditional, class, text with a word-level tokenizer) and the reference sampler `generate()`
-with a KV cache. The training loop is in train_stackformer.py; fast_sampling.py runs the same
-sampling steps as CUDA graphs with a fused attention kernel.
+The model only: config, both transformers, conditioning (none, class, text with a word-level
+tokenizer), the reference sampler `generate()` with a KV cache (fast_sampling.py replays its steps).
 
-    config = StackformerConfig(**PRESETS["base"], codebook_size=1024, num_positions=1024, seq_len=256)
-    model = Stackformer(config)
+    model = Stackformer(StackformerConfig(**PRESETS["base"], codebook_size=V, num_positions=T, seq_len=N))
     loss, code_ce, pos_ce = model.loss(codes, positions)     # (B, N) int64 each, raster order
     codes, positions = model.generate(batch_size=16)         # (B, N) each
 """
@@ -56,33 +53,32 @@ class StackformerConfig:
     num_classes: int = 1000         # class-conditional: number of labels
     text_vocab_size: int = 0        # text-conditional: WordTokenizer.vocab_size
     text_len: int = 32              # text-conditional: caption length in tokens (supp. §1)
-    abs_pos: bool = True            # learned absolute sequence embedding a_t (supp. Table 3 ablation)
+    abs_pos: bool = True            # learned absolute sequence embedding a_t (supp. Table 3)
     variant: str = "code-first"     # "code-first" (Stackformer) | "position-first" (Stackformer_r)
     order: str = "raster"           # order of the training sequences: "raster" | "importance"
     pos_weight: float = 1.0         # loss = CE_code + pos_weight · CE_pos
-    cond_drop: float = 0.0          # training-time share of null conditions (classifier-free guidance needs > 0)
+    cond_drop: float = 0.0          # share of null conditions in training (> 0 for guidance)
 
     def __post_init__(self):
-        if self.cond not in ("none", "class", "text"):
-            raise ValueError(f"cond must be none, class or text, got {self.cond!r}")
-        if self.variant not in ("code-first", "position-first"):
-            raise ValueError(f"variant must be code-first or position-first, got {self.variant!r}")
-        if self.order not in ("raster", "importance"):
-            raise ValueError(f"order must be raster or importance, got {self.order!r}")
+        choices = dict(cond=("none", "class", "text"), variant=("code-first", "position-first"),
+                       order=("raster", "importance"))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be {' or '.join(allowed)}: {getattr(self, name)!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if not 0 < self.seq_len <= self.num_positions:
-            raise ValueError(f"seq_len {self.seq_len} must lie in [1, num_positions={self.num_positions}]")
+            raise ValueError(f"seq_len {self.seq_len} must lie in [1, num_positions]")
         if self.cond == "text" and self.text_vocab_size <= 0:
             raise ValueError("cond='text' needs text_vocab_size (the tokenizer's vocab_size)")
         if not 0.0 <= self.cond_drop < 1.0 or (self.cond_drop > 0 and self.cond == "none"):
-            raise ValueError(f"cond_drop must lie in [0, 1) and needs a class or text condition, got {self.cond_drop}")
+            raise ValueError(f"cond_drop {self.cond_drop} must lie in [0, 1); 0 without condition")
 
 
 # Architecture presets; the data fixes codebook_size, num_positions and seq_len.
 PRESETS = {
     "tiny":  dict(n_code_layers=2,  n_pos_layers=2,  n_embd=64,   n_head=4),   # unit tests
-    "demo":  dict(n_code_layers=4,  n_pos_layers=2,  n_embd=256,  n_head=8),   # minutes on synthetic data
+    "demo":  dict(n_code_layers=4,  n_pos_layers=2,  n_embd=256,  n_head=8),   # synthetic data
     "small": dict(n_code_layers=12, n_pos_layers=12, n_embd=1024, n_head=16),  # the released config
     "base":  dict(n_code_layers=18, n_pos_layers=6,  n_embd=1024, n_head=16),  # supp. Table 2: 307M
     "large": dict(n_code_layers=36, n_pos_layers=12, n_embd=1024, n_head=16),  # supp. Table 2: 607M
@@ -102,14 +98,14 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: Optional["KVCache"] = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional["KVCache"] = None, layer: int = 0):
         B, S, d = x.shape
-        q, k, v = (z.view(B, S, self.n_head, d // self.n_head).transpose(1, 2)     # (B, nh, S, hd) each
+        q, k, v = (z.view(B, S, self.n_head, d // self.n_head).transpose(1, 2)    # (B, nh, S, hd)
                    for z in self.qkv(x).split(d, dim=2))
         if cache is None:       # training: the whole sequence at once
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=True)
-        else:                   # generation: only the new token(s); the cache holds the earlier ones
+            dropout = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:                   # sampling: only the new token(s); the cache holds the earlier ones
             y = cache.attend(layer, q, k, v)
         y = y.transpose(1, 2).reshape(B, S, d)                            # (B, S, d)
         return self.resid_drop(self.proj(y))
@@ -139,12 +135,11 @@ class Block(nn.Module):
 
     def forward(self, x, cache: Optional["KVCache"] = None, layer: int = 0):
         x = x + self.attn(self.ln_1(x), cache, layer)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        return x + self.mlp(self.ln_2(x))
 
 
 class CausalTransformer(nn.Module):
-    """A stack of causal blocks; returns the last hidden states (no final LayerNorm: each head has its own)."""
+    """Causal blocks; returns the last hidden states (no final LayerNorm: each head has its own)."""
 
     def __init__(self, config: StackformerConfig, n_layer: int):
         super().__init__()
@@ -152,8 +147,7 @@ class CausalTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: Optional["KVCache"] = None,
                 slots: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # Training: x is the whole sequence (B, S, d). Generation: x holds only the new token(s),
-        # which go to `slots` of `cache`.
+        # Training: x is the whole sequence (B, S, d). Sampling: the new token(s), to cache `slots`.
         if cache is not None:
             cache.begin_step(slots)
         for layer, block in enumerate(self.blocks):
@@ -170,16 +164,14 @@ class Stackformer(nn.Module):
         super().__init__()
         self.config = config
         d, V, T, N = config.n_embd, config.codebook_size, config.num_positions, config.seq_len
-        # The transformer that reads the sequence is the *lower* one, the one stacked on it the
-        # *upper* one: code below position for Stackformer, position below code for Stackformer_r.
-        self.code_first = config.variant == "code-first"
+        self.code_first = config.variant == "code-first"     # else Stackformer_r
         # Inputs of the lower transformer before image step 1: the start step, or the whole caption.
         self.prefix_len = config.text_len if config.cond == "text" else 1
 
         self.code_emb = nn.Embedding(V, d)          # E_v
         self.pos_emb = nn.Embedding(T + 1, d)       # E_p; row T is the start position p_0
-        # a_t, the "extra absolute sequence position embedding": which step of the sequence this
-        # is, as opposed to E_p, which says where in the image the token sits. Zero-init as official.
+        # a_t, the "extra absolute sequence position embedding": which step of the sequence this is,
+        # as opposed to E_p, which says where in the image the token sits. Zero-init as official.
         self.abs_pos_emb = nn.Parameter(torch.zeros(1, N, d)) if config.abs_pos else None
         if config.cond == "none":
             self.start_token = nn.Parameter(torch.empty(1, 1, d))       # v_0 of every sequence
@@ -228,7 +220,7 @@ class Stackformer(nn.Module):
         """Step 0 of the lower transformer: (B, 1, d), or (B, L, d) for a caption."""
         mode = self.config.cond
         if (cond is None) != (mode == "none"):
-            raise ValueError(f"cond must be None exactly when the model is unconditional (cond={mode!r})")
+            raise ValueError(f"cond must be None exactly when the model is unconditional: {mode!r}")
         if mode == "text":
             # The caption takes the role of step 0: its last token's hidden state predicts v_1.
             return self.text_tok_emb(cond) + self.text_pos_emb.weight   # (B, L, d)
@@ -241,148 +233,109 @@ class Stackformer(nn.Module):
             x = x + self.abs_pos_emb[:, :1]                              # + a_0
         return x
 
-    def _step_input(self, codes: torch.Tensor, positions: torch.Tensor, first_step: int) -> torch.Tensor:
-        """E_v(v_t) + E_p(p_t) + a_t for steps t = first_step, ..., first_step + S - 1: (B, S, d)."""
-        x = self.code_emb(codes) + self.pos_emb(positions)
-        if self.abs_pos_emb is not None:
-            x = x + self.abs_pos_emb[:, first_step:first_step + codes.size(1)]
-        return x
-
-    def _embed_lower_token(self, tokens: torch.Tensor) -> torch.Tensor:
-        """What the upper transformer adds to H_t: E_v(v_{t+1}), or E_p(p_{t+1}) for Stackformer_r."""
-        return self.code_emb(tokens) if self.code_first else self.pos_emb(tokens)
-
     # --- teacher-forced passes: training, and the no-KV-cache sampling path
 
     def _lower(self, prev_codes: torch.Tensor, prev_positions: torch.Tensor,
                cond: Optional[torch.Tensor]) -> torch.Tensor:
         """H_0, ..., H_S (B, S+1, d) from the inputs v_1..v_S, p_1..p_S (B, S) and the condition."""
         B, S = prev_codes.shape
-        x = torch.cat([self._start_input(cond, B), self._step_input(prev_codes, prev_positions, 1)], dim=1)
+        x = self.code_emb(prev_codes) + self.pos_emb(prev_positions)     # E_v(v_t) + E_p(p_t)
+        if self.abs_pos_emb is not None:
+            x = x + self.abs_pos_emb[:, 1:S + 1]                          # + a_t
+        x = torch.cat([self._start_input(cond, B), x], dim=1)
         h = self.stack()[0](self.drop(x))                                # (B, prefix_len + S, d)
         return h[:, -(S + 1):]      # for text, H_0 is the last caption token's state
 
     def _upper(self, h: torch.Tensor, lower_targets: torch.Tensor) -> torch.Tensor:
-        """Upper hidden states (B, S, d) from H_t (B, S, d) plus the embedded true next lower token."""
-        # No extra dropout here: the official code applies embedding dropout to the lower input only.
-        return self.stack()[2](h + self._embed_lower_token(lower_targets))
+        """Upper hidden states (B, S, d) from H_t (B, S, d) plus the embedded true next lower token.
+        No dropout on this input: the official code drops out the lower input's embeddings only."""
+        embed = self.code_emb if self.code_first else self.pos_emb   # E_v(v_{t+1}) or E_p(p_{t+1})
+        return self.stack()[2](h + embed(lower_targets))
 
-    def forward(self, codes: torch.Tensor, positions: torch.Tensor, cond: Optional[torch.Tensor] = None,
-                loss: bool = False):
-        """Teacher-forced logits for a batch of sequences, or with loss=True the training loss.
-
-        codes, positions: (B, S) int64, v_1..v_S and p_1..p_S (1 ≤ S ≤ N); cond: None, class labels
-        (B,) or caption tokens (B, L). Returns code_logits (B, S, V) and pos_logits (B, S, T); step t
-        predicts v_{t+1} and p_{t+1}, i.e. codes[:, t] and positions[:, t]. With loss=True it returns
-        (CE_code + pos_weight · CE_pos, CE_code, CE_pos) instead, the mean cross-entropies over all
-        B·S image tokens (never the caption): the loss is computed inside forward so that DDP and
-        torch.compile, which wrap forward, wrap it too. `loss()` is the same call.
-        """
+    def forward(self, codes: torch.Tensor, positions: torch.Tensor,
+                cond: Optional[torch.Tensor] = None, loss: bool = False):
+        """Teacher-forced logits: codes, positions (B, S) int64 are v_1..v_S, p_1..p_S (1 ≤ S ≤ N),
+        cond None, labels (B,) or captions (B, L). -> code_logits (B, S, V), pos_logits (B, S, T):
+        step t predicts codes[:, t], positions[:, t]. loss=True -> (CE_code + pos_weight · CE_pos,
+        CE_code, CE_pos), means over the B·S image tokens (not the caption); computed here, so that
+        DDP and torch.compile, which wrap forward, wrap the loss too."""
         _, lower_head, _, upper_head = self.stack()
         h = self._lower(codes[:, :-1], positions[:, :-1], cond)         # (B, S, d): H_0..H_{S-1}
         g = self._upper(h, codes if self.code_first else positions)      # (B, S, d)
-        lower_logits, upper_logits = lower_head(h), upper_head(g)
-        code_logits, pos_logits = (lower_logits, upper_logits) if self.code_first else (upper_logits, lower_logits)
+        code_logits, pos_logits = lower_head(h), upper_head(g)
+        if not self.code_first:         # Stackformer_r: the lower transformer predicts positions
+            code_logits, pos_logits = pos_logits, code_logits
         if not loss:
             return code_logits, pos_logits
-        # In fp32: under bf16 autocast the logits are bf16, too coarse for the log-softmax of V classes.
+        # fp32: under bf16 autocast the logits are bf16, too coarse for a log-softmax over V classes
         code_ce = F.cross_entropy(code_logits.flatten(0, 1).float(), codes.flatten())
         pos_ce = F.cross_entropy(pos_logits.flatten(0, 1).float(), positions.flatten())
         return code_ce + self.config.pos_weight * pos_ce, code_ce, pos_ce
 
-    def loss(self, codes: torch.Tensor, positions: torch.Tensor,
-             cond: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def loss(self, codes: torch.Tensor, positions: torch.Tensor, cond=None):
         """(total, CE_code, CE_pos): forward(codes, positions, cond, loss=True)."""
         return self(codes, positions, cond, loss=True)
 
     # --- sampling: one token per step and transformer, with a KV cache
 
-    def new_kv_caches(self, batch_size: int, cache_class=None) -> Tuple["KVCache", "KVCache"]:
-        """Empty caches for the lower and the upper transformer (slot layout: see KVCache)."""
-        cache_class = cache_class or KVCache
+    def new_kv_caches(self) -> Tuple["KVCache", "KVCache"]:
+        """Empty caches for the lower and the upper transformer."""
         lower, _, upper, _ = self.stack()
-        N, device = self.config.seq_len, self.code_emb.weight.device
-        return (cache_class(len(lower.blocks), self.prefix_len + N - 1, batch_size, device),
-                cache_class(len(upper.blocks), N, batch_size, device))
+        return KVCache(len(lower.blocks)), KVCache(len(upper.blocks))
 
     @torch.no_grad()
-    def lower_step(self, cache: "KVCache", t, prev_code: Optional[torch.Tensor],
-                   prev_position: Optional[torch.Tensor], cond: Optional[torch.Tensor]) -> torch.Tensor:
-        """H_t (B, d) from step t's input alone; the cache holds steps < t.
-
-        t = 0 (a Python int) reads the condition; prev_code, prev_position are ignored. For t ≥ 1,
-        t may be an int or a (1,) int64 tensor on the model's device, and v_t, p_t (B,) are read:
-        with a tensor nothing in the step depends on a Python value, so it can be captured once in
-        a CUDA graph and replayed for every t (fast_sampling.py).
-        """
-        lower = self.stack()[0]
-        offset = self.prefix_len - 1           # slot of step t is offset + t
+    def sample_step(self, caches: Tuple["KVCache", "KVCache"], t, codes: torch.Tensor,
+                    positions: torch.Tensor, cond: Optional[torch.Tensor], draw):
+        """Step t of cached sampling: H_t from step t's input alone (the caches hold the steps
+        before); draw(logits, t, is_code) picks and records the lower token (the code; the position
+        for Stackformer_r), then the upper one from H_t plus that token. t = 0 (an int) reads cond;
+        t ≥ 1 reads v_t, p_t from codes, positions (rows, N) and may be a (1,) device tensor, for a
+        CUDA graph replaying one step for every t. Cache slot: prefix_len - 1 + t below, t above."""
+        lower, lower_head, upper, upper_head = self.stack()
+        offset, device = self.prefix_len - 1, codes.device
+        step = torch.as_tensor(t, device=device).reshape(1)
         if isinstance(t, int) and t == 0:
-            x = self._start_input(cond, cache.batch_size)                # (B, prefix_len, d)
-            return lower(self.drop(x), cache, cache.slot_ids[:offset + 1])[:, -1]
-        t = torch.as_tensor(t, device=cache.slot_ids.device).reshape(1)
-        x = self.code_emb(prev_code) + self.pos_emb(prev_position)      # (B, d)
-        if self.abs_pos_emb is not None:
-            x = x + self.abs_pos_emb[0].index_select(0, t)               # + a_t
-        return lower(self.drop(x[:, None]), cache, t + offset)[:, -1]
-
-    @torch.no_grad()
-    def upper_step(self, cache: "KVCache", t, h: torch.Tensor, lower_token: torch.Tensor) -> torch.Tensor:
-        """Upper hidden state (B, d) at step t (int or (1,) tensor) from H_t (B, d) and the drawn lower token (B,)."""
-        t = torch.as_tensor(t, device=cache.slot_ids.device).reshape(1)
-        x = (h + self._embed_lower_token(lower_token))[:, None]          # (B, 1, d)
-        return self.stack()[2](x, cache, t)[:, 0]
-
-    @torch.no_grad()
-    def sample_step(self, caches: Tuple["KVCache", "KVCache"], t, codes: torch.Tensor, positions: torch.Tensor,
-                    cond: Optional[torch.Tensor], draw):
-        """Step t of cached sampling: draw(logits, t, is_code) picks the lower token (the code; the position
-        for Stackformer_r) from H_t, then the upper one from H_t plus that token, and records each in
-        codes or positions (rows, N), which hold the steps before t. Step 0 reads cond (t a Python 0);
-        for t ≥ 1, t may be a (1,) device tensor (see lower_step)."""
-        _, lower_head, _, upper_head = self.stack()
-        if isinstance(t, int) and t == 0:
-            h = self.lower_step(caches[0], 0, None, None, cond)
+            x = self._start_input(cond, codes.size(0))                      # (rows, prefix_len, d)
+            slots = torch.arange(offset + 1, device=device)
         else:
-            prev = torch.as_tensor(t, device=codes.device).reshape(1) - 1
-            h = self.lower_step(caches[0], t, codes.index_select(1, prev)[:, 0],
-                                positions.index_select(1, prev)[:, 0], None)
+            previous = step - 1
+            x = self.code_emb(codes[:, previous]) + self.pos_emb(positions[:, previous])
+            if self.abs_pos_emb is not None:
+                x = x + self.abs_pos_emb[0].index_select(0, step)               # + a_t
+            slots = step + offset
+        h = lower(self.drop(x), caches[0], slots)[:, -1]                         # H_t (rows, d)
         token = draw(lower_head(h), t, self.code_first)
-        draw(upper_head(self.upper_step(caches[1], t, h, token)), t, not self.code_first)
+        embed = self.code_emb if self.code_first else self.pos_emb
+        g = upper((h + embed(token))[:, None], caches[1], step)[:, 0]
+        draw(upper_head(g), t, not self.code_first)
 
-    def sampling_rows(self, batch_size: Optional[int], cond: Optional[torch.Tensor],
-                      settings: "SamplingConfig") -> Tuple["SamplingConfig", Optional[torch.Tensor], int]:
-        """Checks a sampling call -> (settings with the position rule filled in, the condition rows the
-        model reads, B). With guidance (cfg_scale ≠ 1) those are 2B: cond, then its null stand-in."""
-        if cond is not None:
-            if batch_size is not None and batch_size != cond.size(0):
-                raise ValueError(f"batch_size {batch_size} but cond has {cond.size(0)} rows")
-            batch_size = cond.size(0)
+    def sampling_rows(self, batch_size: Optional[int], cond: Optional[torch.Tensor], settings):
+        """-> (settings with the position rule filled in, the condition rows the model reads: with
+        guidance 2B, cond and its null stand-in, B), or a ValueError for a call that cannot work."""
+        if cond is not None and batch_size not in (None, cond.size(0)):
+            raise ValueError(f"batch_size {batch_size} but cond has {cond.size(0)} rows")
+        batch_size = batch_size if cond is None else cond.size(0)
         if batch_size is None:
             raise ValueError("give batch_size (unconditional) or cond")
         scale = settings.cfg_scale
         if scale != 1:
             if cond is None:
-                raise ValueError(f"cfg_scale {scale} guides towards a condition: give cond (class labels or captions)")
+                raise ValueError(f"cfg_scale {scale} guides towards a condition: give cond")
             if not self.config.cond_drop > 0:
-                raise ValueError(f"cfg_scale {scale} needs a model trained with null conditions (cond_drop > 0); "
-                                 f"this one was not: sample with cfg_scale 1")
+                raise ValueError(f"cfg_scale {scale} needs a model trained with null conditions "
+                                 f"(cond_drop > 0); this one was not: sample with cfg_scale 1")
             cond = torch.cat([cond, self.null_condition(cond)])
-        rule = settings.position_rule or ("increasing" if self.config.order == "raster" else "unique")
-        return replace(settings, position_rule=rule), cond, batch_size
+        rule = {"raster": "increasing", "importance": "unique"}[self.config.order]   # the data's
+        return replace(settings, position_rule=settings.position_rule or rule), cond, batch_size
 
     @torch.no_grad()
     def generate(self, batch_size: Optional[int] = None, cond: Optional[torch.Tensor] = None,
-                 settings: Optional["SamplingConfig"] = None, generator: Optional[torch.Generator] = None,
-                 use_kv_cache: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Sample N (code, position) pairs per image: codes (B, N), positions (B, N).
-
-        Each step draws the code, then its position (the reverse for Stackformer_r), as SamplingConfig
-        and draw_token say. cond: None, class labels (B,) or caption tokens (B, L). generator: a
-        torch.Generator on the model's device. use_kv_cache=False recomputes the whole prefix every
-        step (the reference for checking the cache). Runs with reproducible attention kernels only (see
-        reproducible_attention), in eval mode; the model's mode is restored afterwards.
-        """
+                 settings: Optional["SamplingConfig"] = None, generator=None, use_kv_cache=True):
+        """Sample N (code, position) pairs per image -> codes (B, N), positions (B, N): each step
+        the code, then its position (the reverse for Stackformer_r), drawn as settings say (see
+        draw_token). cond: None, labels (B,) or captions (B, L); generator: a torch.Generator on the
+        model's device. use_kv_cache=False recomputes the whole prefix each step (the reference for
+        checking the cache). Runs in eval mode (then restored), reproducible attention only."""
         settings, cond, B = self.sampling_rows(batch_size, cond, settings or SamplingConfig())
         rows = B if cond is None else cond.size(0)
         N, device = self.config.seq_len, self.code_emb.weight.device
@@ -399,23 +352,22 @@ class Stackformer(nn.Module):
         was_training = self.training
         self.eval()
         with reproducible_attention():
-            caches = self.new_kv_caches(rows)
+            caches = self.new_kv_caches()
             for t in range(N):
                 if use_kv_cache:
                     self.sample_step(caches, t, codes, positions, cond, draw)
                     continue
                 _, lower_head, _, upper_head = self.stack()
-                h = self._lower(codes[:, :t], positions[:, :t], cond)                  # (rows, t+1, d)
+                h = self._lower(codes[:, :t], positions[:, :t], cond)            # (rows, t+1, d)
                 draw(lower_head(h[:, -1]), t, self.code_first)
                 g = self._upper(h, (codes if self.code_first else positions)[:, :t + 1])[:, -1]
                 draw(upper_head(g), t, not self.code_first)
         self.train(was_training)
         return codes[:B], positions[:B]
 
-    # --- bookkeeping
-
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
 
 # -----------------------------------------------------------------------------
 # Sampling: the settings, the KV cache, the per-step draw, the position rules
@@ -426,85 +378,59 @@ class SamplingConfig:
     temperature: float = 1.0                # code logits are divided by this
     top_k: int = 100                        # codes: keep the k most likely (0 = off)
     top_p: float = 0.95                     # codes: nucleus mass (1 = off)
-    pos_temperature: Optional[float] = None  # position logits are divided by this (default: --temperature)
+    pos_temperature: Optional[float] = None  # position logits are divided by this (default: temperature)
     pos_top_k: int = 10                     # positions: keep the k most likely (0 = off)
     pos_top_p: float = 0.95                 # positions: nucleus mass (1 = off)
-    position_rule: Optional[str] = None     # increasing | unique (default: increasing after raster-order training, unique after importance-order)
-    greedy: bool = False                    # argmax everywhere, ignoring temperatures and filters (images then differ only by condition)
-    cfg_scale: float = 1.0                  # classifier-free guidance: logits uncond + s·(cond − uncond); 1 = none (models trained with --cond-drop)
-    cfg_schedule: str = "constant"          # constant | linear (s ramps from 1 at the first step to --cfg-scale at the last)
-    cfg_codes_only: bool = False            # guide the codes only; positions from the conditional logits
+    position_rule: Optional[str] = None     # increasing | unique (default: by the model's order)
+    greedy: bool = False                    # argmax everywhere: no temperature, filters or noise
+    cfg_scale: float = 1.0                  # guidance: logits uncond + s·(cond − uncond); 1 = none
+    cfg_schedule: str = "constant"          # constant | linear (s from 1 at step 1 to cfg_scale)
+    cfg_codes_only: bool = False            # guide the codes only; positions: conditional logits
 
     def __post_init__(self):
         # Each message starts with the field's name, which sample.py turns into its flag.
+        pos_temperature = self.temperature if self.pos_temperature is None else self.pos_temperature
         positive = "be positive (greedy for argmax)"
-        checks = [("temperature", self.greedy or self.temperature > 0, positive),
-                  ("pos_temperature", self.greedy or self.pos_temperature is None or self.pos_temperature > 0,
-                   positive),
-                  ("top_k", self.top_k >= 0, "be >= 0 (0 = off)"), ("pos_top_k", self.pos_top_k >= 0, "be >= 0 (0 = off)"),
-                  ("top_p", 0 < self.top_p <= 1, "lie in (0, 1] (1 = off)"),
-                  ("pos_top_p", 0 < self.pos_top_p <= 1, "lie in (0, 1] (1 = off)"),
-                  ("position_rule", self.position_rule in (None, "increasing", "unique"), "be increasing or unique"),
-                  ("cfg_scale", self.cfg_scale >= 0, "be >= 0 (1 = no guidance)"),
-                  ("cfg_schedule", self.cfg_schedule in ("constant", "linear"), "be constant or linear")]
-        for name, ok, rule in checks:
+        rules, schedules = (None, "increasing", "unique"), ("constant", "linear")
+        for name, ok, rule in [
+                ("temperature", self.greedy or self.temperature > 0, positive),
+                ("pos_temperature", self.greedy or pos_temperature > 0, positive),
+                ("top_k", self.top_k >= 0, "be >= 0 (0 = off)"),
+                ("pos_top_k", self.pos_top_k >= 0, "be >= 0 (0 = off)"),
+                ("top_p", 0 < self.top_p <= 1, "lie in (0, 1] (1 = off)"),
+                ("pos_top_p", 0 < self.pos_top_p <= 1, "lie in (0, 1] (1 = off)"),
+                ("position_rule", self.position_rule in rules, "be increasing or unique"),
+                ("cfg_scale", self.cfg_scale >= 0, "be >= 0 (1 = no guidance)"),
+                ("cfg_schedule", self.cfg_schedule in schedules, "be constant or linear")]:
             if not ok:
                 raise ValueError(f"{name} must {rule}, got {getattr(self, name)!r}")
 
 
 class KVCache:
+    """Keys and values (B, n_head, s, head_dim) per layer of a transformer's earlier steps, so a
+    step runs only its new token (the official code recomputes the whole prefix, twice a step).
+    fast_sampling.SlotKVCache keeps them in fixed slots instead, as a CUDA graph needs."""
 
-    """Keys and values of one transformer during generation, preallocated for the whole sample.
-
-    Every layer owns K and V tensors of shape (B, n_head, max_len, head_dim). A step writes the keys
-    and values of its new token(s) into fixed slots with `index_copy_` and attends over the whole
-    cache with a causal mask (slot j is visible from slot s iff j ≤ s), rather than over a slice
-    `[:, :, :s+1]`: every step then has the same shapes and reads its slot numbers from a tensor,
-    never from a Python int, so a step can be compiled and captured in a CUDA graph as it is
-    (fast_sampling.py). The price, reading unwritten slots too, is what fast_sampling's kernel saves.
-
-    Slot layout (filled by Stackformer.lower_step / upper_step):
-      lower transformer, cond none/class: slot t holds step t's input E_v(v_t) + E_p(p_t) + a_t,
-          slot 0 the start step (condition token + start position); max_len = N.
-      lower transformer, cond text: slots 0..L-1 hold the L text tokens, prefilled in one causal
-          pass; slot L-1+t holds image step t ≥ 1; max_len = L + N - 1.
-      upper transformer: slot t holds H_t + E_v(v_{t+1}) (code-first) or H_t + E_p(p_{t+1})
-          (position-first); max_len = N.
-    """
-
-    def __init__(self, n_layer: int, max_len: int, batch_size: int, device):
-        self.max_len, self.batch_size = max_len, batch_size
-        self.slot_ids = torch.arange(max_len, device=device)    # (max_len,)
-        self.keys: List[Optional[torch.Tensor]] = [None] * n_layer
-        self.values: List[Optional[torch.Tensor]] = [None] * n_layer
-        self.slots: Optional[torch.Tensor] = None               # (S,) slots of the current step
-        self.mask: Optional[torch.Tensor] = None                # (S, max_len) slots it may attend to
+    def __init__(self, n_layer: int):
+        self.keys, self.values = [None] * n_layer, [None] * n_layer     # per layer (B, nh, s, hd)
 
     def begin_step(self, slots: torch.Tensor):
-        self.slots = slots
-        self.mask = self.slot_ids[None, :] <= slots[:, None]    # (S, max_len), causal
-
-    def allocate(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        # At the first write, so that the cache takes the dtype autocast gives k and v.
-        if self.keys[layer] is None:
-            B, n_head, _, head_dim = k.shape
-            self.keys[layer] = k.new_zeros(B, n_head, self.max_len, head_dim)
-            self.values[layer] = v.new_zeros(B, n_head, self.max_len, head_dim)
+        pass    # the step's tokens are appended; a slot cache writes them to `slots`
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Write k, v (B, n_head, S, head_dim) into this step's slots, then attend q over the cache."""
-        self.allocate(layer, k, v)
-        self.keys[layer].index_copy_(2, self.slots, k)
-        self.values[layer].index_copy_(2, self.slots, v)
-        return F.scaled_dot_product_attention(q, self.keys[layer], self.values[layer], attn_mask=self.mask)
-
+        """Append k, v (B, n_head, S, head_dim), then attend q over everything cached."""
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        # Several tokens come only at step 0 (a caption), into an empty cache: causal among them.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1)
 
 
 def step_noise(settings: SamplingConfig, batch_size: int, config: StackformerConfig, device,
-               generator: Optional[torch.Generator], out=None) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """The Exp(1) draws of sample_token for all N steps: codes (N, B, V), then positions (N, B, T), taken
-    from generator in that order before the first step (None when greedy). Which tokens a seed gives rests
-    on this order; fast_sampling refills its kept buffers (out) with it."""
+               generator: Optional[torch.Generator], out=None):
+    """sample_token's Exp(1) draws for all N steps, taken before the first: codes (N, B, V), then
+    positions (N, B, T) (None when greedy); the seed's tokens rest on this order. out: to refill."""
     if settings.greedy:
         return None
     N, B = config.seq_len, batch_size
@@ -517,8 +443,8 @@ def step_noise(settings: SamplingConfig, batch_size: int, config: StackformerCon
 
 def guided_logits(logits: torch.Tensor, t: torch.Tensor, num_steps: int, settings: SamplingConfig,
                   is_code: bool) -> torch.Tensor:
-    """Classifier-free guidance: (2B, K) logits of the conditional and the unconditional rows -> (B, K)
-    uncond + s·(cond − uncond). t: the (1,) step tensor, for the linear ramp of s."""
+    """Classifier-free guidance: (2B, K) logits of the conditional and the unconditional rows ->
+    (B, K) uncond + s·(cond − uncond). t: the (1,) step tensor, for the linear ramp of s."""
     cond, uncond = logits.float().chunk(2)
     if not is_code and settings.cfg_codes_only:
         return cond
@@ -528,16 +454,13 @@ def guided_logits(logits: torch.Tensor, t: torch.Tensor, num_steps: int, setting
     return uncond + scale * (cond - uncond)
 
 
-def draw_token(logits: torch.Tensor, t, is_code: bool, settings: SamplingConfig, positions: torch.Tensor,
-               noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Step t's code (is_code) or position for every row of logits (rows, K) -> (rows,): guidance, the
-    position rule (settings.position_rule, filled in by Stackformer.sampling_rows), then sample_token.
-
-    positions (rows, N): those drawn before step t. With guidance the rows are B conditional and B
-    unconditional sequences; both get the token drawn from the guided logits, so they stay one sequence
-    read under two conditions. t: an int, or a (1,) tensor (then nothing depends on a Python value, as a
-    CUDA graph needs). noise: step t's Exp(1) draws (B, K) from step_noise.
-    """
+def draw_token(logits: torch.Tensor, t, is_code: bool, settings: SamplingConfig,
+               positions: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Step t's code (is_code) or position for every row of logits (rows, K) -> (rows,): guidance,
+    the position rule (filled in by Stackformer.sampling_rows), then sample_token with noise, step
+    t's draws (B, K). positions (rows, N): those drawn before t. With guidance the rows are B
+    conditional and B unconditional sequences; both get the token drawn from the guided logits, so
+    they stay one sequence read under two conditions. t: an int or (CUDA graphs) a (1,) tensor."""
     t = torch.as_tensor(t, device=logits.device).reshape(1)
     s = settings
     if s.cfg_scale != 1:
@@ -546,7 +469,8 @@ def draw_token(logits: torch.Tensor, t, is_code: bool, settings: SamplingConfig,
         temperature, top_k, top_p = s.temperature, s.top_k, s.top_p
     else:
         taken = positions[:logits.size(0)]
-        logits = logits.masked_fill(forbidden_positions(taken, t, logits.size(-1), s.position_rule), float("-inf"))
+        forbidden = forbidden_positions(taken, t, logits.size(-1), s.position_rule)
+        logits = logits.masked_fill(forbidden, float("-inf"))
         temperature = s.temperature if s.pos_temperature is None else s.pos_temperature
         top_k, top_p = s.pos_top_k, s.pos_top_p
     token = sample_token(logits, temperature, top_k, top_p, s.greedy, noise=noise)
@@ -554,34 +478,30 @@ def draw_token(logits: torch.Tensor, t, is_code: bool, settings: SamplingConfig,
 
 
 def reproducible_attention():
-    """Restrict scaled_dot_product_attention to backends whose forward pass is bitwise reproducible.
-
-    With the default choice, torch 2.11 on an H200 ran the KV-cache attention (bf16, boolean mask)
-    on cuDNN, and two identical sampling runs drew different codes after about 70 steps. Restricted
-    to the memory-efficient or the math backend, the tokens were identical run after run. Flash
-    attention, which takes no mask, stays allowed for the unmasked causal passes. cuDNN is left out.
-    """
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    """SDPA restricted to backends whose forward pass is bitwise reproducible: left to choose, torch
+    2.11 on an H200 ran the KV-cache attention (bf16, boolean mask) on cuDNN, and two identical
+    sampling runs drew different codes after about 70 steps; without cuDNN (flash, memory-efficient
+    or math attention) the tokens were identical run after run."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
 
 
 def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                 top_p: Optional[float] = None, greedy: bool = False,
-                 generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 top_p: Optional[float] = None, greedy: bool = False, generator=None,
+                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One token per row of logits (B, K) → (B,): top-k on logits, softmax, top-p, then a draw.
 
-    top-k keeps the tokens whose logit is at least the k-th largest (ties with it included, as in
-    the official code). top-p (nucleus) then keeps the smallest set of most likely tokens whose
-    probability reaches top_p: a token is dropped when the tokens ranked before it already reach
-    top_p, so the top token always stays. Ranking is by logit, equal logits by token index.
-    Entries already at -inf (forbidden positions) stay impossible. top_k None/0 and top_p None/≥1
-    switch that filter off. Greedy takes the argmax and ignores temperature and the filters.
-    noise: Exp(1) draws (B, K) to use instead of drawing them from `generator`.
-    """
+    top-k keeps the tokens whose logit is at least the k-th largest (ties included, as official).
+    top-p (nucleus) then keeps the smallest set of most likely tokens whose probability reaches
+    top_p: a token is dropped when those ranked before it already reach top_p, so the top token
+    stays. Ranked by logit, equal logits by index; -inf entries (forbidden positions) stay
+    impossible. top_k None/0, top_p None/≥1: that filter is off. Greedy: the argmax, no more.
+    noise: Exp(1) draws (B, K) to use instead of drawing them from `generator`."""
     logits = logits.float()
     if greedy:
         return logits.argmax(dim=-1)
     logits = logits / temperature
-    race = noise if noise is not None else torch.empty_like(logits).exponential_(1.0, generator=generator)
+    race = torch.empty_like(logits).exponential_(generator=generator) if noise is None else noise
     nucleus = top_p is not None and top_p < 1.0
     order = None
     if top_k or nucleus:
@@ -598,25 +518,23 @@ def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional
         mass_before = probs.cumsum(dim=-1) - probs      # of the tokens ranked before each one
         probs = probs.masked_fill(mass_before >= top_p, 0.0)
     # A categorical draw as an "exponential race": argmax_i p_i / E_i with E_i ~ Exp(1) picks i
-    # with probability p_i / sum(p), so the kept probabilities need no renormalising. torch.multinomial
-    # draws the same way but first checks its input with a host sync; this keeps the step loop
-    # sync-free. The clamp guards an E_i of exactly 0.
+    # with probability p_i / sum(p), so the kept probabilities need no renormalising.
+    # torch.multinomial draws the same way but checks its input with a host sync first; this keeps
+    # the step loop sync-free. The clamp guards an E_i of exactly 0.
     winner = (probs / race.clamp_min(torch.finfo(race.dtype).tiny)).argmax(dim=-1)
     return winner if order is None else order.gather(-1, winner[:, None])[:, 0]
 
 
 def forbidden_positions(positions: torch.Tensor, t, num_positions: int, rule: str) -> torch.Tensor:
     """(B, T) bool: positions that may not be sampled at 0-based step t, given positions[:, :t].
-
     "unique": any position already taken. "increasing": p_{t+1} must exceed p_t and leave room for
     the N - 1 - t positions still to come, so p_{t+1} ≤ T - N + t (the first lies in 0..T-N).
-    t is an int or a (1,) int64 tensor (then no Python value is involved: CUDA-graph safe).
-    """
+    t: an int, or a (1,) int64 tensor (then no Python value is involved: CUDA-graph safe)."""
     B, N = positions.shape
     t = torch.as_tensor(t, device=positions.device).reshape(1)
     candidates = torch.arange(num_positions, device=positions.device)   # (T,)
     if rule == "unique":
-        filled = (torch.arange(N, device=positions.device) < t).float().expand(B, N)   # steps already sampled
+        filled = (torch.arange(N, device=positions.device) < t).float().expand(B, N)  # steps < t
         taken = torch.zeros(B, num_positions, device=positions.device)
         return taken.scatter_reduce_(1, positions, filled, reduce="amax") > 0
     previous = positions.gather(1, (t - 1).clamp_min(0).expand(B, 1))  # (B, 1)
@@ -651,9 +569,9 @@ class WordTokenizer:
     @classmethod
     def build(cls, captions: Iterable[str], min_count: int = 1, max_size: Optional[int] = None,
               text_len: int = 32) -> "WordTokenizer":
-        """Vocabulary of the words seen at least min_count times; max_size keeps the most frequent (specials not counted)."""
+        """Vocabulary of the words seen min_count times or more; max_size keeps the commonest."""
         counts = Counter(word for caption in captions for word in cls.split(caption))
-        words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+        words = sorted((w for w in counts if counts[w] >= min_count), key=lambda w: (-counts[w], w))
         return cls(words[:max_size] if max_size is not None else words, text_len)
 
     @property
@@ -670,10 +588,11 @@ class WordTokenizer:
 
     def decode(self, ids) -> str:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
-        return " ".join("<unk>" if i == self.unk_id else self.words[i - 2] for i in ids if i != self.pad_id)
+        return " ".join("<unk>" if i == self.unk_id else self.words[i - 2]
+                        for i in ids if i != self.pad_id)
 
     def to_dict(self) -> dict:
-        """Plain Python types only, so torch.load(weights_only=True) can read a checkpoint holding it."""
+        """Plain Python types only, which torch.load(weights_only=True) reads back."""
         return {"words": list(self.words), "text_len": self.text_len}
 
     @classmethod

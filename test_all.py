@@ -794,32 +794,36 @@ KV_CACHE_CASES = [("code-first", "none"), ("code-first", "class"), ("code-first"
 
 @pytest.mark.parametrize("variant,cond", KV_CACHE_CASES)
 def test_kv_cache_logits_match_full_forward(variant, cond):
-    check_kv_cache_logits(variant, cond, stackformer.KVCache)
+    check_kv_cache_logits(variant, cond, None)
+
+
+@pytest.mark.parametrize("variant,cond", KV_CACHE_CASES)
+def test_slot_kv_cache_of_the_fast_sampler_matches_full_forward(variant, cond):
+    check_kv_cache_logits(variant, cond, fast_sampling.SlotKVCache)
 
 
 def check_kv_cache_logits(variant, cond, cache_class):
     model = sf_model(variant=variant, cond=cond)
     codes, positions, c = sf_batch(model.config)
     with torch.no_grad():
-        code_logits, pos_logits = model(codes, positions, c)
-    lower_logits_full, upper_logits_full = ((code_logits, pos_logits) if variant == "code-first"
-                                            else (pos_logits, code_logits))
-    lower_targets = codes if variant == "code-first" else positions
-    lower_cache, upper_cache = model.new_kv_caches(codes.size(0), cache_class)
-    _, lower_head, _, upper_head = model.stack()
+        full = dict(zip((True, False), model(codes, positions, c)))     # is_code -> teacher-forced logits
+    caches = (model.new_kv_caches() if cache_class is None else
+              fast_sampling.slot_caches(model, codes.size(0), cache_class))
+    seen = []
+
+    def teacher(logits, t, is_code):    # each step's logits, then the true token in place of a draw
+        seen.append(is_code)
+        assert torch.allclose(logits, full[is_code][:, t], atol=1e-5), (t, is_code)
+        return (codes if is_code else positions)[:, t]
+
     for t in range(N):
-        prev_code = codes[:, t - 1] if t > 0 else None
-        prev_position = positions[:, t - 1] if t > 0 else None
-        h = model.lower_step(lower_cache, t, prev_code, prev_position, c)
-        g = model.upper_step(upper_cache, t, h, lower_targets[:, t])
-        with torch.no_grad():
-            assert torch.allclose(lower_head(h), lower_logits_full[:, t], atol=1e-5)
-            assert torch.allclose(upper_head(g), upper_logits_full[:, t], atol=1e-5)
+        model.sample_step(caches, t, codes, positions, c, teacher)
+    assert seen == [variant == "code-first", variant != "code-first"] * N        # lower first, then upper
 
 
 def test_kv_cache_step_ignores_slots_not_yet_written():
     torch.manual_seed(0)
-    cache = stackformer.KVCache(n_layer=1, max_len=10, batch_size=3, device="cpu")
+    cache = fast_sampling.SlotKVCache(n_layer=1, max_len=10, batch_size=3, device="cpu")
     q, k, v = torch.randn(3, 3, 4, 1, 8).unbind(0)                  # (B, nh, 1, hd) each
     cache.allocate(0, k, v)
     cache.keys[0][:, :, :6], cache.values[0][:, :, :6] = torch.randn(2, 3, 4, 6, 8).unbind(0)   # slots 0..5 written
