@@ -125,7 +125,7 @@ def mqvae_step_bench(cfg, batch, device, plain=False, gan=True, use_lpips=True, 
     fused = {"fused": True} if device.type == "cuda" else {}
     opt_ae = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.5, 0.9), **fused)
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-5, betas=(0.5, 0.9), **fused)
-    networks = SimpleNamespace(opt_ae=opt_ae, opt_d=opt_d, raw_model=model)     # what train_mqvae.update reads
+    networks = SimpleNamespace(opt_ae=opt_ae, opt_d=opt_d, raw_model=model)   # train_mqvae.update's
     tcfg = SimpleNamespace(rec_loss="l1", perceptual_weight=1.0 if use_lpips else 0.0, codebook_weight=1.0,
                            disc_weight=0.75, disc_weight_max=1.0, grad_accum=1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -209,8 +209,8 @@ def random_sequences(batch, seq_len, num_positions, codebook_size, device):
 
 def stackformer_train_bench(preset, seq_len, num_positions, batch, device, compile=False, ddp=False, warmup=3, iters=10,
                             compile_mode="default"):
-    """train_stackformer.train_step (bf16 autocast, the default grad clip, fused AdamW), one micro-batch;
-    ddp: wrapped as there under torchrun (tokens/s and MFU are then per GPU)."""
+    """train_stackformer.train_step (bf16 autocast, the default grad clip, fused AdamW), one
+    micro-batch; ddp: wrapped as there under torchrun (tokens/s and MFU are then per GPU)."""
     torch.manual_seed(0)
     cfg = stackformer.StackformerConfig(**stackformer.PRESETS[preset], codebook_size=1024 if preset != "tiny" else 64,
                                         num_positions=num_positions, seq_len=seq_len)
@@ -257,7 +257,7 @@ def sampling_bench(preset, seq_len, num_positions, batch, device, mode, decoder=
     model = sampling_model(preset, seq_len, num_positions, device, guided=guided)
     if device.type == "cuda":
         model.to(torch.bfloat16)
-    rows = dict(cond=torch.arange(batch, device=device) % 1000) if guided else dict(batch_size=batch)
+    rows = dict(cond=torch.arange(batch, device=device) % 1000) if guided else {"batch_size": batch}
     settings = stackformer.SamplingConfig(cfg_scale=cfg_scale if guided else 1.0)
     fast = dict(cuda_graph=mode.startswith("graph"), compile=mode == "graph+compile",
                 reuse={})   # as sample.py: graphs captured by the first (warm-up) batch, replayed by the others
@@ -266,7 +266,7 @@ def sampling_bench(preset, seq_len, num_positions, batch, device, mode, decoder=
         if mode == "no-cache":
             codes, positions = model.generate(settings=settings, use_kv_cache=False, **rows)
         elif mode == "kv":
-            codes, positions = model.generate(settings=settings, **rows)     # the reference sampler, eager
+            codes, positions = model.generate(settings=settings, **rows)   # the reference, eager
         else:
             codes, positions = fast_sampling.generate(model, settings=settings, **fast, **rows)
         if decoder is not None:  # fp32, 64 images at a time, as sample.py does
@@ -292,13 +292,15 @@ def sampling_paths_agree(device, compile=False, preset="demo") -> bool:
         for greedy in (True, False):
             seeded = lambda: torch.Generator(device=device).manual_seed(1)
             settings = stackformer.SamplingConfig(greedy=greedy, **guidance)
-            with fid.exact_fp32():    # TF32 rounds differently in each path, and guidance amplifies that into other tokens
+            # TF32 rounds differently in each path, and guidance amplifies that into other tokens
+            with fid.exact_fp32():
                 outs = [model.generate(settings=settings, generator=seeded(), **rows),
-                        model.generate(settings=settings, generator=seeded(), use_kv_cache=False, **rows),
+                        model.generate(settings=settings, generator=seeded(), use_kv_cache=False,
+                                       **rows),
                         fast_sampling.generate(model, settings=settings, generator=seeded(), **rows)]
                 if compile:
-                    outs.append(fast_sampling.generate(model, settings=settings, generator=seeded(), compile=True,
-                                                       **rows))
+                    outs.append(fast_sampling.generate(model, settings=settings, generator=seeded(),
+                                                       compile=True, **rows))
             agree &= all(torch.equal(outs[0][0], o[0]) and torch.equal(outs[0][1], o[1]) for o in outs[1:])
     return agree
 

@@ -11,7 +11,7 @@ Why it is faster (base, N = 256, batch 64, bf16, one H200; docs/speed.md has the
   - --compile fuses the remaining elementwise work of a step (torch.compile, then captured).
   - `reuse` keeps the buffers and graphs of one call for the next call of the same shape.
 
-    codes, positions = fast_sampling.generate(model, batch_size=64, generator=g)             # graphed
+    codes, positions = fast_sampling.generate(model, batch_size=64, generator=g)       # graphed
     codes, positions = fast_sampling.generate(model, batch_size=64, generator=g, compile=True)
 
 Without CUDA the steps run eagerly (compiled if asked); without Triton they attend with the
@@ -35,16 +35,16 @@ except ImportError:
 # -----------------------------------------------------------------------------
 # attend_cache: one decode step's cache write and attention, one kernel per layer
 
-# A decode step's attention and cache write as one kernel. Written with torch ops, graphed or compiled,
-# they take five kernels or more per layer (two cache writes, scores, softmax statistics, weighted sum
-# of V), each a launch and a pass over memory, and they read every slot of the cache, written or not. This
-# kernel does the same for one query per sequence: a program per (sequence, head) writes the new key
-# and value into slot s, then streams the head's cached K and V rows for slots 0..s-1 once, BLOCK
-# slots at a time, keeping a running max, softmax denominator and weighted sum of V (the online
-# softmax of flash attention), all in fp32; slot s itself it takes from the new key and value in
-# registers. It reads s from device memory, so a graph replays it for every step, and no slot beyond
-# s. Its sums run in a fixed order: the same inputs give the same bits in every process (nothing is
-# autotuned). Block and warps: picked from twelve settings timed on an H200 (see attend_cache).
+# A decode step's attention and cache write as one kernel. Written with torch ops, graphed or
+# compiled, they take five kernels or more per layer (two cache writes, scores, softmax statistics,
+# weighted sum of V), each a launch and a pass over memory, and they read every slot of the cache,
+# written or not. This kernel does the same for one query per sequence: a program per (sequence,
+# head) writes the new key and value into slot s, then streams the head's cached K and V rows for
+# slots 0..s-1 once, BLOCK slots at a time, keeping a running max, softmax denominator and weighted
+# sum of V (the online softmax of flash attention), all in fp32; slot s itself it takes from the new
+# key and value in registers. It reads s from device memory, so a graph replays it for every step,
+# and no slot beyond s. Its sums run in a fixed order: the same inputs give the same bits in every
+# process (nothing is autotuned). Block and warps: picked from twelve settings timed on an H200.
 CACHE_ATTENTION_BLOCK = 128     # slots per iteration
 CACHE_ATTENTION_WARPS = 2
 
@@ -129,7 +129,7 @@ class SlotKVCache:
     never from a Python int, so a step can be compiled and captured in a CUDA graph as it
     is. The price, reading unwritten slots too, is what attend_cache saves.
 
-    Slot layout (filled by Stackformer.lower_step / upper_step):
+    Slot layout (filled by Stackformer.sample_step):
       lower transformer, cond none/class: slot t holds step t's input E_v(v_t) + E_p(p_t) + a_t,
           slot 0 the start step (condition token + start position); max_len = N.
       lower transformer, cond text: slots 0..L-1 hold the L text tokens, prefilled in one causal
@@ -144,7 +144,7 @@ class SlotKVCache:
         self.keys: List[Optional[torch.Tensor]] = [None] * n_layer
         self.values: List[Optional[torch.Tensor]] = [None] * n_layer
         self.slots: Optional[torch.Tensor] = None               # (S,) slots of the current step
-        self.mask: Optional[torch.Tensor] = None                # (S, max_len) slots it may attend to
+        self.mask: Optional[torch.Tensor] = None                # (S, max_len) slots it may see
 
     def begin_step(self, slots: torch.Tensor):
         self.slots = slots
@@ -158,14 +158,15 @@ class SlotKVCache:
             self.values[layer] = v.new_zeros(B, n_head, self.max_len, head_dim)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Write k, v (B, n_head, S, head_dim) into this step's slots, then attend q over the cache."""
+        """Write k, v (B, n_head, S, head_dim) into the step's slots; attend q over the cache."""
         self.allocate(layer, k, v)
         self.keys[layer].index_copy_(2, self.slots, k)
         self.values[layer].index_copy_(2, self.slots, v)
-        return F.scaled_dot_product_attention(q, self.keys[layer], self.values[layer], attn_mask=self.mask)
+        keys, values = self.keys[layer], self.values[layer]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=self.mask)
 
 
-def slot_caches(model: Stackformer, batch_size: int, cache_class=SlotKVCache) -> Tuple[SlotKVCache, SlotKVCache]:
+def slot_caches(model: Stackformer, batch_size: int, cache_class=SlotKVCache):
     """Empty slot caches for the lower and the upper transformer (layout: see SlotKVCache)."""
     lower, _, upper, _ = model.stack()
     N, device = model.config.seq_len, model.code_emb.weight.device
@@ -179,7 +180,7 @@ class KernelKVCache(SlotKVCache):
 
     def begin_step(self, slots: torch.Tensor):
         if slots.numel() == 1:
-            self.slots, self.mask = slots, None     # attend_cache reads the causal limit from the slot itself
+            self.slots, self.mask = slots, None     # attend_cache reads the causal limit from it
         else:
             super().begin_step(slots)
 
@@ -220,23 +221,25 @@ def use_kernel(device) -> bool:
 
 
 class SamplingState:
-    """One batch being sampled, shaped for CUDA graphs: every tensor a step reads or writes is allocated
-    once and only ever updated in place. The tokens (rows, N) start at zero, the Exp(1) draws of all N
-    steps are drawn before the first one (step_noise), the step index t is a device tensor, and the KV
-    caches have fixed slots. `reuse` keeps the whole state, and its graph, for the next call."""
+    """One batch being sampled, shaped for CUDA graphs: every tensor a step reads or writes is
+    allocated once and only ever updated in place. The tokens (rows, N) start at zero, the Exp(1)
+    draws of all N steps are drawn before the first one (step_noise), the step index t is a device
+    tensor, and the KV caches have fixed slots. `reuse` keeps the state, and its graph, for the next
+    call."""
 
-    def __init__(self, model: Stackformer, settings: SamplingConfig, batch_size: int, rows: int, cache_class):
+    def __init__(self, model: Stackformer, settings: SamplingConfig, rows: int, cache_class):
         device = model.code_emb.weight.device
-        self.settings, self.batch_size, self.cond, self.noise, self.graph = settings, batch_size, None, None, None
+        self.settings, self.cond, self.noise, self.graph = settings, None, None, None
         self.codes = torch.zeros(rows, model.config.seq_len, dtype=torch.long, device=device)
         self.positions = torch.zeros_like(self.codes)
         self.caches = slot_caches(model, rows, cache_class)
-        self.t = torch.zeros(1, dtype=torch.long, device=device)       # the step counter, on the device
+        self.t = torch.zeros(1, dtype=torch.long, device=device)       # the step counter
 
     def draw(self, logits: torch.Tensor, t, is_code: bool) -> torch.Tensor:
-        """Stackformer.sample_step's draw: the token of step t (int or (1,) tensor), recorded in place."""
+        """Stackformer.sample_step's draw: step t's token (t: int or (1,) tensor), kept in place."""
         t = torch.as_tensor(t, device=logits.device).reshape(1)
-        noise = None if self.noise is None else self.noise[0 if is_code else 1].index_select(0, t)[0]
+        draws = None if self.noise is None else self.noise[0 if is_code else 1]        # (N, B, K)
+        noise = None if draws is None else draws.index_select(0, t)[0]
         token = draw_token(logits, t, is_code, self.settings, self.positions, noise)
         (self.codes if is_code else self.positions).index_copy_(1, t, token[:, None])
         return token
@@ -252,20 +255,20 @@ def generate(model: Stackformer, batch_size: Optional[int] = None, cond: Optiona
              settings: Optional[SamplingConfig] = None, generator: Optional[torch.Generator] = None,
              cuda_graph: Optional[bool] = None, compile: bool = False, kernel: Optional[bool] = None,
              reuse: Optional[dict] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """model.generate(batch_size, cond, settings, generator), faster: the same steps, the same noise.
+    """model.generate(batch_size, cond, settings, generator), faster: same steps, same noise.
 
-    cuda_graph: after two warm-up steps, capture one step as a CUDA graph and replay it for the rest
-        (default: on CUDA when no autocast is active; cast the model to bf16 instead of using autocast).
+    cuda_graph: after two warm-up steps, capture one step as a CUDA graph and replay it for the
+        rest (default: on CUDA when no autocast is active; cast the model to bf16 instead).
     compile: torch.compile the step first (then captured): fewer, fused kernels per step, after a
-        compilation of ~22 s for `base` on an H200, again for each batch size. Its arithmetic differs
-        from the eager step's, so the samples differ from the reference sampler's in bf16; calls in
-        one process repeat exactly.
+        compilation of ~22 s for `base` on an H200, again for each batch size. Its arithmetic
+        differs from the eager step's, so the samples differ from the reference sampler's in bf16;
+        calls in one process repeat exactly.
     kernel: attend with attend_cache (default: use_kernel(device)).
-    reuse: a dict owned by the caller, for many calls of one shape (sample.py's chunks). The first call
-        stores its SamplingState (buffers and graph) in it; a later call with the same batch size,
-        settings and parameter storage refills the noise and replays that graph instead of warming up
-        and capturing again. Tokens are the same either way. Other calls replace its contents; drop the
-        dict to free the memory.
+    reuse: a dict owned by the caller, for many calls of one shape (sample.py's chunks). The first
+        call stores its SamplingState (buffers and graph) in it; a later call with the same batch
+        size, settings and parameter storage refills the noise and replays that graph instead of
+        warming up and capturing again. Tokens are the same either way. Other calls replace its
+        contents; drop the dict to free the memory.
     """
     device = model.code_emb.weight.device
     if cuda_graph is None:
@@ -277,16 +280,19 @@ def generate(model: Stackformer, batch_size: Optional[int] = None, cond: Optiona
         raise ValueError("kernel=True needs Triton, which this torch build lacks")
     settings, cond, B = model.sampling_rows(batch_size, cond, settings or SamplingConfig())
     # What a kept state was built for; parameters moved or re-allocated invalidate its graph.
-    key = (B, settings, cuda_graph, compile, kernel, str(device), tuple(p.data_ptr() for p in model.parameters()))
+    storage = tuple(p.data_ptr() for p in model.parameters())
+    key = (B, settings, cuda_graph, compile, kernel, str(device), storage)
     kept = reuse is not None and reuse.get("key") == key
-    state = reuse["state"] if kept else SamplingState(model, settings, B, B if cond is None else cond.size(0),
+    rows = B if cond is None else cond.size(0)
+    state = reuse["state"] if kept else SamplingState(model, settings, rows,
                                                       KernelKVCache if kernel else SlotKVCache)
     state.cond = cond
     state.noise = step_noise(settings, B, model.config, device, generator, out=state.noise)
     was_training = model.training
     model.eval()
     with reproducible_attention(), room_for_compiled_steps():
-        model.sample_step(state.caches, 0, state.codes, state.positions, state.cond, state.draw)  # reads the condition
+        # step 0 reads the condition, in shapes of its own (a caption is L tokens at once)
+        model.sample_step(state.caches, 0, state.codes, state.positions, state.cond, state.draw)
         state.t.fill_(1)
         run_later_steps(model, state, cuda_graph, compile)
     model.train(was_training)

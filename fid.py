@@ -68,7 +68,7 @@ from torchvision.models.inception import (
 )
 from tqdm import tqdm
 
-# Nothing of the project is imported: this file can be copied alone, like pytorch-fid's fid_score.py.
+# Nothing of the project is imported: this file can be copied alone (like pytorch-fid's fid_score).
 
 WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/"
@@ -89,7 +89,7 @@ def _warn(msg):
 
 
 class UserError(Exception):
-    """A problem with the input that the user can fix: main() prints it as one line and returns 2."""
+    """A problem with the input that the user can fix: main() prints it in one line, returns 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -112,9 +112,9 @@ class _Parser(argparse.ArgumentParser):
 def exact_fp32():
     """Plain fp32 convolutions and matmuls inside the block (no TF32), restored afterwards.
 
-    pytorch-fid's numbers are plain fp32; TF32 rounds conv inputs to 10 mantissa bits, which moves the
-    features and the FID by more than the agreement with pytorch-fid promised above. bench.py also uses
-    this block to compare sampling paths, whose TF32 rounding differs from path to path.
+    pytorch-fid's numbers are plain fp32; TF32 rounds conv inputs to 10 mantissa bits, which moves
+    the features and the FID by more than the agreement with pytorch-fid promised above. bench.py
+    also uses this block to compare sampling paths, whose TF32 rounding differs from path to path.
     """
     b = torch.backends
     if hasattr(b.cudnn, "conv") and hasattr(b.cudnn.conv, "fp32_precision"):

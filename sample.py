@@ -59,8 +59,8 @@ from PIL import Image
 import fast_sampling
 from data import to_uint8
 from stackformer import SamplingConfig
-from utils import (UserError, add_config_flags, atomic_path, check, cleanup_distributed, config_to_parser,
-                   load_stackformer, run_main, setup_distributed, write_json)
+from utils import (UserError, add_config_flags, atomic_path, check, cleanup_distributed,
+                   config_to_parser, load_stackformer, run_main, setup_distributed, write_json)
 
 
 # -----------------------------------------------------------------------------
@@ -263,9 +263,9 @@ def _sync(device: torch.device):
 
 
 @torch.no_grad()
-def sample_chunk(model, mqvae, start: int, stop: int, batch_size: int, cond: Optional[torch.Tensor], seed: int,
-                 settings: Optional[SamplingConfig] = None, use_kv_cache: bool = True, compile: bool = False,
-                 reuse: Optional[dict] = None) -> Chunk:
+def sample_chunk(model, mqvae, start: int, stop: int, batch_size: int, cond: Optional[torch.Tensor],
+                 seed: int, settings: Optional[SamplingConfig] = None, use_kv_cache: bool = True,
+                 compile: bool = False, reuse: Optional[dict] = None) -> Chunk:
     """Samples start..stop-1 (stop - start ≤ batch_size) from one generate() call of batch_size rows.
 
     The rows past stop are padding: they repeat the last condition and are thrown away. Rows never
@@ -285,8 +285,8 @@ def sample_chunk(model, mqvae, start: int, stop: int, batch_size: int, cond: Opt
     _sync(device)
     t0 = time.perf_counter()
     if use_kv_cache:
-        codes, positions = fast_sampling.generate(model, batch_size, cond, settings, generator, compile=compile,
-                                                  reuse=reuse)                                   # (B, N) each
+        codes, positions = fast_sampling.generate(model, batch_size, cond, settings, generator,
+                                                  compile=compile, reuse=reuse)       # (B, N) each
     else:
         codes, positions = model.generate(batch_size, cond, settings, generator, use_kv_cache=False)
     _sync(device)
@@ -302,8 +302,8 @@ def sample_images(model, mqvae, n: int, cond: Optional[torch.Tensor] = None, bat
                   return_positions: bool = False, **options):
     """n images as a uint8 (n, H, W, 3) numpy array; image i equals the i-th image sample.py writes
     with the same seed, batch size and flags. cond: None, labels (n,) or caption ids (n, L).
-    options: sample_chunk's (settings, use_kv_cache, compile). With return_positions, also the (n, N)
-    latent positions each image got its codes at."""
+    options: sample_chunk's (settings, use_kv_cache, compile). With return_positions, also the
+    (n, N) latent positions each image got its codes at."""
     images, positions = [], []
     kept = {}       # buffers and CUDA graphs of the first chunk, reused by the others
     for start, stop in shard_chunks(n, batch_size):
@@ -427,7 +427,7 @@ def load_models(path: str, device: torch.device):
     return model, mqvae, tokenizer, ckpt
 
 
-def sample(cfg: SampleConfig, settings: SamplingConfig, rank: int, world: int, device: torch.device) -> dict:
+def sample(cfg: SampleConfig, settings: SamplingConfig, rank: int, world: int, device) -> dict:
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     device = pick_device(cfg, world, device)
@@ -438,8 +438,8 @@ def sample(cfg: SampleConfig, settings: SamplingConfig, rank: int, world: int, d
         model.to(torch.bfloat16)
     cond = resolve_conditioning(cfg, model.config, tokenizer, ckpt.get("classes"))
     check(settings.cfg_scale == 1 or model.config.cond_drop > 0,
-          f"--cfg-scale {settings.cfg_scale} needs a model trained with --cond-drop > 0 (null conditions); this one "
-          f"was not (cond {model.config.cond}): sample with --cfg-scale 1")
+          f"--cfg-scale {settings.cfg_scale} needs a model trained with --cond-drop > 0 (null "
+          f"conditions); this one was not (cond {model.config.cond}): sample with --cfg-scale 1")
     if cond.mode == "text" and master:
         for message in text_warnings(cond.cycle, tokenizer):
             print(f"warning: {message}", file=sys.stderr)
@@ -464,11 +464,13 @@ def sample(cfg: SampleConfig, settings: SamplingConfig, rank: int, world: int, d
         f"T = {mc.num_tokens} positions, V = {mc.codebook_size} codes; {cond.note}")
     log(f"sampling {n} images in {math.ceil(n / cfg.batch_size)} chunks of {cfg.batch_size} over {world} rank(s) on "
         f"{device} ({record['dtype']}), seed {cfg.seed}; "
-        + ", ".join(f"{k}={v}" for k, v in {**dataclasses.asdict(settings), **options}.items() if k != "settings"))
+        + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(settings).items())
+        + f", use_kv_cache={cfg.kv_cache}, compile={cfg.compile}")
     chunks = shard_chunks(n, cfg.batch_size, rank, world)
     grid_count = min(n, GRID_MAX) if grid else 0
     stats, npz_images, npz_indices, grid_images, grid_positions = sample_chunks(
-        cfg, model, mqvae, cond, chunks, options, grid_count, positions_grid is not None, n, world, log)
+        cfg, model, mqvae, cond, chunks, options, grid_count, positions_grid is not None, n, world,
+        log)
 
     # Gather: the grid's images and the run's numbers to rank 0; the .npz through per-rank parts.
     npz_extra = dict(**cond.per_image(n), config=np.asarray(json.dumps(record)))
@@ -477,12 +479,14 @@ def sample(cfg: SampleConfig, settings: SamplingConfig, rank: int, world: int, d
     elif cfg.npz:   # one process: its chunks are 0..n-1 in order
         write_npz(cfg.npz, dict(images=npz_images, **npz_extra))
     if world > 1:
-        stats, grid_images, grid_positions = gather_on_rank_0(stats, grid_images, grid_positions, world)
+        stats, grid_images, grid_positions = gather_on_rank_0(stats, grid_images, grid_positions,
+                                                              world)
     if not master:
         return stats
     if grid:
-        write_grids(grid, positions_grid, grid_images, grid_positions, len(cond.cycle), mc.grid_size,
-                    f"{model.config.seq_len} of {mc.num_tokens} cells per image kept", log)
+        kept = f"{model.config.seq_len} of {mc.num_tokens} cells per image kept"
+        write_grids(grid, positions_grid, grid_images, grid_positions, len(cond.cycle),
+                    mc.grid_size, kept, log)
     if cfg.npz and world > 1:
         merge_npz_parts(cfg.npz, n, world, npz_extra)
     if cfg.npz:
@@ -493,29 +497,35 @@ def sample(cfg: SampleConfig, settings: SamplingConfig, rank: int, world: int, d
     return dict(stats, n=n, grid=grid, positions_grid=positions_grid)
 
 
-def sampling_record(cfg: SampleConfig, settings: SamplingConfig, step, cond: Conditioning, device, n: int) -> dict:
+def sampling_record(cfg: SampleConfig, settings: SamplingConfig, step, cond: Conditioning, device,
+                    n: int) -> dict:
     """What was sampled how: printed, stored in the .npz and next to the PNGs."""
     conditions = hashlib.sha256(json.dumps(cond.cycle).encode()).hexdigest()[:16]
-    record = dict(ckpt=os.path.abspath(cfg.ckpt), ckpt_step=step, seed=cfg.seed, batch_size=cfg.batch_size,
-                  conditions_sha256=conditions, dtype=cfg.dtype if device.type == "cuda" else "fp32",
-                  device_type=device.type, **dataclasses.asdict(settings), compile=cfg.compile)
+    record = dict(ckpt=os.path.abspath(cfg.ckpt), ckpt_step=step, seed=cfg.seed,
+                  batch_size=cfg.batch_size, conditions_sha256=conditions,
+                  dtype=cfg.dtype if device.type == "cuda" else "fp32", device_type=device.type,
+                  **dataclasses.asdict(settings), compile=cfg.compile)
     record.update(n=n, conditioning=cond.note)    # the keys above fix the images; these two do not
     return record
 
 
 def gather_on_rank_0(stats: dict, grid_images: list, grid_positions: list, world: int):
-    """Every rank's numbers summed (times: the slowest rank's) and its grid images, on every rank."""
+    """On every rank: all ranks' numbers summed (times: the slowest's), and their grid images."""
     gathered = [None] * world
-    dist.all_gather_object(gathered, (stats, grid_images, grid_positions))   # also the barrier before the merge
-    stats = dict(generated=sum(s["generated"] for s, _, _ in gathered), skipped=sum(s["skipped"] for s, _, _ in gathered),
-                 steady_images_per_s=sum(s["steady_images_per_s"] for s, _, _ in gathered),
-                 **{key: max(s[key] for s, _, _ in gathered) for key in ("token_s", "decode_s", "wall_s", "first_chunk_s")})
-    return stats, [part for _, g, _ in gathered for part in g], [part for _, _, p in gathered for part in p]
+    dist.all_gather_object(gathered, (stats, grid_images, grid_positions))   # also a barrier
+    every = [s for s, _, _ in gathered]
+    summed = ("generated", "skipped", "steady_images_per_s")
+    slowest = ("token_s", "decode_s", "wall_s", "first_chunk_s")
+    stats = {**{key: sum(s[key] for s in every) for key in summed},
+             **{key: max(s[key] for s in every) for key in slowest}}
+    return (stats, [part for _, images, _ in gathered for part in images],
+            [part for _, _, positions in gathered for part in positions])
 
 
-def write_grids(grid: str, positions_grid: Optional[str], grid_images: list, grid_positions: list, period: int,
-                grid_size: int, kept: str, log):
-    """The grid PNG of the first images, and with --show-positions its copy with the cells that got no code dimmed."""
+def write_grids(grid: str, positions_grid: Optional[str], grid_images: list, grid_positions: list,
+                period: int, grid_size: int, kept: str, log):
+    """The grid PNG of the first images and, with --show-positions, its copy with the latent cells
+    that got no code dimmed."""
     shown = np.concatenate([images for _, images in sorted(grid_images, key=lambda part: part[0])])
     columns = grid_columns(len(shown), period)
     write_png(image_grid(shown, columns), grid)
@@ -528,13 +538,18 @@ def write_grids(grid: str, positions_grid: Optional[str], grid_images: list, gri
 
 def summary(stats: dict) -> str:
     made = stats["generated"]
-    return (f"done: {made} images sampled in {stats['wall_s']:.1f} s"
-            + (f", {stats['skipped']} already there (--skip-existing)" if stats["skipped"] else "")
-            + (f" | tokens only {made / max(stats['token_s'], 1e-9):.1f} img/s, with decoding "
-               f"{made / max(stats['token_s'] + stats['decode_s'], 1e-9):.1f} img/s "
-               f"(generate {stats['token_s']:.1f} s, decode {stats['decode_s']:.1f} s)" if made else "")
-            + (f"; the first chunk, which also warms up, took {stats['first_chunk_s']:.1f} s, the others ran at "
-               f"{stats['steady_images_per_s']:.1f} img/s with decoding" if stats["steady_images_per_s"] > 0 else ""))
+    token_s, decode_s = stats["token_s"], stats["decode_s"]
+    line = f"done: {made} images sampled in {stats['wall_s']:.1f} s"
+    if stats["skipped"]:
+        line += f", {stats['skipped']} already there (--skip-existing)"
+    if made:
+        line += (f" | tokens only {made / max(token_s, 1e-9):.1f} img/s, with decoding "
+                 f"{made / max(token_s + decode_s, 1e-9):.1f} img/s (generate {token_s:.1f} s, "
+                 f"decode {decode_s:.1f} s)")
+    if stats["steady_images_per_s"] > 0:
+        line += (f"; the first chunk, which also warms up, took {stats['first_chunk_s']:.1f} s, "
+                 f"the others ran at {stats['steady_images_per_s']:.1f} img/s with decoding")
+    return line
 
 
 def output_paths(cfg: SampleConfig, n: int):
@@ -576,8 +591,8 @@ def write_sample_record(cfg: SampleConfig, record: dict):
     write_json(record_path, record)
 
 
-def sample_chunks(cfg: SampleConfig, model, mqvae, cond: Conditioning, chunks, options: dict, grid_count: int,
-                  want_positions: bool, n: int, world: int, log):
+def sample_chunks(cfg: SampleConfig, model, mqvae, cond: Conditioning, chunks, options: dict,
+                  grid_count: int, want_positions: bool, n: int, world: int, log):
     """This rank's chunks: each is sampled (or, with --skip-existing, read back), its PNGs written, and kept
     as far as the grid and the .npz need it. -> (stats, npz images, their indices, grid images, grid positions)."""
     share = sum(stop - start for start, stop in chunks)       # this rank's images

@@ -75,7 +75,7 @@ class TrainConfig:
     rec_loss: str = "l1"                  # l1 (official) | l2 (supplementary)
     perceptual_weight: Optional[float] = None  # LPIPS weight (1.0; 0 for the shapes demo)
     codebook_weight: Optional[float] = None  # weight of L_commit (1.0; 0.1 for the shapes demo)
-    commit_through_score: bool = False    # L_commit on s·u (official); off: on sg(s)·u, see docs/findings.md
+    commit_through_score: bool = False    # L_commit on s·u (official); off: on sg(s)·u (docs/findings.md)
     disc_weight: float = 0.75             # 0.75 × adaptive λ
     disc_weight_max: float = 1.0          # cap on λ (official code)
     disc_start: Optional[int] = None      # step at which the GAN terms switch on (0; later for the demo)
@@ -310,8 +310,8 @@ def losses_and_backward(model, disc, raw_model, raw_disc, lpips_fn, x, cfg, gan_
 
 
 def update(n: SimpleNamespace, gan_on: bool):
-    """The end of a training step, after its micro-batches: the autoencoder's update, the codebook's EMA
-    step (once per step, whatever the accumulation) and, with the GAN on, the discriminator's update."""
+    """The end of a training step, after its micro-batches: the autoencoder's update, the codebook's
+    EMA step (once per step, whatever the accumulation) and, with the GAN on, the discriminator's."""
     n.opt_ae.step()
     n.opt_ae.zero_grad(set_to_none=True)
     n.raw_model.quantizer.ema_step()

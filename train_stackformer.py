@@ -429,8 +429,8 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
                                      "the global batch, the data order and the random streams change")
     if ckpt is not None:
         log(f"resumed from {ckpt_path} at step {start_step}")
-    run = TrainingRun(cfg, ckpt_path, ckpt is not None, start_step, d.total_steps, rank, world, device,
-                      "Lower the learning rate")
+    run = TrainingRun(cfg, ckpt_path, ckpt is not None, start_step, d.total_steps, rank, world,
+                      device, "Lower the learning rate")
     if rank == 0:
         describe_run(cfg, n, d)
     tokens_per_step = d.global_batch * n.config.seq_len
@@ -468,16 +468,17 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     run.finish(step, f"; sample with: python sample.py --ckpt {ckpt_path}")
 
 
-def train_step(model, optimizer, batches, autocast, grad_clip: float, graphed: bool) -> torch.Tensor:
+def train_step(model, optimizer, batches, autocast, grad_clip: float, graphed: bool):
     """One optimizer step over the micro-batches [(codes, positions, cond), ...]: each one's loss
-    (Stackformer.forward with loss=True) backpropagated with weight 1/len(batches), DDP's all-reduce on
-    the last one only, the gradient norm clipped to grad_clip (0: not clipped), then the update.
-    -> (len(batches), 3): loss, CE_code and CE_pos of each micro-batch, detached."""
+    (Stackformer.forward with loss=True) backpropagated with weight 1/len(batches), DDP's
+    all-reduce on the last one only, the gradient norm clipped to grad_clip (0: not), the update.
+    -> (len(batches), 3) tensor: loss, CE_code and CE_pos of each micro-batch, detached."""
     terms = []
     for micro, (codes, positions, cond) in enumerate(batches):
-        sync = model.no_sync() if isinstance(model, DDP) and micro < len(batches) - 1 else nullcontext()
+        last = micro == len(batches) - 1
+        sync = model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
         if graphed:
-            torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are no longer read
+            torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are not read
         with sync:
             with autocast:
                 loss, code_ce, pos_ce = model(codes, positions, cond, loss=True)
@@ -490,11 +491,12 @@ def train_step(model, optimizer, batches, autocast, grad_clip: float, graphed: b
     return torch.stack(terms)
 
 
-def step_batches(d: SimpleNamespace, cfg: TrainConfig, step: int, rank: int, world: int, model: Stackformer, device):
-    """Endless stream, from `step` on, of each step's grad_accum micro-batches (codes, positions, cond) on
-    the device. A step's rows come from a permutation per epoch (seed + epoch), sharded by rank, and its
-    random draws from a generator seeded by (seed, step, rank): a resumed run reads exactly the rows and
-    conditions an uninterrupted one would."""
+def step_batches(d: SimpleNamespace, cfg: TrainConfig, step: int, rank: int, world: int,
+                 model: Stackformer, device):
+    """Endless stream, from `step` on, of each step's grad_accum micro-batches (codes, positions,
+    cond) on the device. A step's rows come from a permutation per epoch (seed + epoch), sharded by
+    rank, and its random draws from a generator seeded by (seed, step, rank): a resumed run reads
+    exactly the rows and conditions an uninterrupted one would."""
     perm, perm_epoch = None, None
     while True:
         epoch, within = divmod(step, d.steps_per_epoch)
@@ -505,41 +507,47 @@ def step_batches(d: SimpleNamespace, cfg: TrainConfig, step: int, rank: int, wor
         for micro in range(cfg.grad_accum):
             start = ((within * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
             rows = np.sort(perm[start:start + cfg.batch_size])
-            codes, positions, labels, captions = (t.to(device, non_blocking=True) if t is not None else None
-                                                  for t in d.train_tokens.batch(rows, gen))
-            batches.append((codes, positions, drop_conditions(model, condition(cfg.cond, labels, captions), gen)))
+            on_device = [t if t is None else t.to(device, non_blocking=True)
+                         for t in d.train_tokens.batch(rows, gen)]
+            codes, positions, labels, captions = on_device
+            cond = drop_conditions(model, condition(cfg.cond, labels, captions), gen)
+            batches.append((codes, positions, cond))
         yield batches
         step += 1
 
 
-def build_data(cfg: TrainConfig, stage1: dict, ckpt: Optional[dict], rank: int, world: int, device) -> SimpleNamespace:
-    """The frozen MQ-VAE, the tokenizer or class names of the condition, both splits' cached tokens, and
-    the schedule they fix (steps, warmup)."""
+def build_data(cfg: TrainConfig, stage1: dict, ckpt: Optional[dict], rank: int, world: int,
+               device) -> SimpleNamespace:
+    """The frozen MQ-VAE, the tokenizer or class names of the condition, both splits' cached tokens,
+    and the schedule they fix (steps, warmup)."""
     stage1_sha = file_sha256(cfg.stage1)
     if ckpt is not None and ckpt["stage1_sha256"] != stage1_sha:
-        raise UserError(f"{cfg.stage1} is not the MQ-VAE this run was trained on (its SHA-256 changed); "
-                        f"start a new --out-dir")
+        raise UserError(f"{cfg.stage1} is not the MQ-VAE this run was trained on (its SHA-256 "
+                        f"changed); start a new --out-dir")
     mqvae = mqvae_from_checkpoint(stage1, device)
     mcfg = mqvae.config
     check(mcfg.codebook_size <= 65536 and mcfg.num_tokens <= 65536,
           "codes and positions are cached as uint16: codebook size and H*W must be at most 65536")
     tokenizer, classes = conditioning(cfg, ckpt, mcfg)
-    train_tokens, val_tokens = (TokenSet(build_token_cache(cfg, mqvae, stage1_sha, split, device, rank, world,
-                                                           tokenizer), cfg.order) for split in ("train", "val"))
+    folders = [build_token_cache(cfg, mqvae, stage1_sha, split, device, rank, world, tokenizer)
+               for split in ("train", "val")]
+    train_tokens, val_tokens = (TokenSet(folder, cfg.order) for folder in folders)
     global_batch = cfg.batch_size * world * cfg.grad_accum
     steps_per_epoch = train_tokens.num_images // global_batch  # an epoch sees every image once
-    check(steps_per_epoch > 0,
-          f"{train_tokens.num_images} training images are fewer than one global batch ({global_batch})")
+    check(steps_per_epoch > 0, f"{train_tokens.num_images} training images are fewer than one "
+                               f"global batch ({global_batch})")
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
-    warmup_steps = cfg.warmup_steps if cfg.warmup_steps is not None else min(5000, total_steps // 50)
+    warmup_steps = min(5000, total_steps // 50) if cfg.warmup_steps is None else cfg.warmup_steps
     return SimpleNamespace(stage1_sha=stage1_sha, mqvae=mqvae, tokenizer=tokenizer, classes=classes,
-                           train_tokens=train_tokens, val_tokens=val_tokens, global_batch=global_batch,
-                           steps_per_epoch=steps_per_epoch, total_steps=total_steps, warmup_steps=warmup_steps)
+                           train_tokens=train_tokens, val_tokens=val_tokens,
+                           global_batch=global_batch, steps_per_epoch=steps_per_epoch,
+                           total_steps=total_steps, warmup_steps=warmup_steps)
 
 
-def build_model(cfg: TrainConfig, d: SimpleNamespace, ckpt: Optional[dict], world: int, device, log) -> SimpleNamespace:
-    """The Stackformer and its optimizer, restored from ckpt, then compiled and DDP-wrapped as the flags say.
-    model is what the loop calls, raw_model the unwrapped module."""
+def build_model(cfg: TrainConfig, d: SimpleNamespace, ckpt: Optional[dict], world: int, device,
+                log) -> SimpleNamespace:
+    """The Stackformer and its optimizer, restored from ckpt, then compiled and DDP-wrapped as the
+    flags say: model is what the loop calls, raw_model the unwrapped module."""
     config = model_config(cfg, d.mqvae.config, d.classes, d.tokenizer)
     torch.manual_seed(cfg.seed)
     raw_model = Stackformer(config).to(device)
@@ -548,15 +556,16 @@ def build_model(cfg: TrainConfig, d: SimpleNamespace, ckpt: Optional[dict], worl
         raw_model.load_state_dict(ckpt["model"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
     model, graphed = wrap_for_speed(raw_model, cfg, world, device, log)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.dtype == "bf16"
-                else nullcontext())
-    return SimpleNamespace(config=config, raw_model=raw_model, model=model, optimizer=optimizer, graphed=graphed,
-                           autocast=autocast)
+    bf16 = device.type == "cuda" and cfg.dtype == "bf16"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    return SimpleNamespace(config=config, raw_model=raw_model, model=model, optimizer=optimizer,
+                           graphed=graphed, autocast=autocast)
 
 
-def report_evaluation(run: TrainingRun, n: SimpleNamespace, d: SimpleNamespace, cfg: TrainConfig, step: int,
-                      rank: int):
-    """The validation losses (every rank takes part), and on rank 0 samples_<step>.png, a log line and record."""
+def report_evaluation(run: TrainingRun, n: SimpleNamespace, d: SimpleNamespace, cfg: TrainConfig,
+                      step: int, rank: int):
+    """The validation losses (every rank takes part); on rank 0 samples_<step>.png, a log line and
+    a log.jsonl record."""
     run.check_finite(step)
     metrics = evaluate(n.raw_model, d.val_tokens, cfg, n.autocast, rank, run.world, run.device)
     if run.master:
@@ -567,14 +576,15 @@ def report_evaluation(run: TrainingRun, n: SimpleNamespace, d: SimpleNamespace, 
     run.t_log = time.time()     # the evaluation's time is not training throughput
 
 
-def checkpoint_state(cfg: TrainConfig, n: SimpleNamespace, d: SimpleNamespace, stage1: dict) -> dict:
-    """Everything but step and RNG states (TrainingRun.save adds them); it embeds the MQ-VAE, so sample.py
-    rebuilds both models from this file alone."""
+def checkpoint_state(cfg: TrainConfig, n: SimpleNamespace, d: SimpleNamespace, stage1: dict):
+    """Everything but step and RNG states (TrainingRun.save adds them); it embeds the MQ-VAE, so
+    sample.py rebuilds both models from this file alone."""
     return dict(kind="stackformer", stackformer_config=dataclasses.asdict(n.config),
-                model=strip_compile_prefix(n.raw_model.state_dict()), mqvae_config=stage1["mqvae_config"],
-                mqvae=stage1["mqvae"], tokenizer=d.tokenizer.to_dict() if d.tokenizer else None, classes=d.classes,
-                image_size=d.mqvae.config.resolution, train_config=vars(cfg), optimizer=n.optimizer.state_dict(),
-                stage1_sha256=d.stage1_sha)
+                model=strip_compile_prefix(n.raw_model.state_dict()),
+                mqvae_config=stage1["mqvae_config"], mqvae=stage1["mqvae"],
+                tokenizer=d.tokenizer.to_dict() if d.tokenizer else None, classes=d.classes,
+                image_size=d.mqvae.config.resolution, train_config=vars(cfg),
+                optimizer=n.optimizer.state_dict(), stage1_sha256=d.stage1_sha)
 
 
 def model_config(cfg: TrainConfig, mcfg, classes, tokenizer) -> StackformerConfig:
@@ -640,8 +650,9 @@ def describe_run(cfg: TrainConfig, n: SimpleNamespace, d: SimpleNamespace):
           f"N={scfg.seq_len} pairs per image")
     print(f"tokens: {train_tokens.num_images} train images ({len(train_tokens)} sequences: {train_tokens.copies} per "
           f"image, its views and their mirror images) / "
-          f"{len(d.val_tokens)} val; global batch {global_batch} ({global_batch * scfg.seq_len} tokens); "
-          f"{d.steps_per_epoch} steps/epoch, {d.total_steps} steps, peak lr {cfg.lr:g}, warmup {d.warmup_steps}")
+          f"{len(d.val_tokens)} val; global batch {global_batch} ({global_batch * scfg.seq_len} "
+          f"tokens); {d.steps_per_epoch} steps/epoch, {d.total_steps} steps, peak lr {cfg.lr:g}, "
+          f"warmup {d.warmup_steps}")
 
 
 def log_training(run: TrainingRun, means: torch.Tensor, steps: float, done: int, lr: float, tokens_per_step: int,

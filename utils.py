@@ -474,14 +474,15 @@ def fill_defaults(cfg, defaults: dict, stage: str):
 def resumed_config(cfg, saved: dict, explicit: set, run_control: set):
     """The configuration of a resumed run: the checkpoint's, except the run-control flags the user typed
     now (and --stop-after, which applies to one invocation). Any other flag typed with a different
-    value is an error: the model, data and optimiser of a run cannot change half-way. So is a checkpoint
-    whose configuration has other fields or types than this code's: another version of the code wrote it."""
+    value is an error: the model, data and optimiser of a run cannot change half-way. So is a
+    checkpoint whose configuration has other fields or types than this code's (another version of
+    the code wrote it)."""
     fields = dataclasses.fields(cfg)
     other = sorted(set(saved) ^ {f.name for f in fields}) + [
         f.name for f in fields
         if f.name in saved and isinstance(getattr(cfg, f.name), bool) != isinstance(saved[f.name], bool)]
-    check(not other, f"the checkpoint's configuration does not fit this version of the code ({', '.join(other)}); "
-                     f"start a new --out-dir")
+    check(not other, f"the checkpoint's configuration does not fit this version of the code "
+                     f"({', '.join(other)}); start a new --out-dir")
     resumed = type(cfg)(**saved)
     for key in explicit - run_control:
         check(getattr(cfg, key) == getattr(resumed, key),
