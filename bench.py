@@ -27,7 +27,6 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import fast_sampling
@@ -126,6 +125,7 @@ def mqvae_step_bench(cfg, batch, device, plain=False, gan=True, use_lpips=True, 
     fused = {"fused": True} if device.type == "cuda" else {}
     opt_ae = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.5, 0.9), **fused)
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-5, betas=(0.5, 0.9), **fused)
+    networks = SimpleNamespace(opt_ae=opt_ae, opt_d=opt_d, raw_model=model)   # train_mqvae.update's
     tcfg = SimpleNamespace(rec_loss="l1", perceptual_weight=1.0 if use_lpips else 0.0, codebook_weight=1.0,
                            disc_weight=0.75, disc_weight_max=1.0, grad_accum=1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -135,12 +135,7 @@ def mqvae_step_bench(cfg, batch, device, plain=False, gan=True, use_lpips=True, 
         if compile and compile_mode == "reduce-overhead":
             torch.compiler.cudagraph_mark_step_begin()
         train_mqvae.losses_and_backward(train_model, train_disc, model, disc, lp, x, tcfg, gan, autocast)
-        opt_ae.step()
-        opt_ae.zero_grad(set_to_none=True)
-        model.quantizer.ema_step()
-        if gan:
-            opt_d.step()
-            opt_d.zero_grad(set_to_none=True)
+        train_mqvae.update(networks, gan)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -214,8 +209,8 @@ def random_sequences(batch, seq_len, num_positions, codebook_size, device):
 
 def stackformer_train_bench(preset, seq_len, num_positions, batch, device, compile=False, ddp=False, warmup=3, iters=10,
                             compile_mode="default"):
-    """A training step as in train_stackformer.py (bf16 autocast, grad clip, fused AdamW); ddp: wrapped as
-    there under torchrun (tokens/s and MFU are then per GPU)."""
+    """train_stackformer.train_step (bf16 autocast, the default grad clip, fused AdamW), one
+    micro-batch; ddp: wrapped as there under torchrun (tokens/s and MFU are then per GPU)."""
     torch.manual_seed(0)
     cfg = stackformer.StackformerConfig(**stackformer.PRESETS[preset], codebook_size=1024 if preset != "tiny" else 64,
                                         num_positions=num_positions, seq_len=seq_len)
@@ -228,24 +223,17 @@ def stackformer_train_bench(preset, seq_len, num_positions, batch, device, compi
         step_model = DDP(step_model, device_ids=ddp_device_ids(device))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     codes, positions = random_sequences(batch, seq_len, num_positions, cfg.codebook_size, device)
+    graphed = compile and compile_mode == "reduce-overhead"
 
     def step():
-        if compile and compile_mode == "reduce-overhead":
-            torch.compiler.cudagraph_mark_step_begin()
-        with autocast:
-            code_logits, pos_logits = step_model(codes, positions)
-        loss = (F.cross_entropy(code_logits.flatten(0, 1).float(), codes.flatten())
-                + F.cross_entropy(pos_logits.flatten(0, 1).float(), positions.flatten()))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_stackformer.train_step(step_model, optimizer, [(codes, positions, None)], autocast,
+                                     train_stackformer.TrainConfig.grad_clip, graphed)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     seconds = timed(step, device, warmup, iters)
     tokens_per_s = batch * seq_len / seconds
-    mfu = model.flops_per_token() * tokens_per_s / (H200_BF16_TFLOPS * 1e12)
+    mfu = train_stackformer.flops_per_token(model) * tokens_per_s / (H200_BF16_TFLOPS * 1e12)
     return dict(tokens_per_s=tokens_per_s, mfu=mfu, ms_per_step=seconds * 1e3, params_m=model.num_params() / 1e6,
                 peak_memory_gb=peak_memory_gb(device))
 
@@ -269,17 +257,18 @@ def sampling_bench(preset, seq_len, num_positions, batch, device, mode, decoder=
     model = sampling_model(preset, seq_len, num_positions, device, guided=guided)
     if device.type == "cuda":
         model.to(torch.bfloat16)
-    settings = dict(cond=torch.arange(batch, device=device) % 1000, cfg_scale=cfg_scale) if guided else dict(batch_size=batch)
+    rows = dict(cond=torch.arange(batch, device=device) % 1000) if guided else {"batch_size": batch}
+    settings = stackformer.SamplingConfig(cfg_scale=cfg_scale if guided else 1.0)
     fast = dict(cuda_graph=mode.startswith("graph"), compile=mode == "graph+compile",
                 reuse={})   # as sample.py: graphs captured by the first (warm-up) batch, replayed by the others
 
     def run():
         if mode == "no-cache":
-            codes, positions = model.generate(use_kv_cache=False, **settings)
+            codes, positions = model.generate(settings=settings, use_kv_cache=False, **rows)
         elif mode == "kv":
-            codes, positions = model.generate(**settings)     # the reference sampler, eager
+            codes, positions = model.generate(settings=settings, **rows)   # the reference, eager
         else:
-            codes, positions = fast_sampling.generate(model, **fast, **settings)
+            codes, positions = fast_sampling.generate(model, settings=settings, **fast, **rows)
         if decoder is not None:  # fp32, 64 images at a time, as sample.py does
             with torch.no_grad():
                 for i in range(0, batch, 64):
@@ -293,6 +282,7 @@ def sampling_paths_agree(device, compile=False, preset="demo") -> bool:
     """Do the fast sampler (CUDA graph, attend_cache kernel, compiled with compile), the reference KV-cache
     sampler and the no-cache path draw the same tokens? fp32, small models, greedy and seeded draws:
     unconditional, and class-conditional with guidance (scale 2, and a linear ramp to 3 on the codes only)."""
+    import fid      # for exact_fp32; imported here, not at the top, for the reason fid_bench gives
     agree = True
     cases = [(False, {}), (True, dict(cfg_scale=2.0)),
              (True, dict(cfg_scale=3.0, cfg_schedule="linear", cfg_codes_only=True))]
@@ -301,13 +291,16 @@ def sampling_paths_agree(device, compile=False, preset="demo") -> bool:
         rows = dict(cond=torch.arange(8, device=device) % 1000) if guided else dict(batch_size=8)
         for greedy in (True, False):
             seeded = lambda: torch.Generator(device=device).manual_seed(1)
-            settings = dict(greedy=greedy, **rows, **guidance)
-            with utils.exact_fp32():    # TF32 rounds differently in each path, and guidance amplifies that into other tokens
-                outs = [model.generate(generator=seeded(), **settings),
-                        model.generate(generator=seeded(), use_kv_cache=False, **settings),
-                        fast_sampling.generate(model, generator=seeded(), **settings)]
+            settings = stackformer.SamplingConfig(greedy=greedy, **guidance)
+            # TF32 rounds differently in each path, and guidance amplifies that into other tokens
+            with fid.exact_fp32():
+                outs = [model.generate(settings=settings, generator=seeded(), **rows),
+                        model.generate(settings=settings, generator=seeded(), use_kv_cache=False,
+                                       **rows),
+                        fast_sampling.generate(model, settings=settings, generator=seeded(), **rows)]
                 if compile:
-                    outs.append(fast_sampling.generate(model, generator=seeded(), compile=True, **settings))
+                    outs.append(fast_sampling.generate(model, settings=settings, generator=seeded(),
+                                                       compile=True, **rows))
             agree &= all(torch.equal(outs[0][0], o[0]) and torch.equal(outs[0][1], o[1]) for o in outs[1:])
     return agree
 
@@ -343,14 +336,14 @@ def fid_bench(batch, device, rounds=6, iters=10):
     images = torch.randint(0, 256, (batch, 3, 256, 256), dtype=torch.uint8, device=device)
 
     def ours():
-        with torch.inference_mode(), utils.exact_fp32():
+        with torch.inference_mode(), fid.exact_fp32():
             return model(images.float() / 255.0)
 
     nets = {"images_per_s": ours}
     reference = pytorch_fid_with_weights(model.state_dict(), device)
     if reference is not None:
         def theirs():
-            with torch.inference_mode(), utils.exact_fp32():
+            with torch.inference_mode(), fid.exact_fp32():
                 return reference(images.float() / 255.0)[0].flatten(1)
         nets["pytorch_fid_images_per_s"] = theirs
     autotune = torch.backends.cudnn.benchmark

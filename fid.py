@@ -44,6 +44,7 @@ As a library:
 
 import argparse
 import contextlib
+import difflib
 import hashlib
 import os
 import sys
@@ -67,7 +68,7 @@ from torchvision.models.inception import (
 )
 from tqdm import tqdm
 
-from utils import FlagParser, UserError, exact_fp32
+# Nothing of the project is imported: this file can be copied alone (like pytorch-fid's fid_score).
 
 WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/"
@@ -85,6 +86,52 @@ RESIZE_RULE = (
 
 def _warn(msg):
     print(f"warning: {msg}", file=sys.stderr)
+
+
+class UserError(Exception):
+    """A problem with the input that the user can fix: main() prints it in one line, returns 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """No abbreviated flags; a bad command line is a UserError that suggests the nearest flag."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        flags = [s for action in self._actions for s in action.option_strings]
+        typed = message.split(":", 1)[1].split() if "unrecognized arguments" in message else []
+        for word in typed:
+            near = difflib.get_close_matches(word.split("=")[0], flags, n=1, cutoff=0.6)
+            if near:
+                raise UserError(f"unknown flag {word} (did you mean {near[0]}?); see --help")
+        raise UserError(f"{message}; see --help")
+
+
+@contextlib.contextmanager
+def exact_fp32():
+    """Plain fp32 convolutions and matmuls inside the block (no TF32), restored afterwards.
+
+    pytorch-fid's numbers are plain fp32; TF32 rounds conv inputs to 10 mantissa bits, which moves
+    the features and the FID by more than the agreement with pytorch-fid promised above. bench.py
+    also uses this block to compare sampling paths, whose TF32 rounding differs from path to path.
+    """
+    b = torch.backends
+    if hasattr(b.cudnn, "conv") and hasattr(b.cudnn.conv, "fp32_precision"):
+        # torch >= 2.9 warns or errors when the legacy allow_tf32 flags are mixed with these
+        saved = b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision
+        b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision = "ieee", "ieee"
+        try:
+            yield
+        finally:
+            b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision = saved
+    else:
+        saved = b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32
+        b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = False, False
+        try:
+            yield
+        finally:
+            b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = saved
 
 
 # -----------------------------------------------------------------------------
@@ -566,7 +613,7 @@ def _describe(meta, kind):
 
 
 def _parser():
-    p = FlagParser(
+    p = _Parser(
         description="FID between two image sets, matching pytorch-fid. Each PATH is a folder of\n"
                     "images (searched recursively), a .npz of uint8 NHWC images (key 'images'),\n"
                     "or a .npz of statistics (mu, sigma).",
@@ -668,7 +715,7 @@ def main(argv=None):
         return _run(_parser().parse_args(argv))
     except UserError as e:
         print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 1
+        return 2    # as argparse and the project's other scripts
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ images, because one generator feeds all rows of a chunk.
 """
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -57,8 +58,9 @@ from PIL import Image
 
 import fast_sampling
 from data import to_uint8
-from utils import (UserError, atomic_path, check, cleanup_distributed, config_to_parser, load_stackformer, run_checkpoint,
-                   run_main, setup_distributed, write_json)
+from stackformer import SamplingConfig
+from utils import (UserError, add_config_flags, atomic_path, check, cleanup_distributed, config_to_parser,
+                   load_stackformer, run_checkpoint, run_main, setup_distributed, write_json)
 
 
 # -----------------------------------------------------------------------------
@@ -82,18 +84,7 @@ class SampleConfig:
     classes: Optional[str] = None           # class-conditional: '0,1,2' cycled over the images, or 'all'; no class flag = cycle over all classes
     prompt: Optional[str] = None            # text-conditional: every image this caption
     prompts_file: Optional[str] = None      # text-conditional: one caption per line (blank lines skipped), cycled
-    # sampling (defaults of the official code)
-    temperature: float = 1.0                # code logits are divided by this
-    top_k: int = 100                        # codes: keep the k most likely (0 = off)
-    top_p: float = 0.95                     # codes: nucleus mass (1 = off)
-    pos_temperature: Optional[float] = None  # position logits are divided by this (default: --temperature)
-    pos_top_k: int = 10                     # positions: keep the k most likely (0 = off)
-    pos_top_p: float = 0.95                 # positions: nucleus mass (1 = off)
-    position_rule: Optional[str] = None     # increasing | unique (default: the model's own, increasing after raster-order training, unique after importance-order)
-    greedy: bool = False                    # argmax everywhere, ignoring temperatures and filters (images then differ only by condition)
-    cfg_scale: float = 1.0                  # classifier-free guidance: logits uncond + s·(cond − uncond); 1 = none (models trained with --cond-drop)
-    cfg_schedule: str = "constant"          # constant | linear (s ramps from 1 at the first step to --cfg-scale at the last)
-    cfg_codes_only: bool = False            # guide the codes only; positions from the conditional logits
+    # sampling: the flags of stackformer.SamplingConfig, and these
     kv_cache: bool = True                   # --no-kv-cache recomputes the whole prefix each step (reference path, slow)
     # run
     device: Optional[str] = None            # default cuda if available; under torchrun every rank uses cuda:LOCAL_RANK
@@ -105,11 +96,19 @@ GRID_MAX = 256              # images in a grid at most; also the largest n that 
 PROGRESS_EVERY_S = 5.0      # seconds between progress lines
 
 
-def parse_config(argv) -> SampleConfig:
+def parse_config(argv) -> Tuple[SampleConfig, SamplingConfig]:
     parser = config_to_parser(SampleConfig(), __doc__.strip().split("\n\n")[0], required=("ckpt",))
+    add_config_flags(parser, SamplingConfig())
     parser.add_argument("--n", dest="num_samples", type=int, default=argparse.SUPPRESS, metavar="N",
                         help="short for --num-samples (not under torchrun, which takes --n for one of its own flags)")
-    return SampleConfig(**vars(parser.parse_args(argv)))
+    flags = vars(parser.parse_args(argv))
+    sampling = {f.name: flags.pop(f.name) for f in dataclasses.fields(SamplingConfig)}
+    try:
+        settings = SamplingConfig(**sampling)
+    except ValueError as e:     # its message starts with the field's name
+        name, rest = str(e).split(" ", 1)
+        raise UserError(f"--{name.replace('_', '-')} {rest}") from None
+    return SampleConfig(**flags), settings
 
 
 def validate(cfg: SampleConfig):
@@ -120,18 +119,6 @@ def validate(cfg: SampleConfig):
     check(cfg.batch_size > 0, f"--batch-size must be positive, got {cfg.batch_size}")
     check(cfg.seed >= 0, f"--seed must be >= 0, got {cfg.seed}")
     check(cfg.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
-    check(cfg.cfg_scale >= 0, f"--cfg-scale must be >= 0 (1 = no guidance), got {cfg.cfg_scale}")
-    check(cfg.cfg_schedule in ("constant", "linear"), f"--cfg-schedule must be constant or linear, got {cfg.cfg_schedule!r}")
-    check(cfg.position_rule in (None, "increasing", "unique"),
-          f"--position-rule must be increasing or unique, got {cfg.position_rule!r}")
-    for name in ("temperature", "pos_temperature"):
-        value = getattr(cfg, name)
-        check(value is None or value > 0 or cfg.greedy,
-              f"--{name.replace('_', '-')} must be positive (use --greedy for argmax), got {value}")
-    for name in ("top_k", "pos_top_k"):
-        check(getattr(cfg, name) >= 0, f"--{name.replace('_', '-')} must be >= 0 (0 = off), got {getattr(cfg, name)}")
-    for name in ("top_p", "pos_top_p"):
-        check(0 < getattr(cfg, name) <= 1, f"--{name.replace('_', '-')} must lie in (0, 1] (1 = off), got {getattr(cfg, name)}")
     check(cfg.class_id is None or cfg.classes is None, "give --class-id or --classes, not both")
     check(cfg.prompt is None or cfg.prompts_file is None, "give --prompt or --prompts-file, not both")
     check(not cfg.skip_existing or cfg.out_dir, "--skip-existing needs --out-dir (it looks for the PNGs there)")
@@ -271,22 +258,15 @@ class Chunk(NamedTuple):
     decode_seconds: float       # de-mask + decoder + conversion to uint8
 
 
-def sampling_kwargs(cfg: SampleConfig) -> dict:
-    """The generate() arguments the flags set."""
-    return dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, pos_temperature=cfg.pos_temperature,
-                pos_top_k=cfg.pos_top_k, pos_top_p=cfg.pos_top_p, position_rule=cfg.position_rule,
-                greedy=cfg.greedy, cfg_scale=cfg.cfg_scale, cfg_schedule=cfg.cfg_schedule,
-                cfg_codes_only=cfg.cfg_codes_only, use_kv_cache=cfg.kv_cache, compile=cfg.compile)
-
-
 def _sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
-def sample_chunk(model, mqvae, start: int, stop: int, batch_size: int, cond: Optional[torch.Tensor], seed: int,
-                 use_kv_cache: bool = True, compile: bool = False, reuse: Optional[dict] = None, **settings) -> Chunk:
+def sample_chunk(model, mqvae, start: int, stop: int, batch_size: int, cond: Optional[torch.Tensor],
+                 seed: int, settings: Optional[SamplingConfig] = None, use_kv_cache: bool = True,
+                 compile: bool = False, reuse: Optional[dict] = None) -> Chunk:
     """Samples start..stop-1 (stop - start ≤ batch_size) from one generate() call of batch_size rows.
 
     The rows past stop are padding: they repeat the last condition and are thrown away. Rows never
@@ -294,7 +274,7 @@ def sample_chunk(model, mqvae, start: int, stop: int, batch_size: int, cond: Opt
     it only keeps every call at the same shapes, which makes the generator's draws per row, and
     the kernels chosen on CUDA, the same for a chunk wherever it is cut. With the KV cache the chunk
     is drawn by fast_sampling.generate (CUDA graphs on a GPU), without it by the reference
-    Stackformer.generate(use_kv_cache=False); settings are generate()'s sampling arguments.
+    Stackformer.generate(use_kv_cache=False).
     """
     device = model.code_emb.weight.device
     count = stop - start
@@ -306,10 +286,10 @@ def sample_chunk(model, mqvae, start: int, stop: int, batch_size: int, cond: Opt
     _sync(device)
     t0 = time.perf_counter()
     if use_kv_cache:
-        codes, positions = fast_sampling.generate(model, batch_size, cond, generator, compile=compile, reuse=reuse,
-                                                  **settings)                                    # (B, N) each
+        codes, positions = fast_sampling.generate(model, batch_size, cond, settings, generator,
+                                                  compile=compile, reuse=reuse)       # (B, N) each
     else:
-        codes, positions = model.generate(batch_size, cond, generator=generator, use_kv_cache=False, **settings)
+        codes, positions = model.generate(batch_size, cond, settings, generator, use_kv_cache=False)
     _sync(device)
     t1 = time.perf_counter()
     # The decoder runs in fp32: it costs one forward pass against the Stackformer's N sequential
@@ -320,16 +300,16 @@ def sample_chunk(model, mqvae, start: int, stop: int, batch_size: int, cond: Opt
 
 
 def sample_images(model, mqvae, n: int, cond: Optional[torch.Tensor] = None, batch_size: int = 64, seed: int = 0,
-                  return_positions: bool = False, **sampling):
+                  return_positions: bool = False, **options):
     """n images as a uint8 (n, H, W, 3) numpy array; image i equals the i-th image sample.py writes
     with the same seed, batch size and flags. cond: None, labels (n,) or caption ids (n, L).
-    sampling: generate()'s arguments (temperature, top_k, ..., use_kv_cache). With return_positions,
-    also the (n, N) latent positions each image got its codes at."""
+    options: sample_chunk's (settings, use_kv_cache, compile). With return_positions, also the
+    (n, N) latent positions each image got its codes at."""
     images, positions = [], []
-    sampling = dict(reuse={}, **sampling)   # buffers and CUDA graphs of the first chunk, reused by the others
+    kept = {}       # buffers and CUDA graphs of the first chunk, reused by the others
     for start, stop in shard_chunks(n, batch_size):
         chunk = sample_chunk(model, mqvae, start, stop, batch_size, None if cond is None else cond[start:stop],
-                             seed, **sampling)
+                             seed, reuse=kept, **options)
         images.append(chunk.images)
         positions.append(chunk.positions)
     images = torch.cat(images).numpy()
@@ -416,10 +396,10 @@ def mark_positions(images: np.ndarray, positions: np.ndarray, grid_size: int, di
 # The script
 
 def main(argv=None) -> dict:
-    cfg = parse_config(argv)
+    cfg, settings = parse_config(argv)
     validate(cfg)
     rank, world, local_rank, device = setup_distributed()
-    result = sample(cfg, rank, world, device)
+    result = sample(cfg, settings, rank, world, device)
     cleanup_distributed()
     return result
 
@@ -448,7 +428,7 @@ def load_models(path: str, device: torch.device):
     return model, mqvae, tokenizer, ckpt
 
 
-def sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> dict:
+def sample(cfg: SampleConfig, settings: SamplingConfig, rank: int, world: int, device) -> dict:
     master = rank == 0
     log = print if master else (lambda *a, **k: None)
     device = pick_device(cfg, world, device)
@@ -458,9 +438,9 @@ def sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> di
         # (autocast's weight-cast cache does not mix with graph capture). Sampling stays in fp32.
         model.to(torch.bfloat16)
     cond = resolve_conditioning(cfg, model.config, tokenizer, ckpt.get("classes"))
-    check(cfg.cfg_scale == 1 or model.config.cond_drop > 0,
-          f"--cfg-scale {cfg.cfg_scale} needs a model trained with --cond-drop > 0 (null conditions); this one was not "
-          f"(cond {model.config.cond}): sample with --cfg-scale 1")
+    check(settings.cfg_scale == 1 or model.config.cond_drop > 0,
+          f"--cfg-scale {settings.cfg_scale} needs a model trained with --cond-drop > 0 (null "
+          f"conditions); this one was not (cond {model.config.cond}): sample with --cfg-scale 1")
     if cond.mode == "text" and master:
         for message in text_warnings(cond.cycle, tokenizer):
             print(f"warning: {message}", file=sys.stderr)
@@ -468,14 +448,7 @@ def sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> di
     if n is None:
         n = len(cond.cycle) if (cond.mode == "class" and cfg.classes == "all") or cfg.prompts_file else 64
     grid, positions_grid = output_paths(cfg, n)
-
-    # What was sampled how: printed, stored in the .npz and next to the PNGs.
-    sampling = sampling_kwargs(cfg)
-    conditions = hashlib.sha256(json.dumps(cond.cycle).encode()).hexdigest()[:16]
-    record = dict(ckpt=os.path.abspath(cfg.ckpt), ckpt_step=ckpt.get("step"), seed=cfg.seed, batch_size=cfg.batch_size,
-                  conditions_sha256=conditions, dtype=cfg.dtype if device.type == "cuda" else "fp32",
-                  device_type=device.type, **{k: v for k, v in sampling.items() if k != "use_kv_cache"})
-    record.update(n=n, conditioning=cond.note)    # the keys above fix the images; these two do not
+    record = sampling_record(cfg, settings, ckpt.get("step"), cond, device, n)
     if cfg.out_dir and master:
         write_sample_record(cfg, record)
 
@@ -486,58 +459,98 @@ def sample(cfg: SampleConfig, rank: int, world: int, device: torch.device) -> di
         mqvae.demask = torch.compile(mqvae.demask)
         mqvae.decoder = torch.compile(mqvae.decoder)
     mc = mqvae.config
+    options = dict(settings=settings, use_kv_cache=cfg.kv_cache, compile=cfg.compile)
     log(f"checkpoint {cfg.ckpt} (step {ckpt.get('step')}): {model.num_params() / 1e6:.1f}M Stackformer parameters, "
         f"{mc.resolution}px images, {mc.grid_size}x{mc.grid_size} latent grid, N = {model.config.seq_len} of "
         f"T = {mc.num_tokens} positions, V = {mc.codebook_size} codes; {cond.note}")
     log(f"sampling {n} images in {math.ceil(n / cfg.batch_size)} chunks of {cfg.batch_size} over {world} rank(s) on "
-        f"{device} ({record['dtype']}), seed {cfg.seed}; " + ", ".join(f"{k}={v}" for k, v in sampling.items()))
+        f"{device} ({record['dtype']}), seed {cfg.seed}; "
+        + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(settings).items())
+        + f", use_kv_cache={cfg.kv_cache}, compile={cfg.compile}")
     chunks = shard_chunks(n, cfg.batch_size, rank, world)
     grid_count = min(n, GRID_MAX) if grid else 0
-    result = sample_chunks(cfg, model, mqvae, cond, chunks, sampling, grid_count, positions_grid is not None,
-                           n, world, log)
-    stats, npz_images, npz_indices, grid_images, grid_positions = result
+    stats, npz_images, npz_indices, grid_images, grid_positions = sample_chunks(
+        cfg, model, mqvae, cond, chunks, options, grid_count, positions_grid is not None, n, world,
+        log)
 
     # Gather: the grid's images and the run's numbers to rank 0; the .npz through per-rank parts.
+    npz_extra = dict(**cond.per_image(n), config=np.asarray(json.dumps(record)))
     if cfg.npz and world > 1:
         write_npz(npz_part(cfg.npz, rank, world), dict(images=npz_images, indices=npz_indices))
     elif cfg.npz:   # one process: its chunks are 0..n-1 in order
-        write_npz(cfg.npz, dict(images=npz_images, **cond.per_image(n), config=np.asarray(json.dumps(record))))
+        write_npz(cfg.npz, dict(images=npz_images, **npz_extra))
     if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, (stats, grid_images, grid_positions))   # also the barrier before the merge
-        stats = dict(generated=sum(s["generated"] for s, _, _ in gathered), skipped=sum(s["skipped"] for s, _, _ in gathered),
-                     steady_images_per_s=sum(s["steady_images_per_s"] for s, _, _ in gathered),
-                     **{key: max(s[key] for s, _, _ in gathered) for key in ("token_s", "decode_s", "wall_s", "first_chunk_s")})
-        grid_images = [part for _, g, _ in gathered for part in g]
-        grid_positions = [part for _, _, p in gathered for part in p]
+        stats, grid_images, grid_positions = gather_on_rank_0(stats, grid_images, grid_positions,
+                                                              world)
     if not master:
         return stats
-
     if grid:
-        shown = np.concatenate([images for _, images in sorted(grid_images, key=lambda part: part[0])])
-        columns = grid_columns(len(shown), len(cond.cycle))
-        write_png(image_grid(shown, columns), grid)
-        log(f"wrote {grid} ({len(shown)} images)")
-        if positions_grid:
-            where = np.concatenate([p for _, p in sorted(grid_positions, key=lambda part: part[0])])
-            write_png(image_grid(mark_positions(shown, where, mc.grid_size), columns), positions_grid)
-            log(f"wrote {positions_grid} (latent cells that got no code dimmed; {model.config.seq_len} of "
-                f"{mc.num_tokens} cells per image kept)")
+        kept = f"{model.config.seq_len} of {mc.num_tokens} cells per image kept"
+        write_grids(grid, positions_grid, grid_images, grid_positions, len(cond.cycle),
+                    mc.grid_size, kept, log)
     if cfg.npz and world > 1:
-        merge_npz_parts(cfg.npz, n, world, dict(**cond.per_image(n), config=np.asarray(json.dumps(record))))
+        merge_npz_parts(cfg.npz, n, world, npz_extra)
     if cfg.npz:
         log(f"wrote {cfg.npz} (images {n}x{mc.resolution}x{mc.resolution}x3 uint8)")
     if cfg.out_dir:
         log(f"wrote {cfg.out_dir}/000000.png ... {os.path.basename(png_path(cfg.out_dir, n - 1))}")
-    made = stats["generated"]
-    log(f"done: {made} images sampled in {stats['wall_s']:.1f} s"
-        + (f", {stats['skipped']} already there (--skip-existing)" if stats["skipped"] else "")
-        + (f" | tokens only {made / max(stats['token_s'], 1e-9):.1f} img/s, with decoding "
-           f"{made / max(stats['token_s'] + stats['decode_s'], 1e-9):.1f} img/s "
-           f"(generate {stats['token_s']:.1f} s, decode {stats['decode_s']:.1f} s)" if made else "")
-        + (f"; the first chunk, which also warms up, took {stats['first_chunk_s']:.1f} s, the others ran at "
-           f"{stats['steady_images_per_s']:.1f} img/s with decoding" if stats["steady_images_per_s"] > 0 else ""))
+    log(summary(stats))
     return dict(stats, n=n, grid=grid, positions_grid=positions_grid)
+
+
+def sampling_record(cfg: SampleConfig, settings: SamplingConfig, step, cond: Conditioning, device,
+                    n: int) -> dict:
+    """What was sampled how: printed, stored in the .npz and next to the PNGs."""
+    conditions = hashlib.sha256(json.dumps(cond.cycle).encode()).hexdigest()[:16]
+    record = dict(ckpt=os.path.abspath(cfg.ckpt), ckpt_step=step, seed=cfg.seed,
+                  batch_size=cfg.batch_size, conditions_sha256=conditions,
+                  dtype=cfg.dtype if device.type == "cuda" else "fp32", device_type=device.type,
+                  **dataclasses.asdict(settings), compile=cfg.compile)
+    record.update(n=n, conditioning=cond.note)    # the keys above fix the images; these two do not
+    return record
+
+
+def gather_on_rank_0(stats: dict, grid_images: list, grid_positions: list, world: int):
+    """On every rank: all ranks' numbers summed (times: the slowest's), and their grid images."""
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (stats, grid_images, grid_positions))   # also a barrier
+    every = [s for s, _, _ in gathered]
+    summed = ("generated", "skipped", "steady_images_per_s")
+    slowest = ("token_s", "decode_s", "wall_s", "first_chunk_s")
+    stats = {**{key: sum(s[key] for s in every) for key in summed},
+             **{key: max(s[key] for s in every) for key in slowest}}
+    return (stats, [part for _, images, _ in gathered for part in images],
+            [part for _, _, positions in gathered for part in positions])
+
+
+def write_grids(grid: str, positions_grid: Optional[str], grid_images: list, grid_positions: list,
+                period: int, grid_size: int, kept: str, log):
+    """The grid PNG of the first images and, with --show-positions, its copy with the latent cells
+    that got no code dimmed."""
+    shown = np.concatenate([images for _, images in sorted(grid_images, key=lambda part: part[0])])
+    columns = grid_columns(len(shown), period)
+    write_png(image_grid(shown, columns), grid)
+    log(f"wrote {grid} ({len(shown)} images)")
+    if positions_grid:
+        where = np.concatenate([p for _, p in sorted(grid_positions, key=lambda part: part[0])])
+        write_png(image_grid(mark_positions(shown, where, grid_size), columns), positions_grid)
+        log(f"wrote {positions_grid} (latent cells that got no code dimmed; {kept})")
+
+
+def summary(stats: dict) -> str:
+    made = stats["generated"]
+    token_s, decode_s = stats["token_s"], stats["decode_s"]
+    line = f"done: {made} images sampled in {stats['wall_s']:.1f} s"
+    if stats["skipped"]:
+        line += f", {stats['skipped']} already there (--skip-existing)"
+    if made:
+        line += (f" | tokens only {made / max(token_s, 1e-9):.1f} img/s, with decoding "
+                 f"{made / max(token_s + decode_s, 1e-9):.1f} img/s (generate {token_s:.1f} s, "
+                 f"decode {decode_s:.1f} s)")
+    if stats["steady_images_per_s"] > 0:
+        line += (f"; the first chunk, which also warms up, took {stats['first_chunk_s']:.1f} s, "
+                 f"the others ran at {stats['steady_images_per_s']:.1f} img/s with decoding")
+    return line
 
 
 def output_paths(cfg: SampleConfig, n: int):
@@ -579,8 +592,8 @@ def write_sample_record(cfg: SampleConfig, record: dict):
     write_json(record_path, record)
 
 
-def sample_chunks(cfg: SampleConfig, model, mqvae, cond: Conditioning, chunks, sampling: dict, grid_count: int,
-                  want_positions: bool, n: int, world: int, log):
+def sample_chunks(cfg: SampleConfig, model, mqvae, cond: Conditioning, chunks, options: dict,
+                  grid_count: int, want_positions: bool, n: int, world: int, log):
     """This rank's chunks: each is sampled (or, with --skip-existing, read back), its PNGs written, and kept
     as far as the grid and the .npz need it. -> (stats, npz images, their indices, grid images, grid positions)."""
     share = sum(stop - start for start, stop in chunks)       # this rank's images
@@ -607,7 +620,7 @@ def sample_chunks(cfg: SampleConfig, model, mqvae, cond: Conditioning, chunks, s
                     images = np.stack([read_png(f, R) for f in files])             # (count, H, W, 3)
             else:
                 chunk = sample_chunk(model, mqvae, start, stop, cfg.batch_size, cond.rows(start, stop), cfg.seed,
-                                     reuse=kept, **sampling)
+                                     reuse=kept, **options)
                 images, positions = chunk.images.numpy(), chunk.positions.numpy()
                 generated += stop - start
                 token_s += chunk.token_seconds

@@ -7,30 +7,27 @@ pairs (v_1, p_1), ..., (v_N, p_N): codes v ∈ [0, V), positions p ∈ [0, T) as
 row·W + col. Stackformer models them autoregressively with two causal transformers stacked on
 each other. At step t:
 
-    Code-Transformer      reads E_v(v_t) + E_p(p_t) + a_t       its hidden state H_t predicts v_{t+1}
-    Position-Transformer  reads H_t + E_v(v_{t+1})             and predicts p_{t+1}
+    Code-Transformer      reads E_v(v_t) + E_p(p_t) + a_t     its hidden state H_t predicts v_{t+1}
+    Position-Transformer  reads H_t + E_v(v_{t+1})           and predicts p_{t+1}
 
 so every step first decides *what* comes next and then *where* it goes. v_0 is the condition (a
 start token, a class, or a 32-token text prefix), p_0 a start position, a_t a learned absolute
 sequence embedding. Stackformer_r (supp. Table 3, `variant="position-first"`) swaps the roles:
 the sequence-reading transformer predicts p_{t+1} and the stacked one predicts v_{t+1} from
-H_t + E_p(p_{t+1}). In the code we call the transformer that reads the sequence the *lower* one
-and the transformer stacked on it the *upper* one.
+H_t + E_p(p_{t+1}). The code calls the transformer that reads the sequence the *lower* one and the
+one stacked on it the *upper* one.
 
-This file holds the model only: config and presets, both transformers, conditioning
-(unconditional, class, text with a word-level tokenizer) and the reference sampler `generate()`
-with a KV cache. The training loop is in train_stackformer.py; fast_sampling.py runs the same
-sampling steps as CUDA graphs with a fused attention kernel.
+The model only: config, both transformers, conditioning (none, class, text with a word-level
+tokenizer), the reference sampler `generate()` with a KV cache (fast_sampling.py replays its steps).
 
-    config = StackformerConfig(**PRESETS["base"], codebook_size=1024, num_positions=1024, seq_len=256)
-    model = Stackformer(config)
+    model = Stackformer(StackformerConfig(**PRESETS["base"], codebook_size=V, num_positions=T, seq_len=N))
     loss, code_ce, pos_ce = model.loss(codes, positions)     # (B, N) int64 each, raster order
     codes, positions = model.generate(batch_size=16)         # (B, N) each
 """
 
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Iterable, List, Optional, Tuple
 
 import torch
@@ -56,33 +53,32 @@ class StackformerConfig:
     num_classes: int = 1000         # class-conditional: number of labels
     text_vocab_size: int = 0        # text-conditional: WordTokenizer.vocab_size
     text_len: int = 32              # text-conditional: caption length in tokens (supp. §1)
-    abs_pos: bool = True            # learned absolute sequence embedding a_t (supp. Table 3 ablation)
+    abs_pos: bool = True            # learned absolute sequence embedding a_t (supp. Table 3)
     variant: str = "code-first"     # "code-first" (Stackformer) | "position-first" (Stackformer_r)
     order: str = "raster"           # order of the training sequences: "raster" | "importance"
     pos_weight: float = 1.0         # loss = CE_code + pos_weight · CE_pos
-    cond_drop: float = 0.0          # training-time share of null conditions (classifier-free guidance needs > 0)
+    cond_drop: float = 0.0          # share of null conditions in training (> 0 for guidance)
 
     def __post_init__(self):
-        if self.cond not in ("none", "class", "text"):
-            raise ValueError(f"cond must be none, class or text, got {self.cond!r}")
-        if self.variant not in ("code-first", "position-first"):
-            raise ValueError(f"variant must be code-first or position-first, got {self.variant!r}")
-        if self.order not in ("raster", "importance"):
-            raise ValueError(f"order must be raster or importance, got {self.order!r}")
+        choices = dict(cond=("none", "class", "text"), variant=("code-first", "position-first"),
+                       order=("raster", "importance"))
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be {' or '.join(allowed)}: {getattr(self, name)!r}")
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if not 0 < self.seq_len <= self.num_positions:
-            raise ValueError(f"seq_len {self.seq_len} must lie in [1, num_positions={self.num_positions}]")
+            raise ValueError(f"seq_len {self.seq_len} must lie in [1, num_positions]")
         if self.cond == "text" and self.text_vocab_size <= 0:
             raise ValueError("cond='text' needs text_vocab_size (the tokenizer's vocab_size)")
         if not 0.0 <= self.cond_drop < 1.0 or (self.cond_drop > 0 and self.cond == "none"):
-            raise ValueError(f"cond_drop must lie in [0, 1) and needs a class or text condition, got {self.cond_drop}")
+            raise ValueError(f"cond_drop {self.cond_drop} must lie in [0, 1); 0 without condition")
 
 
 # Architecture presets; the data fixes codebook_size, num_positions and seq_len.
 PRESETS = {
     "tiny":  dict(n_code_layers=2,  n_pos_layers=2,  n_embd=64,   n_head=4),   # unit tests
-    "demo":  dict(n_code_layers=4,  n_pos_layers=2,  n_embd=256,  n_head=8),   # minutes on synthetic data
+    "demo":  dict(n_code_layers=4,  n_pos_layers=2,  n_embd=256,  n_head=8),   # synthetic data
     "small": dict(n_code_layers=12, n_pos_layers=12, n_embd=1024, n_head=16),  # the released config
     "base":  dict(n_code_layers=18, n_pos_layers=6,  n_embd=1024, n_head=16),  # supp. Table 2: 307M
     "large": dict(n_code_layers=36, n_pos_layers=12, n_embd=1024, n_head=16),  # supp. Table 2: 607M
@@ -102,16 +98,14 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_drop = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: Optional["KVCache"] = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: Optional["KVCache"] = None, layer: int = 0):
         B, S, d = x.shape
-        q, k, v = self.qkv(x).split(d, dim=2)
-        q = q.view(B, S, self.n_head, d // self.n_head).transpose(1, 2)   # (B, nh, S, hd)
-        k = k.view(B, S, self.n_head, d // self.n_head).transpose(1, 2)   # (B, nh, S, hd)
-        v = v.view(B, S, self.n_head, d // self.n_head).transpose(1, 2)   # (B, nh, S, hd)
+        q, k, v = (z.view(B, S, self.n_head, d // self.n_head).transpose(1, 2)    # (B, nh, S, hd)
+                   for z in self.qkv(x).split(d, dim=2))
         if cache is None:       # training: the whole sequence at once
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=True)
-        else:                   # generation: only the new token(s); the cache holds the earlier ones
+            dropout = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+        else:                   # sampling: only the new token(s); the cache holds the earlier ones
             y = cache.attend(layer, q, k, v)
         y = y.transpose(1, 2).reshape(B, S, d)                            # (B, S, d)
         return self.resid_drop(self.proj(y))
@@ -141,12 +135,11 @@ class Block(nn.Module):
 
     def forward(self, x, cache: Optional["KVCache"] = None, layer: int = 0):
         x = x + self.attn(self.ln_1(x), cache, layer)
-        x = x + self.mlp(self.ln_2(x))
-        return x
+        return x + self.mlp(self.ln_2(x))
 
 
 class CausalTransformer(nn.Module):
-    """A stack of causal blocks; returns the last hidden states (no final LayerNorm: each head has its own)."""
+    """Causal blocks; returns the last hidden states (no final LayerNorm: each head has its own)."""
 
     def __init__(self, config: StackformerConfig, n_layer: int):
         super().__init__()
@@ -154,8 +147,7 @@ class CausalTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: Optional["KVCache"] = None,
                 slots: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # Training: x is the whole sequence (B, S, d). Generation: x holds only the new token(s),
-        # which go to `slots` of `cache`.
+        # Training: x is the whole sequence (B, S, d). Sampling: the new token(s), to cache `slots`.
         if cache is not None:
             cache.begin_step(slots)
         for layer, block in enumerate(self.blocks):
@@ -172,11 +164,14 @@ class Stackformer(nn.Module):
         super().__init__()
         self.config = config
         d, V, T, N = config.n_embd, config.codebook_size, config.num_positions, config.seq_len
+        self.code_first = config.variant == "code-first"     # else Stackformer_r
+        # Inputs of the lower transformer before image step 1: the start step, or the whole caption.
+        self.prefix_len = config.text_len if config.cond == "text" else 1
 
         self.code_emb = nn.Embedding(V, d)          # E_v
         self.pos_emb = nn.Embedding(T + 1, d)       # E_p; row T is the start position p_0
-        # a_t, the "extra absolute sequence position embedding": which step of the sequence this
-        # is, as opposed to E_p, which says where in the image the token sits. Zero-init as official.
+        # a_t, the "extra absolute sequence position embedding": which step of the sequence this is,
+        # as opposed to E_p, which says where in the image the token sits. Zero-init as official.
         self.abs_pos_emb = nn.Parameter(torch.zeros(1, N, d)) if config.abs_pos else None
         if config.cond == "none":
             self.start_token = nn.Parameter(torch.empty(1, 1, d))       # v_0 of every sequence
@@ -206,50 +201,26 @@ class Stackformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    # Which transformer reads the sequence (lower) and which is stacked on top of it (upper).
-    @property
-    def code_first(self) -> bool:
-        return self.config.variant == "code-first"
+    def stack(self) -> Tuple[CausalTransformer, nn.Module, CausalTransformer, nn.Module]:
+        """(lower transformer, its head, upper transformer, its head)."""
+        code = (self.code_transformer, self.code_head)
+        position = (self.position_transformer, self.pos_head)
+        return (*code, *position) if self.code_first else (*position, *code)
 
-    @property
-    def lower(self) -> CausalTransformer:
-        return self.code_transformer if self.code_first else self.position_transformer
-
-    @property
-    def upper(self) -> CausalTransformer:
-        return self.position_transformer if self.code_first else self.code_transformer
-
-    @property
-    def lower_head(self) -> nn.Module:
-        return self.code_head if self.code_first else self.pos_head
-
-    @property
-    def upper_head(self) -> nn.Module:
-        return self.pos_head if self.code_first else self.code_head
-
-    def embed_lower_prediction(self, tokens: torch.Tensor) -> torch.Tensor:
-        """E_v(v_{t+1}) for Stackformer, E_p(p_{t+1}) for Stackformer_r: what the upper transformer adds to H_t."""
-        return self.code_emb(tokens) if self.code_first else self.pos_emb(tokens)
+    # --- embeddings
 
     def null_condition(self, cond: torch.Tensor) -> torch.Tensor:
-        """The unconditional stand-in for `cond` that training with cond_drop put in its place: the null
-        class, or the empty caption (all padding)."""
+        """The unconditional stand-in for `cond` that training with cond_drop put in its place: the
+        null class, or the empty caption (all padding)."""
         if self.config.cond == "class":
             return torch.full_like(cond, self.config.num_classes)
         return torch.zeros_like(cond)                    # WordTokenizer.pad_id
-
-    @property
-    def prefix_len(self) -> int:
-        """Length of the lower transformer's input before image step 1: the start step, or the caption."""
-        return self.config.text_len if self.config.cond == "text" else 1
-
-    # --- inputs of the lower transformer
 
     def _start_input(self, cond: Optional[torch.Tensor], batch_size: int) -> torch.Tensor:
         """Step 0 of the lower transformer: (B, 1, d), or (B, L, d) for a caption."""
         mode = self.config.cond
         if (cond is None) != (mode == "none"):
-            raise ValueError(f"cond must be None exactly when the model is unconditional (cond={mode!r})")
+            raise ValueError(f"cond must be None exactly when the model is unconditional: {mode!r}")
         if mode == "text":
             # The caption takes the role of step 0: its last token's hidden state predicts v_1.
             return self.text_tok_emb(cond) + self.text_pos_emb.weight   # (B, L, d)
@@ -262,347 +233,275 @@ class Stackformer(nn.Module):
             x = x + self.abs_pos_emb[:, :1]                              # + a_0
         return x
 
-    def _step_input(self, codes: torch.Tensor, positions: torch.Tensor, first_step: int) -> torch.Tensor:
-        """E_v(v_t) + E_p(p_t) + a_t for steps t = first_step, ..., first_step + S - 1: (B, S, d)."""
-        x = self.code_emb(codes) + self.pos_emb(positions)
-        if self.abs_pos_emb is not None:
-            x = x + self.abs_pos_emb[:, first_step:first_step + codes.size(1)]
-        return x
-
-    # --- teacher-forced passes (training; also the no-KV-cache generation path)
+    # --- teacher-forced passes: training, and the no-KV-cache sampling path
 
     def _lower(self, prev_codes: torch.Tensor, prev_positions: torch.Tensor,
                cond: Optional[torch.Tensor]) -> torch.Tensor:
         """H_0, ..., H_S (B, S+1, d) from the inputs v_1..v_S, p_1..p_S (B, S) and the condition."""
         B, S = prev_codes.shape
-        x = torch.cat([self._start_input(cond, B), self._step_input(prev_codes, prev_positions, 1)], dim=1)
-        h = self.lower(self.drop(x))                                     # (B, prefix_len + S, d)
+        x = self.code_emb(prev_codes) + self.pos_emb(prev_positions)     # E_v(v_t) + E_p(p_t)
+        if self.abs_pos_emb is not None:
+            x = x + self.abs_pos_emb[:, 1:S + 1]                          # + a_t
+        x = torch.cat([self._start_input(cond, B), x], dim=1)
+        h = self.stack()[0](self.drop(x))                                # (B, prefix_len + S, d)
         return h[:, -(S + 1):]      # for text, H_0 is the last caption token's state
 
     def _upper(self, h: torch.Tensor, lower_targets: torch.Tensor) -> torch.Tensor:
-        """Upper hidden states (B, S, d) from H_t (B, S, d) plus the embedded true next lower token."""
-        # No extra dropout here: the official code applies embedding dropout to the lower input only.
-        return self.upper(h + self.embed_lower_prediction(lower_targets))
+        """Upper hidden states (B, S, d) from H_t (B, S, d) plus the embedded true next lower token.
+        No dropout on this input: the official code drops out the lower input's embeddings only."""
+        embed = self.code_emb if self.code_first else self.pos_emb   # E_v(v_{t+1}) or E_p(p_{t+1})
+        return self.stack()[2](h + embed(lower_targets))
 
     def forward(self, codes: torch.Tensor, positions: torch.Tensor,
-                cond: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Teacher-forced logits for a batch of sequences.
-
-        codes, positions: (B, S) int64, v_1..v_S and p_1..p_S (1 ≤ S ≤ N); cond: None, class labels
-        (B,) or caption tokens (B, L). Returns code_logits (B, S, V) and pos_logits (B, S, T);
-        step t predicts v_{t+1} and p_{t+1}, i.e. codes[:, t] and positions[:, t].
-        """
+                cond: Optional[torch.Tensor] = None, loss: bool = False):
+        """Teacher-forced logits: codes, positions (B, S) int64 are v_1..v_S, p_1..p_S (1 ≤ S ≤ N),
+        cond None, labels (B,) or captions (B, L). -> code_logits (B, S, V), pos_logits (B, S, T):
+        step t predicts codes[:, t], positions[:, t]. loss=True -> (CE_code + pos_weight · CE_pos,
+        CE_code, CE_pos), means over the B·S image tokens (not the caption); computed here, so that
+        DDP and torch.compile, which wrap forward, wrap the loss too."""
+        _, lower_head, _, upper_head = self.stack()
         h = self._lower(codes[:, :-1], positions[:, :-1], cond)         # (B, S, d): H_0..H_{S-1}
-        lower_targets = codes if self.code_first else positions
-        g = self._upper(h, lower_targets)                                # (B, S, d)
-        lower_logits, upper_logits = self.lower_head(h), self.upper_head(g)
-        if self.code_first:
-            return lower_logits, upper_logits
-        return upper_logits, lower_logits
-
-    def loss(self, codes: torch.Tensor, positions: torch.Tensor,
-             cond: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(total, CE_code, CE_pos): mean cross-entropies over all B·N image tokens (never the caption)."""
-        code_logits, pos_logits = self(codes, positions, cond)
-        code_ce = F.cross_entropy(code_logits.flatten(0, 1), codes.flatten())
-        pos_ce = F.cross_entropy(pos_logits.flatten(0, 1), positions.flatten())
+        g = self._upper(h, codes if self.code_first else positions)      # (B, S, d)
+        code_logits, pos_logits = lower_head(h), upper_head(g)
+        if not self.code_first:         # Stackformer_r: the lower transformer predicts positions
+            code_logits, pos_logits = pos_logits, code_logits
+        if not loss:
+            return code_logits, pos_logits
+        # fp32: under bf16 autocast the logits are bf16, too coarse for a log-softmax over V classes
+        code_ce = F.cross_entropy(code_logits.flatten(0, 1).float(), codes.flatten())
+        pos_ce = F.cross_entropy(pos_logits.flatten(0, 1).float(), positions.flatten())
         return code_ce + self.config.pos_weight * pos_ce, code_ce, pos_ce
 
-    # --- sampling (the reference sampler; fast_sampling.py replays sample_step as a CUDA graph)
+    def loss(self, codes: torch.Tensor, positions: torch.Tensor, cond=None):
+        """(total, CE_code, CE_pos): forward(codes, positions, cond, loss=True)."""
+        return self(codes, positions, cond, loss=True)
 
-    def new_kv_caches(self, batch_size: int, cache_class=None) -> Tuple["KVCache", "KVCache"]:
-        """Empty caches for the lower and the upper transformer (slot layout: see KVCache)."""
-        cache_class = cache_class or KVCache
-        device = self.code_emb.weight.device
-        N = self.config.seq_len
-        lower = cache_class(len(self.lower.blocks), self.prefix_len + N - 1, batch_size, device)
-        upper = cache_class(len(self.upper.blocks), N, batch_size, device)
-        return lower, upper
+    # --- sampling: one token per step and transformer, with a KV cache
+
+    def new_kv_caches(self) -> Tuple["KVCache", "KVCache"]:
+        """Empty caches for the lower and the upper transformer."""
+        lower, _, upper, _ = self.stack()
+        return KVCache(len(lower.blocks)), KVCache(len(upper.blocks))
 
     @torch.no_grad()
-    def lower_step(self, cache: "KVCache", t, prev_code: Optional[torch.Tensor],
-                   prev_position: Optional[torch.Tensor], cond: Optional[torch.Tensor]) -> torch.Tensor:
-        """H_t (B, d) from step t's input alone; the cache holds steps < t.
-
-        t = 0 (a Python int) reads the condition; prev_code, prev_position are ignored. For t ≥ 1,
-        t may be an int or a (1,) int64 tensor on the model's device, and v_t, p_t (B,) are read:
-        with a tensor nothing in the step depends on a Python value, so it can be captured once in
-        a CUDA graph and replayed for every t.
-        """
-        offset = self.prefix_len - 1           # slot of step t is offset + t
+    def sample_step(self, caches: Tuple["KVCache", "KVCache"], t, codes: torch.Tensor,
+                    positions: torch.Tensor, cond: Optional[torch.Tensor], draw):
+        """Step t of cached sampling: H_t from step t's input alone (the caches hold the steps
+        before); draw(logits, t, is_code) picks and records the lower token (the code; the position
+        for Stackformer_r), then the upper one from H_t plus that token. t = 0 (an int) reads cond;
+        t ≥ 1 reads v_t, p_t from codes, positions (rows, N) and may be a (1,) device tensor, for a
+        CUDA graph replaying one step for every t. Cache slot: prefix_len - 1 + t below, t above."""
+        lower, lower_head, upper, upper_head = self.stack()
+        offset, device = self.prefix_len - 1, codes.device
+        step = torch.as_tensor(t, device=device).reshape(1)
         if isinstance(t, int) and t == 0:
-            x = self._start_input(cond, cache.batch_size)                # (B, prefix_len, d)
-            return self.lower(self.drop(x), cache, cache.slot_ids[:offset + 1])[:, -1]
-        t = torch.as_tensor(t, device=cache.slot_ids.device).reshape(1)
-        x = self.code_emb(prev_code) + self.pos_emb(prev_position)      # (B, d)
-        if self.abs_pos_emb is not None:
-            x = x + self.abs_pos_emb[0].index_select(0, t)               # + a_t
-        return self.lower(self.drop(x[:, None]), cache, t + offset)[:, -1]
-
-    @torch.no_grad()
-    def upper_step(self, cache: "KVCache", t, h: torch.Tensor, lower_token: torch.Tensor) -> torch.Tensor:
-        """Upper hidden state (B, d) at step t (int or (1,) tensor) from H_t (B, d) and the chosen next lower token (B,)."""
-        t = torch.as_tensor(t, device=cache.slot_ids.device).reshape(1)
-        x = (h + self.embed_lower_prediction(lower_token))[:, None]     # (B, 1, d)
-        return self.upper(x, cache, t)[:, 0]
-
-    @torch.no_grad()
-    def sample_step(self, sampler: "Sampler", caches: Tuple["KVCache", "KVCache"], t, cond=None):
-        """Step t of cached sampling: the lower prediction (the code; the position for Stackformer_r) is
-        drawn from H_t, then the upper one from H_t plus the drawn token. Step 0 reads the condition
-        (t a Python 0); for t ≥ 1, t may be a (1,) device tensor (see lower_step)."""
-        lower_cache, upper_cache = caches
-        if isinstance(t, int) and t == 0:
-            h = self.lower_step(lower_cache, 0, None, None, cond)
+            x = self._start_input(cond, codes.size(0))                      # (rows, prefix_len, d)
+            slots = torch.arange(offset + 1, device=device)
         else:
-            prev = torch.as_tensor(t, device=sampler.codes.device).reshape(1) - 1
-            h = self.lower_step(lower_cache, t, sampler.codes.index_select(1, prev)[:, 0],
-                                sampler.positions.index_select(1, prev)[:, 0], None)
-        lower_token = sampler.draw(self.lower_head(h), t, is_code=self.code_first)
-        g = self.upper_step(upper_cache, t, h, lower_token)
-        sampler.draw(self.upper_head(g), t, is_code=not self.code_first)
+            previous = step - 1
+            x = self.code_emb(codes[:, previous]) + self.pos_emb(positions[:, previous])
+            if self.abs_pos_emb is not None:
+                x = x + self.abs_pos_emb[0].index_select(0, step)               # + a_t
+            slots = step + offset
+        h = lower(self.drop(x), caches[0], slots)[:, -1]                         # H_t (rows, d)
+        token = draw(lower_head(h), t, self.code_first)
+        embed = self.code_emb if self.code_first else self.pos_emb
+        g = upper((h + embed(token))[:, None], caches[1], step)[:, 0]
+        draw(upper_head(g), t, not self.code_first)
+
+    def sampling_rows(self, batch_size: Optional[int], cond: Optional[torch.Tensor], settings):
+        """-> (settings with the position rule filled in, the condition rows the model reads: with
+        guidance 2B, cond and its null stand-in, B), or a ValueError for a call that cannot work."""
+        if cond is not None and batch_size not in (None, cond.size(0)):
+            raise ValueError(f"batch_size {batch_size} but cond has {cond.size(0)} rows")
+        batch_size = batch_size if cond is None else cond.size(0)
+        if batch_size is None:
+            raise ValueError("give batch_size (unconditional) or cond")
+        scale = settings.cfg_scale
+        if scale != 1:
+            if cond is None:
+                raise ValueError(f"cfg_scale {scale} guides towards a condition: give cond")
+            if not self.config.cond_drop > 0:
+                raise ValueError(f"cfg_scale {scale} needs a model trained with null conditions "
+                                 f"(cond_drop > 0); this one was not: sample with cfg_scale 1")
+            cond = torch.cat([cond, self.null_condition(cond)])
+        rule = {"raster": "increasing", "importance": "unique"}[self.config.order]   # the data's
+        return replace(settings, position_rule=settings.position_rule or rule), cond, batch_size
 
     @torch.no_grad()
     def generate(self, batch_size: Optional[int] = None, cond: Optional[torch.Tensor] = None,
-                 temperature: float = 1.0, top_k: Optional[int] = 100, top_p: Optional[float] = 0.95,
-                 pos_temperature: Optional[float] = None, pos_top_k: Optional[int] = 10,
-                 pos_top_p: Optional[float] = 0.95, position_rule: Optional[str] = None, greedy: bool = False,
-                 cfg_scale: float = 1.0, cfg_schedule: str = "constant", cfg_codes_only: bool = False,
-                 use_kv_cache: bool = True, generator: Optional[torch.Generator] = None
-                 ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Sample N (code, position) pairs per image: codes (B, N), positions (B, N).
+                 settings: Optional["SamplingConfig"] = None, generator=None, use_kv_cache=True):
+        """Sample N (code, position) pairs per image -> codes (B, N), positions (B, N): each step
+        the code, then its position (the reverse for Stackformer_r), drawn as settings say (see
+        draw_token). cond: None, labels (B,) or captions (B, L); generator: a torch.Generator on the
+        model's device. use_kv_cache=False recomputes the whole prefix each step (the reference for
+        checking the cache). Runs in eval mode (then restored), reproducible attention only."""
+        settings, cond, B = self.sampling_rows(batch_size, cond, settings or SamplingConfig())
+        rows = B if cond is None else cond.size(0)
+        N, device = self.config.seq_len, self.code_emb.weight.device
+        codes = torch.zeros(rows, N, dtype=torch.long, device=device)
+        positions = torch.zeros(rows, N, dtype=torch.long, device=device)
+        noise = step_noise(settings, B, self.config, device, generator)
 
-        Each step samples the code, then its position (the reverse for Stackformer_r). Logits are
-        filtered by top-k, then nucleus top-p, then sampled (argmax if greedy); see sample_token.
-        position_rule: "increasing" (positions strictly increase and leave room for the remaining
-        steps, like the raster-ordered training data) or "unique" (official: only no repeats).
-        None picks "increasing" for raster-order models and "unique" for importance-order ones.
-        cfg_scale: classifier-free guidance (models trained with cond_drop > 0): each step's logits are
-        uncond + s·(cond − uncond), the unconditional stream running beside the conditional one as a batch
-        of 2B; 1 is plain conditional sampling. cfg_schedule "linear" ramps s from 1 to cfg_scale over the
-        steps; cfg_codes_only guides the codes and leaves the positions to the conditional logits.
-        generator: a torch.Generator on the model's device. All the randomness of the N steps is drawn
-        from it up front (Sampler), so every path consumes the same noise: the same seed gives the same
-        tokens with and without the KV cache, and in fast_sampling.generate.
-        use_kv_cache=False recomputes the whole prefix every step (the reference for checking the cache).
-        Runs with reproducible attention kernels only (see reproducible_attention); the model is put
-        in eval mode for sampling and restored afterwards.
-        """
-        sampler = Sampler(self, batch_size, cond, temperature, top_k, top_p, pos_temperature, pos_top_k, pos_top_p,
-                          position_rule, greedy, cfg_scale, cfg_schedule, cfg_codes_only)
-        sampler.draw_noise(generator)
+        def draw(logits, t, is_code):
+            token = draw_token(logits, t, is_code, settings, positions,
+                               noise=None if noise is None else noise[0 if is_code else 1][t])
+            (codes if is_code else positions)[:, t] = token
+            return token
+
         was_training = self.training
         self.eval()
         with reproducible_attention():
-            if use_kv_cache:
-                caches = self.new_kv_caches(sampler.rows)
-                for t in range(self.config.seq_len):
-                    self.sample_step(sampler, caches, t, sampler.cond)
-            else:
-                lower_tokens = sampler.codes if self.code_first else sampler.positions
-                for t in range(self.config.seq_len):
-                    h = self._lower(sampler.codes[:, :t], sampler.positions[:, :t], sampler.cond)   # (rows, t+1, d)
-                    sampler.draw(self.lower_head(h[:, -1]), t, is_code=self.code_first)
-                    g = self._upper(h, lower_tokens[:, :t + 1])[:, -1]
-                    sampler.draw(self.upper_head(g), t, is_code=not self.code_first)
+            caches = self.new_kv_caches()
+            for t in range(N):
+                if use_kv_cache:
+                    self.sample_step(caches, t, codes, positions, cond, draw)
+                    continue
+                _, lower_head, _, upper_head = self.stack()
+                h = self._lower(codes[:, :t], positions[:, :t], cond)            # (rows, t+1, d)
+                draw(lower_head(h[:, -1]), t, self.code_first)
+                g = self._upper(h, (codes if self.code_first else positions)[:, :t + 1])[:, -1]
+                draw(upper_head(g), t, not self.code_first)
         self.train(was_training)
-        return sampler.result()
+        return codes[:B], positions[:B]
 
-    # --- bookkeeping
-
-    def num_params(self, exclude_embeddings: bool = False) -> int:
-        """Parameter count; exclude_embeddings keeps only the transformers and the heads (matmul weights)."""
-        if exclude_embeddings:
-            modules = (self.code_transformer, self.position_transformer, self.code_head, self.pos_head)
-            return sum(p.numel() for m in modules for p in m.parameters())
+    def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-    def flops_per_token(self) -> float:
-        """Training FLOPs (forward + backward) per image token, i.e. per (code, position) pair, for MFU.
-
-        As in the PaLM appendix and nanoGPT: a weight matrix with P entries costs 6·P FLOPs per token
-        it processes, and attention over a context of S tokens costs 12·n_layer·d·S per token
-        (QKᵀ and AV, 2 FLOPs per multiply-add, ×3 for the backward pass, causal mask not discounted).
-        Without a caption both transformers run over S = N tokens, so this is
-            6·(non-embedding params) + 12·(n_code_layers + n_pos_layers)·d·N.
-        With a caption the lower transformer runs over S = L + N − 1 tokens; the total is divided by N.
-        """
-        cfg = self.config
-        d, N = cfg.n_embd, cfg.seq_len
-        flops = 0
-        for tower, S in ((self.lower, self.prefix_len + N - 1), (self.upper, N)):
-            tower_params = sum(p.numel() for p in tower.parameters())
-            flops += S * (6 * tower_params + 12 * len(tower.blocks) * d * S)
-        head_params = sum(p.numel() for m in (self.code_head, self.pos_head) for p in m.parameters())
-        flops += N * 6 * head_params
-        return flops / N
 
 
 # -----------------------------------------------------------------------------
-# Sampling: the KV cache, the per-step draw, the position rules
+# Sampling: the settings, the KV cache, the per-step draw, the position rules
+
+@dataclass
+class SamplingConfig:
+    """How generate() draws each token (defaults of the official code); sample.py's flags."""
+    temperature: float = 1.0                # code logits are divided by this
+    top_k: int = 100                        # codes: keep the k most likely (0 = off)
+    top_p: float = 0.95                     # codes: nucleus mass (1 = off)
+    pos_temperature: Optional[float] = None  # position logits are divided by this (default: temperature)
+    pos_top_k: int = 10                     # positions: keep the k most likely (0 = off)
+    pos_top_p: float = 0.95                 # positions: nucleus mass (1 = off)
+    position_rule: Optional[str] = None     # increasing | unique (default: by the model's order)
+    greedy: bool = False                    # argmax everywhere: no temperature, filters or noise
+    cfg_scale: float = 1.0                  # guidance: logits uncond + s·(cond − uncond); 1 = none
+    cfg_schedule: str = "constant"          # constant | linear (s from 1 at step 1 to cfg_scale)
+    cfg_codes_only: bool = False            # guide the codes only; positions: conditional logits
+
+    def __post_init__(self):
+        # Each message starts with the field's name, which sample.py turns into its flag.
+        pos_temperature = self.temperature if self.pos_temperature is None else self.pos_temperature
+        positive = "be positive (greedy for argmax)"
+        rules, schedules = (None, "increasing", "unique"), ("constant", "linear")
+        for name, ok, rule in [
+                ("temperature", self.greedy or self.temperature > 0, positive),
+                ("pos_temperature", self.greedy or pos_temperature > 0, positive),
+                ("top_k", self.top_k >= 0, "be >= 0 (0 = off)"),
+                ("pos_top_k", self.pos_top_k >= 0, "be >= 0 (0 = off)"),
+                ("top_p", 0 < self.top_p <= 1, "lie in (0, 1] (1 = off)"),
+                ("pos_top_p", 0 < self.pos_top_p <= 1, "lie in (0, 1] (1 = off)"),
+                ("position_rule", self.position_rule in rules, "be increasing or unique"),
+                ("cfg_scale", self.cfg_scale >= 0, "be >= 0 (1 = no guidance)"),
+                ("cfg_schedule", self.cfg_schedule in schedules, "be constant or linear")]:
+            if not ok:
+                raise ValueError(f"{name} must {rule}, got {getattr(self, name)!r}")
+
 
 class KVCache:
-    """Keys and values of one transformer during generation, preallocated for the whole sample.
+    """Keys and values (B, n_head, s, head_dim) per layer of a transformer's earlier steps, so a
+    step runs only its new token (the official code recomputes the whole prefix, twice a step).
+    fast_sampling.SlotKVCache keeps them in fixed slots instead, as a CUDA graph needs."""
 
-    Every layer owns K and V tensors of shape (B, n_head, max_len, head_dim). A step writes the keys
-    and values of its new token(s) into fixed slots with `index_copy_` and attends over the whole
-    cache with a causal mask (slot j is visible from slot s iff j ≤ s), rather than over a slice
-    `[:, :, :s+1]`: every step then has the same shapes and reads its slot numbers from a tensor,
-    never from a Python int, so a step can be compiled and captured in a CUDA graph as it is
-    (fast_sampling.py). The price, reading unwritten slots too, is what fast_sampling's kernel saves.
-
-    Slot layout (filled by Stackformer.lower_step / upper_step):
-      lower transformer, cond none/class: slot t holds step t's input E_v(v_t) + E_p(p_t) + a_t,
-          slot 0 the start step (condition token + start position); max_len = N.
-      lower transformer, cond text: slots 0..L-1 hold the L text tokens, prefilled in one causal
-          pass; slot L-1+t holds image step t ≥ 1; max_len = L + N - 1.
-      upper transformer: slot t holds H_t + E_v(v_{t+1}) (code-first) or H_t + E_p(p_{t+1})
-          (position-first); max_len = N.
-    """
-
-    def __init__(self, n_layer: int, max_len: int, batch_size: int, device):
-        self.max_len, self.batch_size = max_len, batch_size
-        self.slot_ids = torch.arange(max_len, device=device)    # (max_len,)
-        self.keys: List[Optional[torch.Tensor]] = [None] * n_layer
-        self.values: List[Optional[torch.Tensor]] = [None] * n_layer
-        self.slots: Optional[torch.Tensor] = None               # (S,) slots of the current step
-        self.mask: Optional[torch.Tensor] = None                # (S, max_len) slots it may attend to
+    def __init__(self, n_layer: int):
+        self.keys, self.values = [None] * n_layer, [None] * n_layer     # per layer (B, nh, s, hd)
 
     def begin_step(self, slots: torch.Tensor):
-        self.slots = slots
-        self.mask = self.slot_ids[None, :] <= slots[:, None]    # (S, max_len), causal
-
-    def allocate(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        # At the first write, so that the cache takes the dtype autocast gives k and v.
-        if self.keys[layer] is None:
-            B, n_head, _, head_dim = k.shape
-            self.keys[layer] = k.new_zeros(B, n_head, self.max_len, head_dim)
-            self.values[layer] = v.new_zeros(B, n_head, self.max_len, head_dim)
+        pass    # the step's tokens are appended; a slot cache writes them to `slots`
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Write k, v (B, n_head, S, head_dim) into this step's slots, then attend q over the cache."""
-        self.allocate(layer, k, v)
-        self.keys[layer].index_copy_(2, self.slots, k)
-        self.values[layer].index_copy_(2, self.slots, v)
-        return F.scaled_dot_product_attention(q, self.keys[layer], self.values[layer], attn_mask=self.mask)
+        """Append k, v (B, n_head, S, head_dim), then attend q over everything cached."""
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        # Several tokens come only at step 0 (a caption), into an empty cache: causal among them.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1)
 
 
-class Sampler:
-    """One batch being sampled: the settings, the tokens drawn so far, codes and positions (rows, N), and the
-    random numbers of all N steps, drawn up front by draw_noise. Drawing them up front is what lets the
-    cached, uncached and graphed paths consume exactly the same noise, and keeps the step loop free of
-    host syncs. With guidance (cfg_scale ≠ 1) the model runs rows = 2B sequences, the B conditional ones
-    and B unconditional ones (cond replaced by the null condition); both get the token drawn from the
-    guided logits, so they stay the same sequence read under two conditions."""
+def step_noise(settings: SamplingConfig, batch_size: int, config: StackformerConfig, device,
+               generator: Optional[torch.Generator], out=None):
+    """sample_token's Exp(1) draws for all N steps, taken before the first: codes (N, B, V), then
+    positions (N, B, T) (None when greedy); the seed's tokens rest on this order. out: to refill."""
+    if settings.greedy:
+        return None
+    N, B = config.seq_len, batch_size
+    out = out or (torch.empty(N, B, config.codebook_size, device=device),
+                  torch.empty(N, B, config.num_positions, device=device))
+    for draws in out:
+        draws.exponential_(1.0, generator=generator)
+    return out
 
-    def __init__(self, model: "Stackformer", batch_size: Optional[int], cond: Optional[torch.Tensor],
-                 temperature: float = 1.0, top_k: Optional[int] = 100, top_p: Optional[float] = 0.95,
-                 pos_temperature: Optional[float] = None, pos_top_k: Optional[int] = 10,
-                 pos_top_p: Optional[float] = 0.95, position_rule: Optional[str] = None, greedy: bool = False,
-                 cfg_scale: float = 1.0, cfg_schedule: str = "constant", cfg_codes_only: bool = False):
-        cfg = model.config
-        if cond is not None:
-            if batch_size is not None and batch_size != cond.size(0):
-                raise ValueError(f"batch_size {batch_size} but cond has {cond.size(0)} rows")
-            batch_size = cond.size(0)
-        if batch_size is None:
-            raise ValueError("give batch_size (unconditional) or cond")
-        rule = position_rule or ("increasing" if cfg.order == "raster" else "unique")
-        if rule not in ("increasing", "unique"):
-            raise ValueError(f"position_rule must be increasing or unique, got {rule!r}")
-        if cfg_schedule not in ("constant", "linear"):
-            raise ValueError(f"cfg_schedule must be constant or linear, got {cfg_schedule!r}")
-        self.guided = cfg_scale != 1.0
-        if self.guided and cond is None:
-            raise ValueError(f"cfg_scale {cfg_scale} guides towards a condition: give cond (class labels or captions)")
-        if self.guided and not cfg.cond_drop > 0:
-            raise ValueError(f"cfg_scale {cfg_scale} needs a model trained with null conditions (cond_drop > 0); "
-                             f"this one was not: sample with cfg_scale 1")
-        self.code_filter = (temperature, top_k, top_p)
-        self.pos_filter = (temperature if pos_temperature is None else pos_temperature, pos_top_k, pos_top_p)
-        self.rule, self.greedy, self.batch_size = rule, greedy, batch_size
-        self.cfg_scale, self.cfg_linear, self.cfg_codes_only = cfg_scale, cfg_schedule == "linear", cfg_codes_only
-        self.set_condition(model, cond)
-        self.rows = 2 * batch_size if self.guided else batch_size
-        device = model.code_emb.weight.device
-        B, N, T, V = batch_size, cfg.seq_len, cfg.num_positions, cfg.codebook_size
-        self.codes = torch.zeros(self.rows, N, dtype=torch.long, device=device)
-        self.positions = torch.zeros(self.rows, N, dtype=torch.long, device=device)
-        # Exp(1) draws for the categorical "race" of sample_token, one set per step
-        self.code_noise = None if greedy else torch.empty(N, B, V, device=device)
-        self.pos_noise = None if greedy else torch.empty(N, B, T, device=device)
 
-    def draw_noise(self, generator: Optional[torch.Generator] = None):
-        if not self.greedy:
-            self.code_noise.exponential_(1.0, generator=generator)
-            self.pos_noise.exponential_(1.0, generator=generator)
+def guided_logits(logits: torch.Tensor, t: torch.Tensor, num_steps: int, settings: SamplingConfig,
+                  is_code: bool) -> torch.Tensor:
+    """Classifier-free guidance: (2B, K) logits of the conditional and the unconditional rows ->
+    (B, K) uncond + s·(cond − uncond). t: the (1,) step tensor, for the linear ramp of s."""
+    cond, uncond = logits.float().chunk(2)
+    if not is_code and settings.cfg_codes_only:
+        return cond
+    scale = settings.cfg_scale
+    if settings.cfg_schedule == "linear":       # 1 at the first step, cfg_scale at the last
+        scale = 1 + (scale - 1) * (t.float() + 1) / num_steps
+    return uncond + scale * (cond - uncond)
 
-    def set_condition(self, model, cond: Optional[torch.Tensor]):
-        """What the model reads: cond, followed with guidance by its null stand-in for the unconditional rows."""
-        self.cond = torch.cat([cond, model.null_condition(cond)]) if self.guided else cond
 
-    def guide(self, logits: torch.Tensor, t: torch.Tensor, is_code: bool) -> torch.Tensor:
-        """(2B, K) logits of the conditional and the unconditional rows -> (B, K) guided ones."""
-        cond, uncond = logits.float().chunk(2)
-        if not is_code and self.cfg_codes_only:
-            return cond
-        scale = self.cfg_scale
-        if self.cfg_linear:     # 1 at the first step, cfg_scale at the last (t a device tensor: graph-safe)
-            scale = 1 + (scale - 1) * (t.float() + 1) / self.codes.size(1)
-        return uncond + scale * (cond - uncond)
-
-    def draw(self, logits: torch.Tensor, t, is_code: bool) -> torch.Tensor:
-        """Draw step t's code or position from logits (rows, V or T), record it, and return it (rows,);
-        t int or (1,) tensor."""
-        t = torch.as_tensor(t, device=logits.device).reshape(1)
-        tokens, noise = (self.codes, self.code_noise) if is_code else (self.positions, self.pos_noise)
-        temperature, top_k, top_p = self.code_filter if is_code else self.pos_filter
-        if self.guided:
-            logits = self.guide(logits, t, is_code)                                     # (B, K)
-        if not is_code:
-            taken = self.positions[:self.batch_size]
-            logits = logits.masked_fill(forbidden_positions(taken, t, logits.size(-1), self.rule), float("-inf"))
-        race = None if noise is None else noise.index_select(0, t)[0]                   # (B, K)
-        token = sample_token(logits, temperature, top_k, top_p, self.greedy, noise=race)
-        if self.guided:
-            token = token.repeat(2)                     # the same token for both streams
-        tokens.index_copy_(1, t, token[:, None])
-        return token
-
-    def result(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        """codes, positions (B, N) of the conditional rows."""
-        return self.codes[:self.batch_size], self.positions[:self.batch_size]
+def draw_token(logits: torch.Tensor, t, is_code: bool, settings: SamplingConfig,
+               positions: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Step t's code (is_code) or position for every row of logits (rows, K) -> (rows,): guidance,
+    the position rule (filled in by Stackformer.sampling_rows), then sample_token with noise, step
+    t's draws (B, K). positions (rows, N): those drawn before t. With guidance the rows are B
+    conditional and B unconditional sequences; both get the token drawn from the guided logits, so
+    they stay one sequence read under two conditions. t: an int or (CUDA graphs) a (1,) tensor."""
+    t = torch.as_tensor(t, device=logits.device).reshape(1)
+    s = settings
+    if s.cfg_scale != 1:
+        logits = guided_logits(logits, t, positions.size(1), s, is_code)            # (B, K)
+    if is_code:
+        temperature, top_k, top_p = s.temperature, s.top_k, s.top_p
+    else:
+        taken = positions[:logits.size(0)]
+        forbidden = forbidden_positions(taken, t, logits.size(-1), s.position_rule)
+        logits = logits.masked_fill(forbidden, float("-inf"))
+        temperature = s.temperature if s.pos_temperature is None else s.pos_temperature
+        top_k, top_p = s.pos_top_k, s.pos_top_p
+    token = sample_token(logits, temperature, top_k, top_p, s.greedy, noise=noise)
+    return token.repeat(2) if s.cfg_scale != 1 else token
 
 
 def reproducible_attention():
-    """Restrict scaled_dot_product_attention to backends whose forward pass is bitwise reproducible.
-
-    With the default choice, torch 2.11 on an H200 ran the KV-cache attention (bf16, boolean mask)
-    on cuDNN, and two identical sampling runs drew different codes after about 70 steps. Restricted
-    to the memory-efficient or the math backend, the tokens were identical run after run. Flash
-    attention, which takes no mask, stays allowed for the unmasked causal passes. cuDNN is left out.
-    """
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    """SDPA restricted to backends whose forward pass is bitwise reproducible: left to choose, torch
+    2.11 on an H200 ran the KV-cache attention (bf16, boolean mask) on cuDNN, and two identical
+    sampling runs drew different codes after about 70 steps; without cuDNN (flash, memory-efficient
+    or math attention) the tokens were identical run after run."""
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                        SDPBackend.MATH])
 
 
 def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                 top_p: Optional[float] = None, greedy: bool = False,
-                 generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 top_p: Optional[float] = None, greedy: bool = False, generator=None,
+                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
     """One token per row of logits (B, K) → (B,): top-k on logits, softmax, top-p, then a draw.
 
-    top-k keeps the tokens whose logit is at least the k-th largest (ties with it included, as in
-    the official code). top-p (nucleus) then keeps the smallest set of most likely tokens whose
-    probability reaches top_p: a token is dropped when the tokens ranked before it already reach
-    top_p, so the top token always stays. Ranking is by logit, equal logits by token index.
-    Entries already at -inf (forbidden positions) stay impossible. top_k None/0 and top_p None/≥1
-    switch that filter off. Greedy takes the argmax and ignores temperature and the filters.
-    noise: Exp(1) draws (B, K) to use instead of drawing them from `generator`.
-    """
+    top-k keeps the tokens whose logit is at least the k-th largest (ties included, as official).
+    top-p (nucleus) then keeps the smallest set of most likely tokens whose probability reaches
+    top_p: a token is dropped when those ranked before it already reach top_p, so the top token
+    stays. Ranked by logit, equal logits by index; -inf entries (forbidden positions) stay
+    impossible. top_k None/0, top_p None/≥1: that filter is off. Greedy: the argmax, no more.
+    noise: Exp(1) draws (B, K) to use instead of drawing them from `generator`."""
     logits = logits.float()
     if greedy:
         return logits.argmax(dim=-1)
     logits = logits / temperature
-    race = noise if noise is not None else torch.empty_like(logits).exponential_(1.0, generator=generator)
+    race = torch.empty_like(logits).exponential_(generator=generator) if noise is None else noise
     nucleus = top_p is not None and top_p < 1.0
     order = None
     if top_k or nucleus:
@@ -619,25 +518,23 @@ def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional
         mass_before = probs.cumsum(dim=-1) - probs      # of the tokens ranked before each one
         probs = probs.masked_fill(mass_before >= top_p, 0.0)
     # A categorical draw as an "exponential race": argmax_i p_i / E_i with E_i ~ Exp(1) picks i
-    # with probability p_i / sum(p), so the kept probabilities need no renormalising. torch.multinomial
-    # draws the same way but first checks its input with a host sync; this keeps the step loop
-    # sync-free. The clamp guards an E_i of exactly 0.
+    # with probability p_i / sum(p), so the kept probabilities need no renormalising.
+    # torch.multinomial draws the same way but checks its input with a host sync first; this keeps
+    # the step loop sync-free. The clamp guards an E_i of exactly 0.
     winner = (probs / race.clamp_min(torch.finfo(race.dtype).tiny)).argmax(dim=-1)
     return winner if order is None else order.gather(-1, winner[:, None])[:, 0]
 
 
 def forbidden_positions(positions: torch.Tensor, t, num_positions: int, rule: str) -> torch.Tensor:
     """(B, T) bool: positions that may not be sampled at 0-based step t, given positions[:, :t].
-
     "unique": any position already taken. "increasing": p_{t+1} must exceed p_t and leave room for
     the N - 1 - t positions still to come, so p_{t+1} ≤ T - N + t (the first lies in 0..T-N).
-    t is an int or a (1,) int64 tensor (then no Python value is involved: CUDA-graph safe).
-    """
+    t: an int, or a (1,) int64 tensor (then no Python value is involved: CUDA-graph safe)."""
     B, N = positions.shape
     t = torch.as_tensor(t, device=positions.device).reshape(1)
     candidates = torch.arange(num_positions, device=positions.device)   # (T,)
     if rule == "unique":
-        filled = (torch.arange(N, device=positions.device) < t).float().expand(B, N)   # steps already sampled
+        filled = (torch.arange(N, device=positions.device) < t).float().expand(B, N)  # steps < t
         taken = torch.zeros(B, num_positions, device=positions.device)
         return taken.scatter_reduce_(1, positions, filled, reduce="amax") > 0
     previous = positions.gather(1, (t - 1).clamp_min(0).expand(B, 1))  # (B, 1)
@@ -672,9 +569,9 @@ class WordTokenizer:
     @classmethod
     def build(cls, captions: Iterable[str], min_count: int = 1, max_size: Optional[int] = None,
               text_len: int = 32) -> "WordTokenizer":
-        """Vocabulary of the words seen at least min_count times; max_size keeps the most frequent (specials not counted)."""
+        """Vocabulary of the words seen min_count times or more; max_size keeps the commonest."""
         counts = Counter(word for caption in captions for word in cls.split(caption))
-        words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+        words = sorted((w for w in counts if counts[w] >= min_count), key=lambda w: (-counts[w], w))
         return cls(words[:max_size] if max_size is not None else words, text_len)
 
     @property
@@ -691,10 +588,11 @@ class WordTokenizer:
 
     def decode(self, ids) -> str:
         ids = ids.tolist() if isinstance(ids, torch.Tensor) else ids
-        return " ".join("<unk>" if i == self.unk_id else self.words[i - 2] for i in ids if i != self.pad_id)
+        return " ".join("<unk>" if i == self.unk_id else self.words[i - 2]
+                        for i in ids if i != self.pad_id)
 
     def to_dict(self) -> dict:
-        """Plain Python types only, so torch.load(weights_only=True) can read a checkpoint holding it."""
+        """Plain Python types only, which torch.load(weights_only=True) reads back."""
         return {"words": list(self.words), "text_len": self.text_len}
 
     @classmethod

@@ -30,7 +30,7 @@ import train_mqvae
 import train_stackformer
 import utils
 from mqvae import MQVAE, PRESETS, MQVAEConfig
-from stackformer import Stackformer, StackformerConfig, WordTokenizer
+from stackformer import SamplingConfig, Stackformer, StackformerConfig, WordTokenizer
 from utils import UserError, load_stackformer, run_main, save_checkpoint
 
 torch.set_num_threads(2)
@@ -664,7 +664,7 @@ def inverted_mask_checkpoint(path):
         score_net[3].bias.fill_(2.0)
     train_cfg = dataclasses.asdict(train_mqvae.TrainConfig(preset="tiny", image_size=16, batch_size=8, num_workers=0,
                                                            eval_images=64))
-    save_checkpoint(dict(kind="mqvae", version=1, mqvae_config=dataclasses.asdict(cfg), train_config=train_cfg,
+    save_checkpoint(dict(kind="mqvae", mqvae_config=dataclasses.asdict(cfg), train_config=train_cfg,
                          mqvae=model.state_dict(), step=0), str(path))
 
 
@@ -675,7 +675,7 @@ def test_the_inversion_warning_names_the_commit_path_only_on_a_run_that_takes_it
     assert "commit-through-score" not in off                      # the default: nothing to turn off
     assert "--codebook-weight 0.1 × β 0.25 = 0.025" in off and "--lr" in off
     on = train_mqvae.inversion_warning(inverted, True, 1.0, 0.25)
-    assert "turn --commit-through-score off" in on and "--codebook-weight 1 × β 0.25 = 0.25" in on
+    assert "train with --no-commit-through-score" in on and "--codebook-weight 1 × β 0.25 = 0.25" in on
     assert train_mqvae.inversion_warning(dict(mask_r_detail=-0.4, mask_p_detail=0.5), True) is None  # not significant
 
 
@@ -685,10 +685,21 @@ def test_analysing_an_inverted_checkpoint_warns_and_writes_its_numbers(tmp_path,
     metrics = train_mqvae.main(["--analyse", str(path), "--out-dir", str(tmp_path / "analysis")])
     out = capsys.readouterr().out
     assert metrics["mask_r_detail"] < -0.1 and metrics["mask_p_detail"] < 1e-3
-    assert "looks inverted" in out and "--commit-through-score off" in out
+    assert "looks inverted" in out and "--no-commit-through-score" in out
     saved = json.load(open(tmp_path / "analysis" / "mask_analysis.json"))
     assert saved["mask_r_detail"] == metrics["mask_r_detail"] and saved["val_images"] == 64
     assert Image.open(tmp_path / "analysis" / "mask_analysis.png").size == (4 * 16 + 5 * 2, 8 * 16 + 9 * 2)
+
+
+def test_resuming_a_checkpoint_of_another_version_names_the_fields_that_do_not_fit():
+    cfg = train_mqvae.TrainConfig()
+    saved = dataclasses.asdict(cfg)
+    assert utils.resumed_config(cfg, dict(saved), set(), set()) == dataclasses.replace(cfg, resume=True)
+    older = {k: v for k, v in saved.items() if k != "disc_layers"}
+    with pytest.raises(UserError, match=r"does not fit this version of the code \(disc_layers\)"):
+        utils.resumed_config(cfg, older, set(), set())
+    with pytest.raises(UserError, match=r"\(commit_through_score\)"):     # once an on/off string
+        utils.resumed_config(cfg, dict(saved, commit_through_score="off"), set(), set())
 
 
 def test_nan_loss_stops_training_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -716,7 +727,6 @@ def test_cli_bad_values_give_one_line_errors(tmp_path):
         (["--data", str(tmp_path / "missing")], "unknown dataset"),
         (["--batch-size", "-1"], "--batch-size must be positive"),
         (["--preset", "huge"], "unknown preset"),
-        (["--commit-through-score", "maybe"], "--commit-through-score must be on or off"),
     ]
     for args, expected in cases:
         r = run_script(TINY_TRAIN + args + ["--max-steps", "1", "--out-dir", str(tmp_path / "o")])
@@ -846,31 +856,36 @@ KV_CACHE_CASES = [("code-first", "none"), ("code-first", "class"), ("code-first"
 
 @pytest.mark.parametrize("variant,cond", KV_CACHE_CASES)
 def test_kv_cache_logits_match_full_forward(variant, cond):
-    check_kv_cache_logits(variant, cond, stackformer.KVCache)
+    check_kv_cache_logits(variant, cond, None)
+
+
+@pytest.mark.parametrize("variant,cond", KV_CACHE_CASES)
+def test_slot_kv_cache_of_the_fast_sampler_matches_full_forward(variant, cond):
+    check_kv_cache_logits(variant, cond, fast_sampling.SlotKVCache)
 
 
 def check_kv_cache_logits(variant, cond, cache_class):
     model = sf_model(variant=variant, cond=cond)
     codes, positions, c = sf_batch(model.config)
     with torch.no_grad():
-        code_logits, pos_logits = model(codes, positions, c)
-    lower_logits_full, upper_logits_full = ((code_logits, pos_logits) if variant == "code-first"
-                                            else (pos_logits, code_logits))
-    lower_targets = codes if variant == "code-first" else positions
-    lower_cache, upper_cache = model.new_kv_caches(codes.size(0), cache_class)
+        full = dict(zip((True, False), model(codes, positions, c)))     # is_code -> teacher-forced logits
+    caches = (model.new_kv_caches() if cache_class is None else
+              fast_sampling.slot_caches(model, codes.size(0), cache_class))
+    seen = []
+
+    def teacher(logits, t, is_code):    # each step's logits, then the true token in place of a draw
+        seen.append(is_code)
+        assert torch.allclose(logits, full[is_code][:, t], atol=1e-5), (t, is_code)
+        return (codes if is_code else positions)[:, t]
+
     for t in range(N):
-        prev_code = codes[:, t - 1] if t > 0 else None
-        prev_position = positions[:, t - 1] if t > 0 else None
-        h = model.lower_step(lower_cache, t, prev_code, prev_position, c)
-        g = model.upper_step(upper_cache, t, h, lower_targets[:, t])
-        with torch.no_grad():
-            assert torch.allclose(model.lower_head(h), lower_logits_full[:, t], atol=1e-5)
-            assert torch.allclose(model.upper_head(g), upper_logits_full[:, t], atol=1e-5)
+        model.sample_step(caches, t, codes, positions, c, teacher)
+    assert seen == [variant == "code-first", variant != "code-first"] * N        # lower first, then upper
 
 
 def test_kv_cache_step_ignores_slots_not_yet_written():
     torch.manual_seed(0)
-    cache = stackformer.KVCache(n_layer=1, max_len=10, batch_size=3, device="cpu")
+    cache = fast_sampling.SlotKVCache(n_layer=1, max_len=10, batch_size=3, device="cpu")
     q, k, v = torch.randn(3, 3, 4, 1, 8).unbind(0)                  # (B, nh, 1, hd) each
     cache.allocate(0, k, v)
     cache.keys[0][:, :, :6], cache.values[0][:, :, :6] = torch.randn(2, 3, 4, 6, 8).unbind(0)   # slots 0..5 written
@@ -935,8 +950,8 @@ def test_triton_kernel_writes_the_slot_and_equals_masked_sdpa():
 def test_triton_kernel_fast_sampler_draws_the_reference_tokens(greedy):
     model = sf_model(variant="position-first", seq_len=20, num_positions=64)
     seeded = lambda: torch.Generator().manual_seed(5)
-    reference = model.generate(batch_size=3, greedy=greedy, generator=seeded())
-    fast = fast_sampling.generate(model, batch_size=3, greedy=greedy, generator=seeded(), kernel=True)
+    reference = model.generate(batch_size=3, generator=seeded(), settings=SamplingConfig(greedy=greedy))
+    fast = fast_sampling.generate(model, batch_size=3, generator=seeded(), kernel=True, settings=SamplingConfig(greedy=greedy))
     assert torch.equal(reference[0], fast[0]) and torch.equal(reference[1], fast[1])
 
 
@@ -1108,8 +1123,7 @@ def peaked_model(**overrides):
 def test_increasing_rule_gives_strictly_increasing_positions_in_range(seq_len):
     model = peaked_model(seq_len=seq_len)
     gen = torch.Generator().manual_seed(0)
-    codes, positions = model.generate(batch_size=64, temperature=2.0, top_k=None, top_p=None,
-                                      pos_top_k=None, pos_top_p=None, generator=gen)
+    codes, positions = model.generate(batch_size=64, generator=gen, settings=SamplingConfig(temperature=2.0, top_k=0, top_p=1.0, pos_top_k=0, pos_top_p=1.0))
     assert positions.shape == (64, seq_len) and codes.shape == (64, seq_len)
     assert (positions >= 0).all() and (positions < T).all()
     assert (positions[:, 1:] > positions[:, :-1]).all()
@@ -1119,8 +1133,7 @@ def test_increasing_rule_gives_strictly_increasing_positions_in_range(seq_len):
 def test_unique_rule_never_repeats_a_position():
     model = peaked_model(seq_len=T - 2)
     gen = torch.Generator().manual_seed(0)
-    _, positions = model.generate(batch_size=64, position_rule="unique", temperature=2.0,
-                                  pos_top_k=None, pos_top_p=None, generator=gen)
+    _, positions = model.generate(batch_size=64, generator=gen, settings=SamplingConfig(position_rule="unique", temperature=2.0, pos_top_k=0, pos_top_p=1.0))
     assert (positions.sort(dim=1).values.diff(dim=1) > 0).all()
     assert (positions[:, 1:] < positions[:, :-1]).any()    # the rule does not force an order
 
@@ -1128,8 +1141,7 @@ def test_unique_rule_never_repeats_a_position():
 def test_importance_order_defaults_to_the_unique_rule():
     model = peaked_model(seq_len=T - 2, order="importance")
     gen = torch.Generator().manual_seed(0)
-    _, positions = model.generate(batch_size=64, temperature=2.0, pos_top_k=None, pos_top_p=None,
-                                  generator=gen)
+    _, positions = model.generate(batch_size=64, generator=gen, settings=SamplingConfig(temperature=2.0, pos_top_k=0, pos_top_p=1.0))
     assert (positions.sort(dim=1).values.diff(dim=1) > 0).all()
     assert (positions[:, 1:] < positions[:, :-1]).any()
 
@@ -1140,7 +1152,7 @@ def test_importance_order_defaults_to_the_unique_rule():
 def test_greedy_samples_are_identical_with_and_without_kv_cache(variant, cond, rule):
     model = sf_model(variant=variant, cond=cond, seq_len=10)
     _, _, c = sf_batch(model.config, batch_size=4)
-    kwargs = dict(batch_size=4, cond=c, greedy=True, position_rule=rule)
+    kwargs = dict(batch_size=4, cond=c, settings=SamplingConfig(greedy=True, position_rule=rule))
     cached = model.generate(use_kv_cache=True, **kwargs)
     uncached = model.generate(use_kv_cache=False, **kwargs)
     assert torch.equal(cached[0], uncached[0]) and torch.equal(cached[1], uncached[1])
@@ -1169,18 +1181,18 @@ def test_reused_sampler_draws_what_fresh_calls_draw_and_returns_independent_tens
         return fast_sampling.generate(model, cond=c, generator=torch.Generator().manual_seed(seed), **kwargs)
     reuse = {}
     first = sample(c1, 0, reuse=reuse)
-    sampler, caches = reuse["sampler"], reuse["caches"]
+    state = reuse["state"]
     second = sample(c2, 1, reuse=reuse)
     third = sample(c1, 0, reuse=reuse)
-    assert reuse["sampler"] is sampler and reuse["caches"] is caches          # the same buffers every call
+    assert reuse["state"] is state and reuse["state"].caches is state.caches  # the same buffers every call
     for got, want in [(first, sample(c1, 0)), (second, sample(c2, 1)), (third, sample(c1, 0))]:
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert not torch.equal(first[0], second[0])
     # other settings or another batch size rebuild the kept state
-    top1 = sample(c1, 0, reuse=reuse, top_k=1)
-    assert reuse["sampler"] is not sampler and torch.equal(top1[0], sample(c1, 0, top_k=1)[0])
+    top1 = sample(c1, 0, reuse=reuse, settings=SamplingConfig(top_k=1))
+    assert reuse["state"] is not state and torch.equal(top1[0], sample(c1, 0, settings=SamplingConfig(top_k=1))[0])
     two = sample(c1[:2], 0, reuse=reuse)
-    assert reuse["sampler"].codes.shape[0] == 2 and torch.equal(two[0], sample(c1[:2], 0)[0])
+    assert reuse["state"].codes.shape[0] == 2 and torch.equal(two[0], sample(c1[:2], 0)[0])
     model.double()                                                          # new parameter storage
     sample(c1[:2], 0, reuse=reuse)
     assert reuse["key"][-1] == tuple(p.data_ptr() for p in model.parameters())
@@ -1194,12 +1206,12 @@ def test_guided_logits_are_uncond_plus_scale_times_the_difference_with_a_linear_
     logits = torch.randn(4, 7)
     cond, uncond = logits[:2], logits[2:]
     for schedule, t, scale in [("constant", 0, 3.0), ("linear", 0, 1 + 2.0 / N), ("linear", N - 1, 3.0)]:
-        sampler = stackformer.Sampler(model, None, labels, cfg_scale=3.0, cfg_schedule=schedule)
-        assert sampler.rows == 4 and torch.equal(sampler.cond, torch.tensor([0, 1, NUM_CLASSES, NUM_CLASSES]))
-        guided = sampler.guide(logits, torch.tensor([t]), is_code=True)
+        settings, rows, B = model.sampling_rows(None, labels, SamplingConfig(cfg_scale=3.0, cfg_schedule=schedule))
+        assert B == 2 and torch.equal(rows, torch.tensor([0, 1, NUM_CLASSES, NUM_CLASSES]))
+        guided = stackformer.guided_logits(logits, torch.tensor([t]), N, settings, is_code=True)
         torch.testing.assert_close(guided, uncond + scale * (cond - uncond))
-    codes_only = stackformer.Sampler(model, None, labels, cfg_scale=3.0, cfg_codes_only=True)
-    assert torch.equal(codes_only.guide(logits, torch.tensor([0]), is_code=False), cond)
+    codes_only = SamplingConfig(cfg_scale=3.0, cfg_codes_only=True)
+    assert torch.equal(stackformer.guided_logits(logits, torch.tensor([0]), N, codes_only, is_code=False), cond)
 
 
 def test_guidance_scale_1_samples_exactly_plain_conditional_sampling_and_other_scales_differ():
@@ -1207,8 +1219,9 @@ def test_guidance_scale_1_samples_exactly_plain_conditional_sampling_and_other_s
     labels = torch.arange(8) % NUM_CLASSES
     seeded = lambda: torch.Generator().manual_seed(4)
     plain = model.generate(cond=labels, generator=seeded())
-    assert all(torch.equal(a, b) for a, b in zip(plain, model.generate(cond=labels, generator=seeded(), cfg_scale=1.0)))
-    guided = model.generate(cond=labels, generator=seeded(), cfg_scale=4.0)
+    scale_1 = model.generate(cond=labels, generator=seeded(), settings=SamplingConfig(cfg_scale=1.0))
+    assert all(torch.equal(a, b) for a, b in zip(plain, scale_1))
+    guided = model.generate(cond=labels, generator=seeded(), settings=SamplingConfig(cfg_scale=4.0))
     assert not torch.equal(plain[0], guided[0])
     assert (guided[1][:, 1:] > guided[1][:, :-1]).all()              # the position rule still holds
 
@@ -1216,6 +1229,7 @@ def test_guidance_scale_1_samples_exactly_plain_conditional_sampling_and_other_s
 @pytest.mark.parametrize("cond", ["class", "text"])
 @pytest.mark.parametrize("options", [dict(cfg_scale=3.0), dict(cfg_scale=2.0, cfg_schedule="linear", cfg_codes_only=True)])
 def test_guided_fast_sampler_draws_the_reference_tokens(cond, options):
+    options = dict(settings=SamplingConfig(**options))
     model = sf_model(cond=cond, cond_drop=0.1, seq_len=10)
     _, _, c = sf_batch(model.config, batch_size=3)
     seeded = lambda: torch.Generator().manual_seed(6)
@@ -1235,7 +1249,7 @@ def test_text_guidance_reads_the_empty_caption_as_the_unconditional_stream(monke
     start_input = stackformer.Stackformer._start_input
     monkeypatch.setattr(stackformer.Stackformer, "_start_input",
                         lambda self, cond, batch_size: seen.append(cond.clone()) or start_input(self, cond, batch_size))
-    codes, positions = model.generate(cond=text, greedy=True, cfg_scale=3.0)
+    codes, positions = model.generate(cond=text, settings=SamplingConfig(greedy=True, cfg_scale=3.0))
     assert codes.shape == positions.shape == (2, 8)
     assert torch.equal(seen[0][:2], text) and (seen[0][2:] == 0).all()   # the pad id: the empty caption
 
@@ -1243,13 +1257,13 @@ def test_text_guidance_reads_the_empty_caption_as_the_unconditional_stream(monke
 def test_guidance_needs_a_model_trained_with_null_conditions():
     model = sf_model(cond="class")
     with pytest.raises(ValueError, match="cond_drop > 0"):
-        model.generate(cond=torch.arange(2), cfg_scale=2.0)
+        model.generate(cond=torch.arange(2), settings=SamplingConfig(cfg_scale=2.0))
     assert model.class_emb.num_embeddings == NUM_CLASSES                 # no null class row without cond_drop
     assert sf_model(cond="class", cond_drop=0.1).class_emb.num_embeddings == NUM_CLASSES + 1
     with pytest.raises(ValueError, match="cond_drop"):
         sf_config(cond_drop=0.1)                                         # unconditional: nothing to drop
     with pytest.raises(ValueError, match="give cond"):
-        sf_model(cond="class", cond_drop=0.1).generate(batch_size=2, cfg_scale=2.0)
+        sf_model(cond="class", cond_drop=0.1).generate(batch_size=2, settings=SamplingConfig(cfg_scale=2.0))
 
 
 def test_condition_dropout_replaces_about_the_share_asked_for():
@@ -1270,8 +1284,8 @@ def test_condition_dropout_replaces_about_the_share_asked_for():
 def test_top_k_1_equals_greedy():
     model = sf_model(cond="class")
     labels = torch.arange(8) % NUM_CLASSES
-    greedy = model.generate(cond=labels, greedy=True)
-    top1 = model.generate(cond=labels, top_k=1, pos_top_k=1, generator=torch.Generator().manual_seed(3))
+    greedy = model.generate(cond=labels, settings=SamplingConfig(greedy=True))
+    top1 = model.generate(cond=labels, generator=torch.Generator().manual_seed(3), settings=SamplingConfig(top_k=1, pos_top_k=1))
     assert torch.equal(greedy[0], top1[0]) and torch.equal(greedy[1], top1[1])
 
 
@@ -1290,12 +1304,12 @@ def test_class_and_text_conditions_change_greedy_samples():
         return len(set(map(tuple, torch.cat([codes, positions], dim=1).tolist())))
     model = sf_model(cond="class")
     labels = torch.arange(NUM_CLASSES).repeat(2)
-    codes, positions = model.generate(cond=labels, greedy=True)
+    codes, positions = model.generate(cond=labels, settings=SamplingConfig(greedy=True))
     assert torch.equal(codes[:NUM_CLASSES], codes[NUM_CLASSES:])
     assert distinct_rows(codes, positions) >= NUM_CLASSES // 2
     model = sf_model(cond="text")
     _, _, text = sf_batch(model.config, batch_size=8)
-    codes, positions = model.generate(cond=text.repeat(2, 1), greedy=True)
+    codes, positions = model.generate(cond=text.repeat(2, 1), settings=SamplingConfig(greedy=True))
     assert torch.equal(codes[:8], codes[8:])
     assert distinct_rows(codes, positions) >= 4
 
@@ -1393,9 +1407,10 @@ def test_preset_parameter_count_matches_paper(preset, expected):
 def test_flops_per_token_follows_the_documented_formula():
     model = sf_model()
     cfg = model.config
-    expected = (6 * model.num_params(exclude_embeddings=True)
+    matmul_weights = (model.code_transformer, model.position_transformer, model.code_head, model.pos_head)
+    expected = (6 * sum(p.numel() for m in matmul_weights for p in m.parameters())
                 + 12 * (cfg.n_code_layers + cfg.n_pos_layers) * cfg.n_embd * cfg.seq_len)
-    assert model.flops_per_token() == pytest.approx(expected)
+    assert train_stackformer.flops_per_token(model) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize("cond", ["none", "class", "text"])
@@ -1582,12 +1597,12 @@ def test_non_finite_sqrtm_is_retried_with_eps_on_both_diagonals(monkeypatch, cap
 
 def test_large_imaginary_component_is_an_error():
     # a "covariance" with a negative eigenvalue makes sqrtm genuinely complex
-    with pytest.raises(UserError, match="imaginary component up to 1"):
+    with pytest.raises(fid.UserError, match="imaginary component up to 1"):
         fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([-1.0, 1.0]))
 
 
 def test_mismatched_dims_are_an_error_naming_both():
-    with pytest.raises(UserError, match="dims 4 .* vs 6"):
+    with pytest.raises(fid.UserError, match="dims 4 .* vs 6"):
         fid.frechet_distance(np.zeros(4), np.eye(4), np.zeros(6), np.eye(6))
 
 
@@ -1629,7 +1644,7 @@ def test_weights_file_with_missing_key_names_it(fid_model):
     state = fid_random_state_dict(fid_model, fid_expected_key_names())
     del state["Mixed_7c.branch_pool.bn.running_var"]
     before = fid_model.fc.weight.clone()
-    with pytest.raises(UserError, match=r"missing 1 key\(s\): Mixed_7c\.branch_pool\.bn\.running_var"):
+    with pytest.raises(fid.UserError, match=r"missing 1 key\(s\): Mixed_7c\.branch_pool\.bn\.running_var"):
         fid.load_weights(fid_model, state)
     assert torch.equal(fid_model.fc.weight, before)  # nothing was loaded
 
@@ -1639,13 +1654,13 @@ def test_weights_file_with_extra_or_misshaped_key_names_it(fid_model, tmp_path):
     state["AuxLogits.fc.weight"] = torch.zeros(1008, 768)
     path = tmp_path / "w.pth"
     torch.save(state, path)
-    with pytest.raises(UserError, match=r"unexpected 1 key\(s\): AuxLogits\.fc\.weight") as err:
+    with pytest.raises(fid.UserError, match=r"unexpected 1 key\(s\): AuxLogits\.fc\.weight") as err:
         fid.load_weights(fid_model, path)
     assert "w.pth" in str(err.value)
 
     del state["AuxLogits.fc.weight"]
     state["fc.weight"] = torch.zeros(1000, 2048)
-    with pytest.raises(UserError, match=r"fc\.weight \(1000, 2048\) \(expected \(1008, 2048\)\)"):
+    with pytest.raises(fid.UserError, match=r"fc\.weight \(1000, 2048\) \(expected \(1008, 2048\)\)"):
         fid.load_weights(fid_model, state)
 
 
@@ -1788,7 +1803,7 @@ def test_mixed_sizes_are_resized_per_image_and_bad_files_skipped(fid_model64, tm
     np.testing.assert_allclose(mu, one_by_one.mean(0), atol=1e-5, rtol=0)
 
     monkeypatch.setattr(fid, "MAX_FAILED_FRACTION", 0.01)
-    with pytest.raises(UserError, match="1 of 4 images are unreadable"):
+    with pytest.raises(fid.UserError, match="1 of 4 images are unreadable"):
         fid.compute_statistics(folder, fid_model64, batch_size=4, device="cpu", progress=False)
 
 
@@ -1800,7 +1815,7 @@ def test_missing_weights_message_names_file_url_and_folder(tmp_path, monkeypatch
 
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(hub))
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(UserError) as err:
+    with pytest.raises(fid.UserError) as err:
         fid.build_inception()
     msg = str(err.value)
     assert "pt_inception-2015-12-05-6726825d.pth" in msg
@@ -1835,7 +1850,7 @@ def test_cli_nonexistent_path_fails_with_one_line(tmp_path, capsys):
     missing = tmp_path / "nope"
     rc = fid.main([str(missing), str(tmp_path)])
     err = capsys.readouterr().err
-    assert rc != 0
+    assert rc == 2      # as the other scripts' user errors
     assert err.count("\n") == 1 and str(missing) in err and "Traceback" not in err
 
 
@@ -1877,6 +1892,27 @@ def test_cli_save_stats_then_compare_matches_library(fid_model, fid_model64, tmp
     assert out[0] == f"FID: {fid.frechet_distance(mu_b, s_b, mu_a, s_a):.4f}"
     assert out[1].startswith("protocol: A=3 images (folder, 32x32); B=3 images (stats file, 32x32); dims=64")
     assert f"sha256 {meta['weights_sha256'][:12]}" in out[1] and "299x299" in out[1]
+
+
+def test_fid_copied_alone_into_an_empty_folder_gives_the_same_number(fid_model, tmp_path, capsys):
+    import shutil
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(os.path.join(HERE, "fid.py"), alone / "fid.py")
+    weights = tmp_path / "w.pth"
+    torch.save(fid_model.state_dict(), weights)      # random weights under pytorch-fid's key names
+    for name, seed in (("a", 16), ("b", 17)):
+        np.savez(tmp_path / f"{name}.npz", images=fid_random_images(6, seed=seed))
+    args = [str(tmp_path / "a.npz"), str(tmp_path / "b.npz"), "--weights", str(weights), "--dims", "64",
+            "--device", "cpu", "--num-workers", "0", "--no-progress"]
+    # only the copy is importable there; as many threads as this process, so the sums run alike
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH="")
+    copy = subprocess.run([sys.executable, "fid.py", *args], cwd=alone, env=env, capture_output=True, text=True)
+    assert copy.returncode == 0, copy.stderr[-2000:]
+    capsys.readouterr()
+    assert fid.main(args) == 0                                       # in place, in this process
+    in_place = capsys.readouterr().out.splitlines()[0]
+    assert copy.stdout.splitlines()[0] == in_place and float(in_place.removeprefix("FID: ")) > 0
 
 
 # -----------------------------------------------------------------------------
@@ -2008,20 +2044,6 @@ def test_views_are_the_training_augmentations_draws_and_each_epoch_takes_one_per
     with pytest.raises(UserError, match="--views 1"):                                  # shapes: no augmentation
         train_stackformer.main(stage2_args(stage1_ckpt, tmp_path / "shapes", "--data", "shapes", "--max-steps", "1",
                                            "--views", "2"))
-
-
-def test_a_checkpoint_older_than_views_and_cond_drop_resumes_as_it_was_trained(stage1_ckpt, labelled_folder, tmp_path):
-    out = tmp_path / "s2"
-    args = stage2_args(stage1_ckpt, out, "--data", str(labelled_folder / "imagenet" / "train"), "--views", "1")
-    train_stackformer.main(args + ["--max-steps", "1"])
-    ckpt = torch.load(out / "ckpt.pt", weights_only=True)
-    for key in ("views", "cond_drop"):                                  # as an earlier version wrote it
-        del ckpt["train_config"][key]
-    del ckpt["stackformer_config"]["cond_drop"]
-    torch.save(ckpt, out / "ckpt.pt")
-    train_stackformer.main(stage2_args(stage1_ckpt, out, "--max-steps", "2", "--resume"))
-    resumed = utils.load_checkpoint(str(out / "ckpt.pt"), "stackformer")
-    assert resumed["step"] == 2 and resumed["train_config"]["views"] == 1 and resumed["train_config"]["cond_drop"] == 0
 
 
 def test_an_interrupted_token_extraction_resumes_from_its_parts(stage1_ckpt, labelled_folder, tmp_path, monkeypatch):
@@ -2261,8 +2283,8 @@ def test_an_image_depends_only_on_its_own_condition(ckpts, tmp_path):
 def test_kv_cache_and_full_recompute_give_the_same_tokens_under_greedy(ckpts, cond):
     model, _, tokenizer, _ = load_stackformer(ckpts[cond])
     c = {"none": None, "class": torch.tensor([0, 1, 2]), "text": tokenizer.encode_batch(SP_CAPTIONS) if tokenizer else None}[cond]
-    cached = model.generate(batch_size=3, cond=c, greedy=True, use_kv_cache=True)
-    full = model.generate(batch_size=3, cond=c, greedy=True, use_kv_cache=False)
+    cached = model.generate(batch_size=3, cond=c, use_kv_cache=True, settings=SamplingConfig(greedy=True))
+    full = model.generate(batch_size=3, cond=c, use_kv_cache=False, settings=SamplingConfig(greedy=True))
     assert torch.equal(cached[0], full[0]) and torch.equal(cached[1], full[1])
 
 
@@ -2285,8 +2307,8 @@ def test_sample_top_k_1_equals_greedy(ckpts, tmp_path):
 
 def test_increasing_positions_strictly_increase_and_unique_positions_are_distinct(ckpts):
     model, mq, _, _ = load_stackformer(ckpts["none"])
-    _, increasing = sample.sample_images(model, mq, 5, batch_size=5, position_rule="increasing", return_positions=True)
-    _, unique = sample.sample_images(model, mq, 5, batch_size=5, position_rule="unique", return_positions=True)
+    _, increasing = sample.sample_images(model, mq, 5, batch_size=5, return_positions=True, settings=SamplingConfig(position_rule="increasing"))
+    _, unique = sample.sample_images(model, mq, 5, batch_size=5, return_positions=True, settings=SamplingConfig(position_rule="unique"))
     assert increasing.shape == unique.shape == (5, SP_N)
     assert (np.diff(increasing, axis=1) > 0).all() and increasing.min() >= 0 and increasing.max() < SP_T
     assert all(len(set(row)) == SP_N for row in unique.tolist()) and unique.min() >= 0 and unique.max() < SP_T
@@ -2448,6 +2470,10 @@ def bad_cases(ckpts, tmp_path):
         (["--ckpt", ckpts["none"], "--batch-size", -1], "--batch-size must be positive, got -1"),
         (["--ckpt", ckpts["none"], "--skip-existing"], "--skip-existing needs --out-dir"),
         (["--ckpt", ckpts["none"], "--grid", "none"], "nothing to write"),
+        (["--ckpt", ckpts["none"], "--top-k", -1], "--top-k must be >= 0 (0 = off), got -1"),
+        (["--ckpt", ckpts["none"], "--pos-temperature", 0], "--pos-temperature must be positive (greedy for argmax)"),
+        (["--ckpt", ckpts["none"], "--position-rule", "random"], "--position-rule must be increasing or unique"),
+        (["--ckpt", ckpts["none"], "--cfg-schedule", "cosine"], "--cfg-schedule must be constant or linear"),
     ]
 
 
@@ -2507,13 +2533,20 @@ def test_data_export_writes_the_eval_images_as_uint8(tmp_path):
     assert np.array_equal(images[3], expected)
 
 
-def test_every_script_help_lists_its_flags_with_their_comments():
+def test_every_script_help_lists_its_flags_with_their_comments(capsys):
     for module, config in ((train_mqvae, train_mqvae.TrainConfig), (train_stackformer, train_stackformer.TrainConfig),
                            (sample, sample.SampleConfig)):
         text = utils.config_to_parser(config(), "x").format_help()
         comments = utils.field_comments(config)
         assert len(comments) == len(dataclasses.fields(config))      # every field documented
         assert "--batch-size" in text and comments["batch_size"].split()[0] in text
+    with pytest.raises(SystemExit):
+        sample.parse_config(["--help"])                              # sample.py's flags include the sampling settings
+    text = " ".join(capsys.readouterr().out.split())
+    comments = utils.field_comments(SamplingConfig)
+    assert len(comments) == len(dataclasses.fields(SamplingConfig)) == 11
+    assert all(f"--{name.replace('_', '-')}" in text and " ".join(comment.split()[:3]) in text
+               for name, comment in comments.items())
 
 
 def test_caption_judge_finds_the_colours_an_image_shows():

@@ -77,7 +77,7 @@ class TrainConfig:
     rec_loss: str = "l1"                  # l1 (official) | l2 (supplementary)
     perceptual_weight: Optional[float] = None  # LPIPS weight (1.0; 0 for the shapes demo)
     codebook_weight: Optional[float] = None  # w: multiplies L_commit = β·||Ẑ - sg(Ẑ^q)||² (β = 0.25 in the quantizer), so the commitment weight in effect is w × 0.25 (1.0; 0.1 for the shapes demo, in effect 0.025)
-    commit_through_score: str = "off"     # off: L_commit sees sg(s)·u, the mask learns from reconstruction alone | on: official (docs/findings.md)
+    commit_through_score: bool = False    # L_commit on s·u (official); off: on sg(s)·u (docs/findings.md)
     disc_weight: float = 0.75             # 0.75 × adaptive λ
     disc_weight_max: float = 1.0          # cap on λ (official code)
     disc_start: Optional[int] = None      # step at which the GAN terms switch on (0; later for the demo)
@@ -144,8 +144,6 @@ def validate(cfg: TrainConfig):
     check_positive(cfg, "image_size", "train_images", "batch_size", "grad_accum", "max_steps", "epochs", "log_every", "eval_every",
                    "ckpt_every", "eval_images", "usage_window")
     check(cfg.rec_loss in ("l1", "l2"), f"--rec-loss must be l1 or l2, got {cfg.rec_loss!r}")
-    check(cfg.commit_through_score in ("on", "off"),
-          f"--commit-through-score must be on or off, got {cfg.commit_through_score!r}")
     check(cfg.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
     check(cfg.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
     check(cfg.perceptual_weight >= 0 and cfg.disc_weight >= 0, "loss weights must be non-negative")
@@ -164,7 +162,7 @@ def model_config(cfg: TrainConfig) -> MQVAEConfig:
     try:
         return MQVAEConfig(**{**PRESETS[cfg.preset], **overrides}, resolution=cfg.image_size,
                            keep_ratio=cfg.keep_ratio, masker=cfg.masker, codebook=cfg.codebook,
-                           demask_attn=cfg.demask_attn, commit_through_score=cfg.commit_through_score == "on")
+                           demask_attn=cfg.demask_attn, commit_through_score=cfg.commit_through_score)
     except ValueError as e:     # the model's own checks (keep ratio, image size vs f, ...)
         raise UserError(str(e)) from None
 
@@ -315,6 +313,17 @@ def losses_and_backward(model, disc, raw_model, raw_disc, lpips_fn, x, cfg, gan_
     return dict(loss=loss.detach(), rec=rec.detach(), lpips=perceptual.detach(), commit=commit.detach(),
                 g_loss=g_loss.detach(), d_loss=d_loss.detach(), gan_weight=gan_weight, logits_real=real_mean,
                 logits_fake=fake_mean, aux=aux)
+
+
+def update(n: SimpleNamespace, gan_on: bool):
+    """The end of a training step, after its micro-batches: the autoencoder's update, the codebook's
+    EMA step (once per step, whatever the accumulation) and, with the GAN on, the discriminator's."""
+    n.opt_ae.step()
+    n.opt_ae.zero_grad(set_to_none=True)
+    n.raw_model.quantizer.ema_step()
+    if gan_on:
+        n.opt_d.step()
+        n.opt_d.zero_grad(set_to_none=True)
 
 
 # -----------------------------------------------------------------------------
@@ -471,7 +480,7 @@ def inversion_warning(metrics: dict, commit_through_score: bool, codebook_weight
     weight = (f"here --codebook-weight {codebook_weight:g} × β {beta:g} = {codebook_weight * beta:g}; "
               if codebook_weight is not None else "--codebook-weight; ")
     path = ("; and this run takes L_commit through the scores (the official term), which kept the background in "
-            "6 of 12 runs there: turn --commit-through-score off" if commit_through_score else "")
+            "6 of 12 runs there: train with --no-commit-through-score" if commit_through_score else "")
     return (f"warning: the importance map looks inverted: its correlation with pixel detail is r = {r:.2f} "
             f"(p = {p:.1g}), so the mask keeps flat regions and drops detailed ones. What moved the map in "
             f"docs/findings.md: the commitment weight ({weight}0.1 kept the shapes in every short demo run, 1.0 "
@@ -491,8 +500,6 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         return analyse_checkpoint(cfg, explicit, rank, world, device)
     cfg = resolve_defaults(cfg)
     ckpt_path, ckpt, cfg = resume_from(cfg, "mqvae", explicit, RUN_CONTROL, log)
-    if ckpt is not None and "commit_through_score" not in ckpt["train_config"]:
-        cfg.commit_through_score = "on"     # written before the flag existed, with the official commitment term
     validate(cfg)
     mcfg = model_config(cfg)
     d = build_data(cfg, rank, world, device)
@@ -534,12 +541,7 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
                                           n.autocast)
             run.guard.update(out["loss"] + out["d_loss"], step + 1)
             stats.add(out, step)
-        n.opt_ae.step()
-        n.opt_ae.zero_grad(set_to_none=True)
-        n.raw_model.quantizer.ema_step()  # the codebook moves once per step, whatever the accumulation
-        if gan_on:
-            n.opt_d.step()
-            n.opt_d.zero_grad(set_to_none=True)
+        update(n, gan_on)
         run.step_times.append(time.time() - t0)
         done = step + 1
         if run.log_due(done):
@@ -770,7 +772,7 @@ def report_evaluation(run: TrainingRun, step: int, metrics: dict, picture, mcfg:
 def checkpoint_state(n: SimpleNamespace, mcfg: MQVAEConfig, cfg: TrainConfig, epoch: float) -> dict:
     """Everything but step and RNG states (TrainingRun.save adds them): sample.py and train_stackformer.py
     rebuild the MQ-VAE from mqvae_config + mqvae alone."""
-    return dict(kind="mqvae", version=1, mqvae_config=dataclasses.asdict(mcfg), train_config=vars(cfg),
+    return dict(kind="mqvae", mqvae_config=dataclasses.asdict(mcfg), train_config=vars(cfg),
                 mqvae=strip_compile_prefix(n.raw_model.state_dict()), disc=strip_compile_prefix(n.raw_disc.state_dict()),
                 opt_ae=n.opt_ae.state_dict(), opt_disc=n.opt_d.state_dict(), epoch=epoch)
 

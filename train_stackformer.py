@@ -35,13 +35,13 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
@@ -129,8 +129,8 @@ def validate(cfg: TrainConfig):
     check(cfg.variant in ("code-first", "position-first"), f"--variant must be code-first or position-first, got {cfg.variant!r}")
     check(cfg.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
     check(cfg.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")
-    check_positive(cfg, "train_images", "views", "code_layers", "pos_layers", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches", "ckpt_every",
-                   "encode_batch_size", "lr", "epochs", "max_steps")
+    check_positive(cfg, "train_images", "views", "code_layers", "pos_layers", "batch_size", "grad_accum", "log_every",
+                   "eval_every", "eval_batches", "ckpt_every", "encode_batch_size", "lr", "epochs", "max_steps")
     check(0.0 <= cfg.dropout < 1.0, f"--dropout must be in [0, 1), got {cfg.dropout}")
     check(0.0 <= cfg.cond_drop < 1.0, f"--cond-drop must be in [0, 1), got {cfg.cond_drop}")
     check(cfg.cond_drop == 0 or cfg.cond != "none", "--cond-drop needs --cond class or text (an unconditional model has no condition to drop)")
@@ -154,6 +154,27 @@ def configure_optimizer(model: nn.Module, lr: float, weight_decay: float, betas:
         {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=(device_type == "cuda"))
+
+
+def flops_per_token(model: Stackformer) -> float:
+    """Training FLOPs (forward + backward) per image token, i.e. per (code, position) pair, for MFU.
+
+    As in the PaLM appendix and nanoGPT: a weight matrix with P entries costs 6·P FLOPs per token
+    it processes, and attention over a context of S tokens costs 12·n_layer·d·S per token
+    (QKᵀ and AV, 2 FLOPs per multiply-add, ×3 for the backward pass, causal mask not discounted).
+    Without a caption both transformers run over S = N tokens, so this is
+        6·(non-embedding params) + 12·(n_code_layers + n_pos_layers)·d·N.
+    With a caption the lower transformer runs over S = L + N − 1 tokens; the total is divided by N.
+    """
+    d, N = model.config.n_embd, model.config.seq_len
+    lower, _, upper, _ = model.stack()
+    flops = 0
+    for tower, S in ((lower, model.prefix_len + N - 1), (upper, N)):
+        tower_params = sum(p.numel() for p in tower.parameters())
+        flops += S * (6 * tower_params + 12 * len(tower.blocks) * d * S)
+    head_params = sum(p.numel() for m in (model.code_head, model.pos_head) for p in m.parameters())
+    flops += N * 6 * head_params
+    return flops / N
 
 
 def file_sha256(path: str) -> str:
@@ -426,126 +447,182 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     stage1 = load_checkpoint(cfg.stage1, "mqvae")
     cfg = resolve_defaults(cfg, stage1["train_config"])
     ckpt_path, ckpt, cfg = resume_from(cfg, "stackformer", explicit, RUN_CONTROL, log)
-    for key, before in dict(views=1, cond_drop=0.0).items():      # a checkpoint older than these flags ran so
-        if ckpt is not None and key not in ckpt["train_config"]:
-            setattr(cfg, key, before)
     validate(cfg)
     if rank == 0 and device.type == "cpu" and cfg.preset not in ("demo", "tiny"):
         print(f"note: the full-size {cfg.preset} Stackformer is slow on a CPU; a short run: --preset demo --views 1 "
               f"--max-steps 1000")
-    cuda = device.type == "cuda"
-    if cuda:
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
-    # ---- stage 1, its tokens, the model
-    stage1_sha = file_sha256(cfg.stage1)
-    if ckpt is not None and ckpt["stage1_sha256"] != stage1_sha:
-        raise UserError(f"{cfg.stage1} is not the MQ-VAE this run was trained on (its SHA-256 changed); "
-                        f"start a new --out-dir")
-    mqvae = mqvae_from_checkpoint(stage1, device)
-    mcfg = mqvae.config
-    check(mcfg.codebook_size <= 65536 and mcfg.num_tokens <= 65536,
-          "codes and positions are cached as uint16: codebook size and H*W must be at most 65536")
-    tokenizer, classes = conditioning(cfg, ckpt, mcfg)
-    train_tokens = TokenSet(build_token_cache(cfg, mqvae, stage1_sha, "train", device, rank, world, tokenizer), cfg.order)
-    val_tokens = TokenSet(build_token_cache(cfg, mqvae, stage1_sha, "val", device, rank, world, tokenizer), cfg.order)
-    scfg = model_config(cfg, mcfg, classes, tokenizer)
-    torch.manual_seed(cfg.seed)
-    raw_model = Stackformer(scfg).to(device)
-    optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (0.9, 0.95), device.type)
-    global_batch = cfg.batch_size * world * cfg.grad_accum
-    steps_per_epoch = train_tokens.num_images // global_batch  # an epoch sees every image once
-    check(steps_per_epoch > 0, f"{train_tokens.num_images} training images are fewer than one global batch ({global_batch})")
-    total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
-    warmup_steps = cfg.warmup_steps if cfg.warmup_steps is not None else min(5000, total_steps // 50)
-    if ckpt is not None:
-        raw_model.load_state_dict(ckpt["model"], strict=True)
-        optimizer.load_state_dict(ckpt["optimizer"])
+    d = build_data(cfg, stage1, ckpt, rank, world, device)
+    n = build_model(cfg, d, ckpt, world, device, log)
     # per-rank dropout from here on
     start_step = seed_or_restore_rng(ckpt, cfg.seed, rank, world, device, log,
                                      "the global batch, the data order and the random streams change")
     if ckpt is not None:
         log(f"resumed from {ckpt_path} at step {start_step}")
-    model, graphed = wrap_for_speed(raw_model, cfg, world, device, log)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.dtype == "bf16" else nullcontext()
-    run = TrainingRun(cfg, ckpt_path, ckpt is not None, start_step, total_steps, rank, world, device,
-                      "Lower the learning rate")
+    run = TrainingRun(cfg, ckpt_path, ckpt is not None, start_step, d.total_steps, rank, world,
+                      device, "Lower the learning rate")
     if rank == 0:
-        describe_run(cfg, scfg, raw_model, train_tokens, val_tokens, global_batch, steps_per_epoch, total_steps,
-                     warmup_steps)
-    tokens_per_step = global_batch * scfg.seq_len
+        describe_run(cfg, n, d)
+    tokens_per_step = d.global_batch * n.config.seq_len
     sums = torch.zeros(3, device=device)      # loss, CE_code, CE_pos summed on the device between log lines
     count = 0
-    model.train()
-    step, perm_epoch = start_step, None
-    for step in range(start_step, total_steps):
+    stream = step_batches(d, cfg, start_step, rank, world, n.raw_model, device)
+    n.model.train()
+    step = start_step
+    for step in range(start_step, d.total_steps):
         t0 = time.time()
-        lr = warmup_cosine_lr(step, cfg.lr, warmup_steps, total_steps, cfg.min_lr)
-        for group in optimizer.param_groups:
+        lr = warmup_cosine_lr(step, cfg.lr, d.warmup_steps, d.total_steps, cfg.min_lr)
+        for group in n.optimizer.param_groups:
             group["lr"] = lr
-        epoch, within = divmod(step, steps_per_epoch)
-        # This step's rows: a permutation per epoch (seed + epoch), sharded by rank, so that a resumed
-        # run reads exactly the rows an uninterrupted one would.
-        if epoch != perm_epoch:
-            perm, perm_epoch = train_tokens.epoch_rows(cfg.seed, epoch), epoch
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step * world + rank)
-        for micro in range(cfg.grad_accum):
-            start = ((within * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
-            codes, positions, labels, captions = (t.to(device, non_blocking=True) if t is not None else None
-                                                  for t in train_tokens.batch(np.sort(perm[start:start + cfg.batch_size]), gen))
-            cond = drop_conditions(raw_model, condition(cfg.cond, labels, captions), gen)
-            sync = nullcontext() if (world == 1 or micro == cfg.grad_accum - 1) else model.no_sync()
-            if graphed:
-                torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are no longer read
-            with sync:
-                with autocast:
-                    code_logits, pos_logits = model(codes, positions, cond)
-                code_ce = F.cross_entropy(code_logits.flatten(0, 1).float(), codes.flatten())
-                pos_ce = F.cross_entropy(pos_logits.flatten(0, 1).float(), positions.flatten())
-                loss = code_ce + scfg.pos_weight * pos_ce
-                (loss / cfg.grad_accum).backward()
-            sums += torch.stack([loss.detach(), code_ce.detach(), pos_ce.detach()])
-            count += 1
-            run.guard.update(loss, step + 1)
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        terms = train_step(n.model, n.optimizer, next(stream), n.autocast, cfg.grad_clip, n.graphed)
+        sums += terms.sum(0)
+        count += len(terms)
+        run.guard.update(terms[:, 0].sum(), step + 1)
         run.step_times.append(time.time() - t0)
         done = step + 1
         if run.log_due(done):
             log_training(run, sums / max(count, 1), count / cfg.grad_accum, done, lr, tokens_per_step,
-                         raw_model.flops_per_token() * tokens_per_step, steps_per_epoch)
+                         flops_per_token(n.raw_model) * tokens_per_step, d.steps_per_epoch)
             sums.zero_()
             count = 0
         if run.due(done, cfg.eval_every):
-            run.check_finite(done)
-            metrics = evaluate(raw_model, val_tokens, cfg, autocast, rank, world, device)
-            if rank == 0:
-                write_samples(raw_model, mqvae, val_tokens, cfg, autocast, done, device)
-                log(f"eval step {done}: val code loss {metrics['val_code_loss']:.4f}, pos loss {metrics['val_pos_loss']:.4f}")
-                run.write_record(dict(step=done, **metrics))
-            run.t_log = time.time()     # the evaluation's time is not training throughput
+            report_evaluation(run, n, d, cfg, done, rank)
         save, stop = run.after_step(done)
         if save:
-            run.save(done, dict(kind="stackformer", version=1, stackformer_config=dataclasses.asdict(scfg),
-                                model=strip_compile_prefix(raw_model.state_dict()),
-                                mqvae_config=stage1["mqvae_config"], mqvae=stage1["mqvae"],
-                                tokenizer=tokenizer.to_dict() if tokenizer else None, classes=classes,
-                                image_size=mcfg.resolution, train_config=vars(cfg),
-                                optimizer=optimizer.state_dict(), stage1_sha256=stage1_sha))
+            run.save(done, checkpoint_state(cfg, n, d, stage1))
         if stop:
             log(run.stop_message(done))
             break
     if world > 1:
-        log(check_identical_across_ranks(list(raw_model.parameters()), world, "parameters"))
+        log(check_identical_across_ranks(list(n.raw_model.parameters()), world, "parameters"))
     run.finish(step, f"; sample with: python sample.py --ckpt {ckpt_path}")
+
+
+def train_step(model, optimizer, batches, autocast, grad_clip: float, graphed: bool):
+    """One optimizer step over the micro-batches [(codes, positions, cond), ...]: each one's loss
+    (Stackformer.forward with loss=True) backpropagated with weight 1/len(batches), DDP's
+    all-reduce on the last one only, the gradient norm clipped to grad_clip (0: not), the update.
+    -> (len(batches), 3) tensor: loss, CE_code and CE_pos of each micro-batch, detached."""
+    terms = []
+    for micro, (codes, positions, cond) in enumerate(batches):
+        last = micro == len(batches) - 1
+        sync = model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
+        if graphed:
+            torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are not read
+        with sync:
+            with autocast:
+                loss, code_ce, pos_ce = model(codes, positions, cond, loss=True)
+            (loss / len(batches)).backward()
+        terms.append(torch.stack([loss.detach(), code_ce.detach(), pos_ce.detach()]))
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return torch.stack(terms)
+
+
+def step_batches(d: SimpleNamespace, cfg: TrainConfig, step: int, rank: int, world: int,
+                 model: Stackformer, device):
+    """Endless stream, from `step` on, of each step's grad_accum micro-batches (codes, positions,
+    cond) on the device. A step's rows come from a permutation per epoch (seed + epoch), sharded by
+    rank, and its random draws from a generator seeded by (seed, step, rank): a resumed run reads
+    exactly the rows and conditions an uninterrupted one would."""
+    perm, perm_epoch = None, None
+    while True:
+        epoch, within = divmod(step, d.steps_per_epoch)
+        if epoch != perm_epoch:
+            perm, perm_epoch = d.train_tokens.epoch_rows(cfg.seed, epoch), epoch
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + step * world + rank)
+        batches = []
+        for micro in range(cfg.grad_accum):
+            start = ((within * cfg.grad_accum + micro) * world + rank) * cfg.batch_size
+            rows = np.sort(perm[start:start + cfg.batch_size])
+            on_device = [t if t is None else t.to(device, non_blocking=True)
+                         for t in d.train_tokens.batch(rows, gen)]
+            codes, positions, labels, captions = on_device
+            cond = drop_conditions(model, condition(cfg.cond, labels, captions), gen)
+            batches.append((codes, positions, cond))
+        yield batches
+        step += 1
+
+
+def build_data(cfg: TrainConfig, stage1: dict, ckpt: Optional[dict], rank: int, world: int,
+               device) -> SimpleNamespace:
+    """The frozen MQ-VAE, the tokenizer or class names of the condition, both splits' cached tokens,
+    and the schedule they fix (steps, warmup)."""
+    stage1_sha = file_sha256(cfg.stage1)
+    if ckpt is not None and ckpt["stage1_sha256"] != stage1_sha:
+        raise UserError(f"{cfg.stage1} is not the MQ-VAE this run was trained on (its SHA-256 "
+                        f"changed); start a new --out-dir")
+    mqvae = mqvae_from_checkpoint(stage1, device)
+    mcfg = mqvae.config
+    check(mcfg.codebook_size <= 65536 and mcfg.num_tokens <= 65536,
+          "codes and positions are cached as uint16: codebook size and H*W must be at most 65536")
+    tokenizer, classes = conditioning(cfg, ckpt, mcfg)
+    folders = [build_token_cache(cfg, mqvae, stage1_sha, split, device, rank, world, tokenizer)
+               for split in ("train", "val")]
+    train_tokens, val_tokens = (TokenSet(folder, cfg.order) for folder in folders)
+    global_batch = cfg.batch_size * world * cfg.grad_accum
+    steps_per_epoch = train_tokens.num_images // global_batch  # an epoch sees every image once
+    check(steps_per_epoch > 0, f"{train_tokens.num_images} training images are fewer than one "
+                               f"global batch ({global_batch})")
+    total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    warmup_steps = min(5000, total_steps // 50) if cfg.warmup_steps is None else cfg.warmup_steps
+    return SimpleNamespace(stage1_sha=stage1_sha, mqvae=mqvae, tokenizer=tokenizer, classes=classes,
+                           train_tokens=train_tokens, val_tokens=val_tokens,
+                           global_batch=global_batch, steps_per_epoch=steps_per_epoch,
+                           total_steps=total_steps, warmup_steps=warmup_steps)
+
+
+def build_model(cfg: TrainConfig, d: SimpleNamespace, ckpt: Optional[dict], world: int, device,
+                log) -> SimpleNamespace:
+    """The Stackformer and its optimizer, restored from ckpt, then compiled and DDP-wrapped as the
+    flags say: model is what the loop calls, raw_model the unwrapped module."""
+    config = model_config(cfg, d.mqvae.config, d.classes, d.tokenizer)
+    torch.manual_seed(cfg.seed)
+    raw_model = Stackformer(config).to(device)
+    optimizer = configure_optimizer(raw_model, cfg.lr, cfg.weight_decay, (0.9, 0.95), device.type)
+    if ckpt is not None:
+        raw_model.load_state_dict(ckpt["model"], strict=True)
+        optimizer.load_state_dict(ckpt["optimizer"])
+    model, graphed = wrap_for_speed(raw_model, cfg, world, device, log)
+    bf16 = device.type == "cuda" and cfg.dtype == "bf16"
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    return SimpleNamespace(config=config, raw_model=raw_model, model=model, optimizer=optimizer,
+                           graphed=graphed, autocast=autocast)
+
+
+def report_evaluation(run: TrainingRun, n: SimpleNamespace, d: SimpleNamespace, cfg: TrainConfig,
+                      step: int, rank: int):
+    """The validation losses (every rank takes part); on rank 0 samples_<step>.png, a log line and
+    a log.jsonl record."""
+    run.check_finite(step)
+    metrics = evaluate(n.raw_model, d.val_tokens, cfg, n.autocast, rank, run.world, run.device)
+    if run.master:
+        write_samples(n.raw_model, d.mqvae, d.val_tokens, cfg, n.autocast, step, run.device)
+        run.log(f"eval step {step}: val code loss {metrics['val_code_loss']:.4f}, "
+                f"pos loss {metrics['val_pos_loss']:.4f}")
+        run.write_record(dict(step=step, **metrics))
+    run.t_log = time.time()     # the evaluation's time is not training throughput
+
+
+def checkpoint_state(cfg: TrainConfig, n: SimpleNamespace, d: SimpleNamespace, stage1: dict):
+    """Everything but step and RNG states (TrainingRun.save adds them); it embeds the MQ-VAE, so
+    sample.py rebuilds both models from this file alone."""
+    return dict(kind="stackformer", stackformer_config=dataclasses.asdict(n.config),
+                model=strip_compile_prefix(n.raw_model.state_dict()),
+                mqvae_config=stage1["mqvae_config"], mqvae=stage1["mqvae"],
+                tokenizer=d.tokenizer.to_dict() if d.tokenizer else None, classes=d.classes,
+                image_size=d.mqvae.config.resolution, train_config=vars(cfg),
+                optimizer=n.optimizer.state_dict(), stage1_sha256=d.stage1_sha)
 
 
 def model_config(cfg: TrainConfig, mcfg, classes, tokenizer) -> StackformerConfig:
     """The Stackformer's configuration: the preset, the MQ-VAE's codebook and grid, the condition."""
-    depths = {k: v for k, v in dict(n_code_layers=cfg.code_layers, n_pos_layers=cfg.pos_layers).items() if v is not None}
+    depths = {key: value for key, value in dict(n_code_layers=cfg.code_layers, n_pos_layers=cfg.pos_layers).items()
+              if value is not None}
     return StackformerConfig(**{**PRESETS[cfg.preset], **depths}, codebook_size=mcfg.codebook_size,
                              num_positions=mcfg.num_tokens, seq_len=mcfg.seq_len, dropout=cfg.dropout,
                              cond=cfg.cond, num_classes=len(classes) if classes else 1000,
@@ -594,9 +671,9 @@ def wrap_for_speed(model: Stackformer, cfg: TrainConfig, world: int, device, log
     return model, graphed
 
 
-def describe_run(cfg: TrainConfig, scfg: StackformerConfig, model: Stackformer, train_tokens, val_tokens,
-                 global_batch: int, steps_per_epoch: int, total_steps: int, warmup_steps: int):
+def describe_run(cfg: TrainConfig, n: SimpleNamespace, d: SimpleNamespace):
     """Rank 0: write config.json and print what will run."""
+    scfg, model, train_tokens, global_batch = n.config, n.raw_model, d.train_tokens, d.global_batch
     os.makedirs(cfg.out_dir, exist_ok=True)
     write_json(os.path.join(cfg.out_dir, "config.json"), dict(train=vars(cfg), model=dataclasses.asdict(scfg)))
     print(json.dumps(vars(cfg)))
@@ -608,8 +685,9 @@ def describe_run(cfg: TrainConfig, scfg: StackformerConfig, model: Stackformer, 
           f"N={scfg.seq_len} pairs per image")
     print(f"tokens: {train_tokens.num_images} train images ({len(train_tokens)} sequences: {train_tokens.copies} per "
           f"image, its views and their mirror images) / "
-          f"{len(val_tokens)} val; global batch {global_batch} ({global_batch * scfg.seq_len} tokens); "
-          f"{steps_per_epoch} steps/epoch, {total_steps} steps, peak lr {cfg.lr:g}, warmup {warmup_steps}")
+          f"{len(d.val_tokens)} val; global batch {global_batch} ({global_batch * scfg.seq_len} "
+          f"tokens); {d.steps_per_epoch} steps/epoch, {d.total_steps} steps, peak lr {cfg.lr:g}, "
+          f"warmup {d.warmup_steps}")
 
 
 def log_training(run: TrainingRun, means: torch.Tensor, steps: float, done: int, lr: float, tokens_per_step: int,

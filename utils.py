@@ -158,35 +158,6 @@ def load_stackformer(path: str, device="cpu"):
 
 
 # -----------------------------------------------------------------------------
-# Numerics
-
-@contextlib.contextmanager
-def exact_fp32():
-    """Disable TF32 for convolutions and matmuls inside the block, then restore.
-
-    fid.py: pytorch-fid's reference numbers are plain fp32; TF32 rounds conv inputs to 10 mantissa bits, which
-    moves the features and the FID by more than the 1e-4 relative agreement it promises. bench.py: the sampling
-    paths draw equal fp32 tokens only without TF32, whose rounding differs from path to path.
-    """
-    b = torch.backends
-    if hasattr(b.cudnn, "conv") and hasattr(b.cudnn.conv, "fp32_precision"):
-        # torch >= 2.9 warns or errors when the legacy allow_tf32 flags are mixed with these
-        saved = b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision
-        b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision = "ieee", "ieee"
-        try:
-            yield
-        finally:
-            b.cudnn.conv.fp32_precision, b.cuda.matmul.fp32_precision = saved
-    else:
-        saved = b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32
-        b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = False, False
-        try:
-            yield
-        finally:
-            b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = saved
-
-
-# -----------------------------------------------------------------------------
 # torchrun / DDP
 
 def setup_distributed():
@@ -257,12 +228,19 @@ class FlagParser(argparse.ArgumentParser):
 
 
 def config_to_parser(defaults, description: str, required=()) -> FlagParser:
+    """A FlagParser with the flags of the config dataclass `defaults` (add_config_flags); the fields named in
+    `required` must be given."""
+    parser = FlagParser(description=description)
+    add_config_flags(parser, defaults, required)
+    return parser
+
+
+def add_config_flags(parser: argparse.ArgumentParser, defaults, required=()):
     """One flag per dataclass field: `--batch-size 8` and `--batch-size=8` both work; booleans get
     `--flag/--no-flag`; a field whose default is None takes the type named in its annotation; the
     field's comment is its help text, followed by the default where the comment does not give it.
     The fields named in `required` must be given (and show so in the usage line)."""
     help_texts = field_comments(type(defaults))
-    parser = FlagParser(description=description)
     for f in dataclasses.fields(defaults):
         name = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
@@ -277,7 +255,6 @@ def config_to_parser(defaults, description: str, required=()) -> FlagParser:
             kind = (int if "int" in annotation else float if "float" in annotation else str)
             parser.add_argument(name, type=kind, default=default, help=help_text,
                                 metavar=f.name.upper(), required=f.name in required)
-    return parser
 
 
 def launch(config_class, train_fn, description: str, argv=None):
@@ -549,7 +526,15 @@ def fill_defaults(cfg, defaults: dict, stage: str):
 def resumed_config(cfg, saved: dict, explicit: set, run_control: set):
     """The configuration of a resumed run: the checkpoint's, except the run-control flags the user typed
     now (and --stop-after, which applies to one invocation). Any other flag typed with a different
-    value is an error: the model, data and optimiser of a run cannot change half-way."""
+    value is an error: the model, data and optimiser of a run cannot change half-way. So is a
+    checkpoint whose configuration has other fields or types than this code's (another version of
+    the code wrote it)."""
+    fields = dataclasses.fields(cfg)
+    other = sorted(set(saved) ^ {f.name for f in fields}) + [
+        f.name for f in fields
+        if f.name in saved and isinstance(getattr(cfg, f.name), bool) != isinstance(saved[f.name], bool)]
+    check(not other, f"the checkpoint's configuration does not fit this version of the code "
+                     f"({', '.join(other)}); start a new --out-dir")
     resumed = type(cfg)(**saved)
     for key in explicit - run_control:
         check(getattr(cfg, key) == getattr(resumed, key),

@@ -14,7 +14,6 @@ it shows (what samples that ignore their caption would score).
     python docs/caption_consistency.py --ckpt out/stackformer-shapes-text/ckpt.pt
 """
 
-import argparse
 import json
 import os
 import sys
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data      # noqa: E402  (the project's modules, from the folder above)
-from class_consistency import as_input, guidance_arguments, samples_per_scale   # noqa: E402  (beside this file)
+from class_consistency import as_input, guidance_parser, samples_per_scale   # noqa: E402  (beside this file)
 from utils import load_stackformer   # noqa: E402
 
 
@@ -51,12 +50,10 @@ def reconstructed(mqvae, images: list, device) -> list:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    guidance_arguments(parser, "text-conditional")
-    parser.add_argument("--n", type=int, default=300, help="validation captions, one sample each per scale")
+    parser = guidance_parser(__doc__, "text-conditional", "validation captions, one sample each per scale",
+                             "caption_consistency.json")
     parser.add_argument("--tolerance", type=int, default=48, help="per-channel distance to the colour, of 255")
     parser.add_argument("--min-share", type=float, default=0.02, help="share of the pixels a shown colour covers")
-    parser.add_argument("--json", default="caption_consistency.json")
     args = parser.parse_args()
     model, mqvae, tokenizer, _ = load_stackformer(args.ckpt, torch.device(args.device))
     if tokenizer is None:

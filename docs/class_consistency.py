@@ -29,6 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data      # noqa: E402  (the project's modules, from the folder above)
 import sample    # noqa: E402
+from stackformer import SamplingConfig   # noqa: E402
 from utils import load_stackformer   # noqa: E402
 
 
@@ -78,29 +79,30 @@ def as_input(images) -> torch.Tensor:
     return torch.stack([data.to_tensor(image) for image in images])
 
 
-def guidance_arguments(parser, what: str):
+def guidance_parser(doc: str, what: str, n_help: str, json_name: str) -> argparse.ArgumentParser:
     """The flags this script and caption_consistency.py share; what: the kind of checkpoint."""
+    parser = argparse.ArgumentParser(description=doc.strip().split("\n\n")[0])
     parser.add_argument("--ckpt", required=True, help=f"a {what} Stackformer trained on the shapes data")
     parser.add_argument("--scales", default="1,1.5,2,3,4", help="guidance scales, comma-separated")
     parser.add_argument("--batch-size", type=int, default=100, help="samples per generate() call")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--n", type=int, default=300, help=n_help)
+    parser.add_argument("--json", default=json_name)
+    return parser
 
 
 def samples_per_scale(args, model, mqvae, cond):
     """(scale, uint8 (n, H, W, 3) samples, one per condition row, seed 0) for every --scales value."""
     for scale in (float(s) for s in args.scales.split(",")):
         yield scale, sample.sample_images(model, mqvae, len(cond), cond=cond, batch_size=args.batch_size, seed=0,
-                                          cfg_scale=scale)
+                                          settings=SamplingConfig(cfg_scale=scale))
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0])
-    guidance_arguments(parser, "class-conditional")
-    parser.add_argument("--n", type=int, default=300, help="samples per scale")
+    parser = guidance_parser(__doc__, "class-conditional", "samples per scale", "class_consistency.json")
     parser.add_argument("--steps", type=int, default=3000, help="classifier training steps (batch 64)")
     parser.add_argument("--train-images", type=int, default=12000, help="classifier training images")
     parser.add_argument("--val-images", type=int, default=1000, help="real images for the two references")
-    parser.add_argument("--json", default="class_consistency.json")
     parser.add_argument("--grid", default="class_consistency.png")
     args = parser.parse_args()
     torch.manual_seed(0)
