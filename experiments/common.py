@@ -301,6 +301,16 @@ class Study:
 # -----------------------------------------------------------------------------
 # The results table
 
+GENERATION_HEADER = ["arm", "FID", "val code loss", "val position loss"]
+
+
+def generation_table(study: "Study", arms: Dict[str, List[Run]]):
+    """-> ({arm: [generation numbers per seed]}, rows of GENERATION_HEADER) for arms of stage-2 runs."""
+    numbers = {arm: [study.generation_numbers(run) for run in runs] for arm, runs in arms.items()}
+    rows = [[arm] + [mean_std([v[key] for v in values], digits) for key, digits in
+                     (("fid", 2), ("code_loss", 4), ("pos_loss", 4))] for arm, values in numbers.items()]
+    return numbers, rows
+
 def mean_std(values: Sequence[float], digits: int) -> str:
     values = [v for v in values if v is not None]
     if not values or any(np.isnan(v) for v in values):

@@ -16,7 +16,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Study, mean_std, run_experiment, run_main, verdict, write_results  # noqa: E402
+from common import (GENERATION_HEADER, Study, generation_table, run_experiment, run_main, verdict,  # noqa: E402
+                    write_results)
 
 PAPER_DEPTHS = [(12, 12), (6, 12), (6, 18), (12, 6), (18, 6)]     # (code layers, position layers)
 PAPER_FID = {(12, 12): 7.67, (6, 12): 8.32, (6, 18): 8.10, (12, 6): 7.74, (18, 6): 7.53}
@@ -37,15 +38,13 @@ def build(study: Study) -> dict:
 
 
 def report(study: Study, arms: dict, out: str):
-    numbers = {arm: [study.generation_numbers(run) for run in runs] for arm, runs in arms.items()}
-    rows = [[arm] + [mean_std([v[key] for v in values], digits) for key, digits in
-                     (("fid", 2), ("code_loss", 4), ("pos_loss", 4))] for arm, values in numbers.items()]
+    numbers, rows = generation_table(study, arms)
     fid = lambda code, pos: [v["fid"] for v in numbers[arm_name(study, code, pos)]]
     notes = [verdict(fid(12, 12), fid(6, 12), "removing code layers (12+12 -> 6+12) raises the FID"),
              verdict(fid(12, 6), fid(6, 12), "removing position layers costs less than removing code layers "
                                              "(FID of 12+6 below 6+12)")]
     write_results(study, out, "Table 1: code layers against position layers",
-                  ["arm", "FID", "val code loss", "val position loss"], rows, arms, notes)
+                  GENERATION_HEADER, rows, arms, notes)
 
 
 def main(argv=None):

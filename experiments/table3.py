@@ -15,7 +15,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Study, mean_std, run_experiment, run_main, verdict, write_results  # noqa: E402
+from common import (GENERATION_HEADER, Study, generation_table, run_experiment, run_main, verdict,  # noqa: E402
+                    write_results)
 
 # arm -> (paper FID, train_stackformer.py options)
 ARMS = {"Stackformer": (8.36, {}),
@@ -36,15 +37,13 @@ def build(study: Study) -> dict:
 
 
 def report(study: Study, arms: dict, out: str):
-    numbers = {arm: [study.generation_numbers(run) for run in runs] for arm, runs in arms.items()}
-    rows = [[arm] + [mean_std([v[key] for v in values], digits) for key, digits in
-                     (("fid", 2), ("code_loss", 4), ("pos_loss", 4))] for arm, values in numbers.items()]
+    numbers, rows = generation_table(study, arms)
     fid = [[v["fid"] for v in values] for values in numbers.values()]     # in the order of ARMS
     notes = [verdict(fid[0], fid[2], "raster order gives a lower FID than the importance-descending order"),
              verdict(fid[0], fid[3], "Stackformer gives a lower FID than Stackformer_r"),
              verdict(fid[0], fid[1], "the absolute sequence embedding lowers the FID")]
     write_results(study, out, "Table 3: sequence order, Stackformer_r and the absolute sequence embedding",
-                  ["arm", "FID", "val code loss", "val position loss"], rows, arms, notes)
+                  GENERATION_HEADER, rows, arms, notes)
 
 
 def main(argv=None):
