@@ -92,8 +92,7 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config: StackformerConfig):
         super().__init__()
-        self.n_head = config.n_head
-        self.dropout = config.dropout
+        self.n_head, self.dropout = config.n_head, config.dropout
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_drop = nn.Dropout(config.dropout)
@@ -103,8 +102,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (z.view(B, S, self.n_head, d // self.n_head).transpose(1, 2)    # (B, nh, S, hd)
                    for z in self.qkv(x).split(d, dim=2))
         if cache is None:       # training: the whole sequence at once
-            dropout = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout * self.training, is_causal=True)
         else:                   # sampling: only the new token(s); the cache holds the earlier ones
             y = cache.attend(layer, q, k, v)
         y = y.transpose(1, 2).reshape(B, S, d)                            # (B, S, d)
@@ -281,7 +279,8 @@ class Stackformer(nn.Module):
     def new_kv_caches(self) -> Tuple["KVCache", "KVCache"]:
         """Empty caches for the lower and the upper transformer."""
         lower, _, upper, _ = self.stack()
-        return KVCache(len(lower.blocks)), KVCache(len(upper.blocks))
+        N = self.config.seq_len
+        return KVCache(len(lower.blocks), self.prefix_len + N - 1), KVCache(len(upper.blocks), N)
 
     @torch.no_grad()
     def sample_step(self, caches: Tuple["KVCache", "KVCache"], t, codes: torch.Tensor,
@@ -407,23 +406,26 @@ class SamplingConfig:
 
 
 class KVCache:
-    """Keys and values (B, n_head, s, head_dim) per layer of a transformer's earlier steps, so a
-    step runs only its new token (the official code recomputes the whole prefix, twice a step).
-    fast_sampling.SlotKVCache keeps them in fixed slots instead, as a CUDA graph needs."""
+    """Keys and values (B, n_head, max_len, head_dim) per layer, so a step runs only its new token (the official
+    code recomputes the prefix, twice a step); fast_sampling.SlotKVCache has fixed shapes, for CUDA graphs."""
 
-    def __init__(self, n_layer: int):
-        self.keys, self.values = [None] * n_layer, [None] * n_layer     # per layer (B, nh, s, hd)
+    def __init__(self, n_layer: int, max_len: int):
+        self.max_len = max_len
+        self.keys, self.values, self.length = [None] * n_layer, [None] * n_layer, [0] * n_layer
 
     def begin_step(self, slots: torch.Tensor):
-        pass    # the step's tokens are appended; a slot cache writes them to `slots`
+        pass    # the step's tokens follow the ones before; a slot cache writes them to `slots`
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Append k, v (B, n_head, S, head_dim), then attend q over everything cached."""
-        if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
+        """Write k, v (B, n_head, S, head_dim) after the positions cached, then attend q over all of them."""
+        if self.keys[layer] is None:
+            B, n_head, _, head_dim = k.shape
+            self.keys[layer], self.values[layer] = (t.new_empty(B, n_head, self.max_len, head_dim) for t in (k, v))
+        start, end = self.length[layer], self.length[layer] + k.size(2)
+        self.keys[layer][:, :, start:end], self.values[layer][:, :, start:end] = k, v
+        self.length[layer] = end
         # Several tokens come only at step 0 (a caption), into an empty cache: causal among them.
+        k, v = self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
         return F.scaled_dot_product_attention(q, k, v, is_causal=q.size(2) > 1)
 
 
@@ -550,11 +552,9 @@ class WordTokenizer:
 
     A word is a maximal run of Unicode letters and digits (regex [^\\W_]+ after lowercasing);
     everything else separates words: "A dog's ball." → ["a", "dog", "s", "ball"]. Ids: 0 = pad,
-    1 = unknown word, then the vocabulary sorted by count (descending), ties alphabetically.
-    """
+    1 = unknown word, then the vocabulary sorted by count (descending), ties alphabetically."""
 
-    pad_id = 0
-    unk_id = 1
+    pad_id, unk_id = 0, 1
     word_pattern = re.compile(r"[^\W_]+")
 
     def __init__(self, words: List[str], text_len: int = 32):
