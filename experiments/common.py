@@ -63,7 +63,7 @@ SCALES = {
                    "--codebook-weight", "0.1", "--lr", "3e-4", "--warmup-epochs", "0", "--num-workers", "0",
                    "--train-images", "64", "--log-every", "2"],
                   "tiny", (2, 2), 6,
-                  ["--batch-size", "8", "--max-steps", "6", "--eval-every", "3", "--eval-batches", "1",
+                  ["--batch-size", "8", "--max-steps", "6", "--eval-every", "6", "--eval-batches", "1",
                    "--num-samples", "2", "--num-workers", "0", "--views", "1", "--train-images", "64",
                    "--log-every", "1"],
                   samples=16, reference_images=32, sample_flags=["--batch-size", "16", "--device", "cpu"],
