@@ -405,13 +405,8 @@ def first_images(dataset, count: Optional[int]):
         return dataset
     if isinstance(dataset, ShapesDataset):
         dataset.length = count
-    else:
-        dataset._paths = dataset._paths[:count]
-        if dataset.labels is not None:
-            dataset.labels = dataset.labels[:count]
-        if dataset.captions is not None:
-            dataset.captions = dataset.captions[:count]
-    return dataset
+        return dataset
+    return dataset.without(range(count, len(dataset)))
 
 
 # -----------------------------------------------------------------------------

@@ -141,8 +141,8 @@ def resolve_defaults(cfg: TrainConfig) -> TrainConfig:
 
 def validate(cfg: TrainConfig):
     check(cfg.preset in PRESETS, f"unknown preset {cfg.preset!r}: choose one of {', '.join(PRESETS)}")
-    check_positive(cfg, "image_size", "train_images", "batch_size", "grad_accum", "max_steps", "epochs", "log_every", "eval_every",
-                   "ckpt_every", "eval_images", "usage_window")
+    check_positive(cfg, "image_size", "train_images", "batch_size", "grad_accum", "max_steps", "epochs", "log_every",
+                   "eval_every", "ckpt_every", "eval_images", "usage_window")
     check(cfg.rec_loss in ("l1", "l2"), f"--rec-loss must be l1 or l2, got {cfg.rec_loss!r}")
     check(cfg.dtype in ("bf16", "fp32"), f"--dtype must be bf16 or fp32, got {cfg.dtype!r}")
     check(cfg.compile_mode in COMPILE_MODES, f"--compile-mode must be one of {', '.join(COMPILE_MODES)}, got {cfg.compile_mode!r}")

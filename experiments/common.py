@@ -54,6 +54,10 @@ class Scale:
     torchrun: bool = False      # launch trainers and sample.py on every visible GPU
     default_data: str = "shapes"
 
+    @property
+    def launcher(self) -> str:
+        return "torchrun" if self.torchrun else "python"
+
 
 SCALES = {
     # CPU, seconds per run: the tests run every script at this scale
@@ -148,7 +152,7 @@ class Study:
         out = self.path(name)
         train = self.add(Run(name, ["train_mqvae.py", *self.data_flags(), *model, *s.stage1_flags,
                                     "--seed", str(seed), "--out-dir", out, "--resume"],
-                             launcher="torchrun" if s.torchrun else "python"))
+                             launcher=s.launcher))
         analyse = self.add(Run(name + "-analyse", ["train_mqvae.py", "--analyse", os.path.join(out, "ckpt.pt"),
                                                    "--save-images", "--out-dir", self.path(name + "-analyse")]
                                + (["--data-dir", self.data_dir] if self.data_dir else []), needs=[train.name]))
@@ -173,14 +177,14 @@ class Study:
                                     "--preset", s.stackformer_preset, "--code-layers", str(code),
                                     "--pos-layers", str(pos), *options, *s.stage2_flags, "--seed", str(seed),
                                     "--out-dir", out, "--resume"],
-                             needs=[stage1.name], launcher="torchrun" if s.torchrun else "python"))
+                             needs=[stage1.name], launcher=s.launcher))
         if fid:
             samples = self.add(Run(name + "-samples", ["sample.py", "--ckpt", os.path.join(out, "ckpt.pt"),
                                                        "--num-samples", str(s.samples), *s.sample_flags,
                                                        "--npz", self.path(name + "-samples", "samples.npz"),
                                                        "--grid", self.path(name + "-samples", "grid.png"),
                                                        "--overwrite"],
-                                   needs=[train.name], launcher="torchrun" if s.torchrun else "python"))
+                                   needs=[train.name], launcher=s.launcher))
             reference = self.reference()
             self.add(Run(name + "-fid", ["fid.py", self.path(samples.name, "samples.npz"),
                                          self.path(reference.name, "stats.npz"), *self.fid_flags()],
