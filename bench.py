@@ -4,11 +4,11 @@ Speed benchmarks for every stage, on one GPU (CUDA-synchronised timing after war
     python bench.py                     # all cases, prints a table, writes bench.json
     python bench.py --cases 1,2         # only some: 1 MQ-VAE step, 2 cost of masking, 3 Stackformer
                                         # training, 4 sampling (plain and guided), 5 FID features
-    python bench.py --compile           # cases 1-4 also with torch.compile (cases 1-3 also with CUDA graphs)
+    python bench.py --no-compile        # eager rows only (by default cases 1-4 measure each stage as the
+                                        # scripts run it by default, compiled on CUDA, and with --no-compile)
     python bench.py --cpu-smoke         # every case once with tiny models on the CPU (what the tests run)
     torchrun --standalone --nproc_per_node=2 bench.py --ddp
                                         # case 6: cases 1 and 3 with DDP on every GPU, against one GPU
-    torchrun --standalone --nproc_per_node=2 bench.py --ddp --compile --compile-mode reduce-overhead
 
 Random data and random weights throughout (speed does not depend on them); LPIPS uses a random
 VGG trunk of the real shape. Case 1 also runs one training step under
@@ -59,32 +59,6 @@ def peak_memory_gb(device):
 # -----------------------------------------------------------------------------
 # Cases 1-2: the MQ-VAE training iteration
 
-class PlainAutoencoder(nn.Module):
-    """The same encoder, quantizer and decoder with no mask and no de-mask: every one of the H·W
-    tokens is quantized and fed to the decoder (a 1x1 conv stands in for the de-mask's input
-    projection). The reference for the cost of masking."""
-
-    def __init__(self, cfg: mqvae.MQVAEConfig):
-        super().__init__()
-        self.config = cfg
-        self.encoder = mqvae.Encoder(cfg)
-        self.pre_projection = nn.Linear(cfg.z_channels, cfg.codebook_dim, bias=False)
-        self.quantizer = mqvae.VectorQuantizer(cfg)
-        self.post_projection = nn.Conv2d(cfg.codebook_dim, cfg.ch * cfg.ch_mult[-1], 1)
-        self.decoder = mqvae.Decoder(cfg)
-
-    def forward(self, x):
-        h = self.encoder(x)
-        B, C, H, W = h.shape
-        z = self.pre_projection(h.flatten(2).transpose(1, 2))                     # (B,T,D)
-        z_q, codes, commit = self.quantizer(z, collect_stats=self.training)
-        x_rec = self.decoder(self.post_projection(z_q.transpose(1, 2).reshape(B, -1, H, W)))
-        return x_rec, dict(commit_loss=commit, codes=codes)
-
-    def last_layer(self):
-        return self.decoder.conv_out.weight
-
-
 def random_lpips(device):
     import lpips
     import warnings
@@ -97,30 +71,29 @@ def ddp_device_ids(device):
     return [device.index] if device.type == "cuda" else None
 
 
-def mqvae_step_bench(cfg, batch, device, plain=False, gan=True, use_lpips=True, compile=False, check_sync=False,
-                     channels_last=False, ddp=False, warmup=3, iters=10, compile_mode="default"):
-    """A full training iteration (both optimizers and the EMA step). ddp: wrap as train_mqvae.py does under
-    torchrun (images/s is then per GPU). compile_mode "reduce-overhead" replays the compiled autoencoder
-    parts as CUDA graphs, as train_mqvae.py --compile --compile-mode reduce-overhead does."""
+def mqvae_step_bench(cfg, batch, device, gan=True, use_lpips=True, compile_mode=None, check_sync=False,
+                     channels_last=False, ddp=False, warmup=3, iters=10):
+    """A full training iteration (both optimizers and the EMA step), as train_mqvae.py runs it.
+    compile_mode: None runs eager (--no-compile); else the parts train_mqvae.py compiles are compiled in
+    that mode ("reduce-overhead" replays them as CUDA graphs). ddp: wrapped as under torchrun (images/s
+    is then per GPU). A config with masker "none" is the VQGAN baseline: the same network without mask
+    and de-mask, every token quantized."""
     torch.manual_seed(0)
-    model = (PlainAutoencoder(cfg) if plain else mqvae.MQVAE(cfg)).to(device).train()
+    model = mqvae.MQVAE(cfg).to(device).train()
     disc = mqvae.PatchDiscriminator().to(device).train()
     lp = random_lpips(device) if use_lpips else None
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for m in (model, disc, lp):
         if m is not None:
             m.to(memory_format=memory_format)
+    compile = compile_mode is not None
     if compile:
-        if plain:
-            model.encoder = torch.compile(model.encoder, mode=compile_mode)
-            model.decoder = torch.compile(model.decoder, mode=compile_mode)
-        else:
-            train_mqvae.compile_for_training(model, compile_mode)
-        disc = torch.compile(disc)   # default mode: D is differentiated twice per step (λ, then the loss)
+        torch._dynamo.reset()
+        train_mqvae.compile_for_training(model, disc, compile_mode)     # D in the default mode, as the trainer
     train_model, train_disc = model, disc
     if ddp:
         train_model = DDP(model, device_ids=ddp_device_ids(device),
-                          find_unused_parameters=not plain and cfg.keep_ratio >= 1.0)
+                          find_unused_parameters=cfg.masker != "none" and cfg.keep_ratio >= 1.0)
         train_disc = train_mqvae.ddp_discriminator(disc, ddp_device_ids(device))
     fused = {"fused": True} if device.type == "cuda" else {}
     opt_ae = torch.optim.Adam(model.parameters(), lr=1e-5, betas=(0.5, 0.9), **fused)
@@ -162,13 +135,18 @@ def quantize_and_update(quantizer, z):
     return z_q
 
 
-def component_shares(cfg, batch, device, warmup=2, iters=5):
+def component_shares(cfg, batch, device, compile_mode=None, warmup=2, iters=5):
     """Forward+backward time of each part run alone on inputs of its real shape (bf16 on CUDA), as a
-    share of their sum: where an MQ-VAE training iteration spends its time."""
+    share of their sum: where an MQ-VAE training iteration spends its time. compile_mode: the parts that
+    train_mqvae.py compiles (encoder, de-mask, decoder) compiled in that mode, the others eager, as there."""
     torch.manual_seed(0)
     model = mqvae.MQVAE(cfg).to(device).train()
     disc = mqvae.PatchDiscriminator().to(device).train()
     lp = random_lpips(device)
+    encoder, demask, decoder = model.encoder, model.demask, model.decoder
+    if compile_mode is not None:
+        torch._dynamo.reset()
+        encoder, demask, decoder = (utils.compile_module(m, compile_mode) for m in (encoder, demask, decoder))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     R, G, N = cfg.resolution, cfg.grid_size, cfg.seq_len
     x = torch.rand(batch, 3, R, R, device=device) * 2 - 1
@@ -178,11 +156,11 @@ def component_shares(cfg, batch, device, warmup=2, iters=5):
     g = torch.randn(batch, cfg.ch * cfg.ch_mult[-1], G, G, device=device, requires_grad=True)
     x_rec = x.clone().requires_grad_(True)
     parts = {
-        "encoder": lambda: model.encoder(x),
+        "encoder": lambda: encoder(x),
         "mask": lambda: model.mask(h)[0],
         "quantizer": lambda: quantize_and_update(model.quantizer, z),
-        "de-mask": lambda: model.demask(z, positions, (G, G)),
-        "decoder": lambda: model.decoder(g),
+        "de-mask": lambda: demask(z, positions, (G, G)),
+        "decoder": lambda: decoder(g),
         "lpips": lambda: lp(x, x_rec),
         "discriminator (G and D passes)": lambda: torch.cat([disc(x_rec).flatten(), disc(x).flatten(),
                                                               disc(x_rec.detach()).flatten()]),
@@ -190,6 +168,8 @@ def component_shares(cfg, batch, device, warmup=2, iters=5):
     times = {}
     for name, forward in parts.items():
         def run():
+            if compile_mode == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()
             with autocast:
                 out = forward()
             out.float().mean().backward()
@@ -207,27 +187,28 @@ def random_sequences(batch, seq_len, num_positions, codebook_size, device):
     return codes, positions
 
 
-def stackformer_train_bench(preset, seq_len, num_positions, batch, device, compile=False, ddp=False, warmup=3, iters=10,
-                            compile_mode="default"):
+def stackformer_train_bench(preset, seq_len, num_positions, batch, device, compile_mode=None, ddp=False, warmup=3,
+                            iters=10):
     """train_stackformer.train_step (bf16 autocast, the default grad clip, fused AdamW), one
-    micro-batch; ddp: wrapped as there under torchrun (tokens/s and MFU are then per GPU)."""
+    micro-batch; compile_mode: None eager (--no-compile), else compiled in that mode as train_stackformer.py
+    does; ddp: wrapped as there under torchrun (tokens/s and MFU are then per GPU)."""
     torch.manual_seed(0)
     cfg = stackformer.StackformerConfig(**stackformer.PRESETS[preset], codebook_size=1024 if preset != "tiny" else 64,
                                         num_positions=num_positions, seq_len=seq_len)
     model = stackformer.Stackformer(cfg).to(device).train()
     optimizer = train_stackformer.configure_optimizer(model, 5e-4, 0.01, (0.9, 0.95), device.type)
-    if compile:
+    if compile_mode is not None:
         torch._dynamo.reset()
-    step_model = torch.compile(model, mode=compile_mode) if compile else model
+    step_model = utils.compile_module(model, compile_mode) if compile_mode is not None else model
     if ddp:
         step_model = DDP(step_model, device_ids=ddp_device_ids(device))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     codes, positions = random_sequences(batch, seq_len, num_positions, cfg.codebook_size, device)
-    graphed = compile and compile_mode == "reduce-overhead"
+    n = SimpleNamespace(model=step_model, raw_model=model, optimizer=optimizer, autocast=autocast,   # train_step's
+                        graphed=compile_mode == "reduce-overhead", fallback=lambda fn, *args: fn(*args))
 
     def step():
-        train_stackformer.train_step(step_model, optimizer, [(codes, positions, None)], autocast,
-                                     train_stackformer.TrainConfig.grad_clip, graphed)
+        train_stackformer.train_step(n, [(codes, positions, None)], train_stackformer.TrainConfig.grad_clip)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -375,36 +356,62 @@ def settings(device, smoke: bool):
     return fast, f8
 
 
+def default_modes(device, no_compile: bool) -> dict:
+    """The torch.compile mode each stage runs in by default on one GPU of this device (None: eager), as
+    the README's commands run them; --no-compile (the default before compile was) gives eager rows only."""
+    if no_compile or device.type != "cuda":
+        return dict(mqvae=None, stackformer=None)
+    return dict(mqvae=train_mqvae.compile_mode_for(train_mqvae.TrainConfig.compile_mode, world=1),
+                stackformer=train_stackformer.compile_mode_for(train_stackformer.TrainConfig.compile_mode, world=1))
+
+
+def label(mode) -> str:
+    return "--no-compile (eager)" if mode is None else f"default (compiled, {mode})"
+
+
+def suffix(mode) -> str:
+    return "eager" if mode is None else "default"
+
+
 # -----------------------------------------------------------------------------
 # Case 6: scaling over GPUs
 
-def ddp_scaling(compile: bool, smoke: bool, json_path: str, compile_mode: str = "default") -> dict:
+def ddp_scaling(no_compile: bool, smoke: bool, json_path: str) -> dict:
     """Cases 1 (MQ-VAE step, batch 8 per GPU) and 3 (Stackformer base, N=256, batch 10 and 64 per GPU) on one GPU,
-    then with DDP on all of them. Rank 0 measures one GPU alone before the process group exists (the
-    EMA codebook would otherwise wait for the other ranks); the others wait for it in the rendezvous."""
+    then with DDP on all of them, each compiled as the trainers compile it there (one GPU, and under DDP).
+    Rank 0 measures one GPU alone before the process group exists (the EMA codebook would otherwise wait for
+    the other ranks); the others wait for it in the rendezvous."""
     utils.check("RANK" in os.environ, "--ddp runs under torchrun: torchrun --standalone --nproc_per_node=2 bench.py --ddp")
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     cuda = torch.cuda.is_available() and not smoke
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     fast, f8 = settings(device, smoke)
     sf = ("tiny", 16, 64) if smoke else ("base", 256, 1024)
+    compiled = cuda and not no_compile
+
+    def modes(ddp):
+        if not compiled:
+            return dict(mqvae=None, stackformer=None)
+        n = world if ddp else 1
+        return dict(mqvae=train_mqvae.compile_mode_for(train_mqvae.TrainConfig.compile_mode, n),
+                    stackformer=train_stackformer.compile_mode_for(train_stackformer.TrainConfig.compile_mode, n))
     cases = [("1 MQ-VAE train step, LPIPS+GAN, batch 8/GPU", "images_per_s", "img/s",
-              lambda ddp: mqvae_step_bench(f8, 8, device, compile=compile, ddp=ddp, compile_mode=compile_mode, **fast)),
+              lambda ddp: mqvae_step_bench(f8, 8, device, compile_mode=modes(ddp)["mqvae"], ddp=ddp, **fast)),
              *((f"3 Stackformer {sf[0]} train, N={sf[1]}, batch {b}/GPU", "tokens_per_s", "tok/s",
-                lambda ddp, b=b: stackformer_train_bench(*sf, b, device, compile=compile, ddp=ddp,
-                                                         compile_mode=compile_mode, **fast))
+                lambda ddp, b=b: stackformer_train_bench(*sf, b, device, compile_mode=modes(ddp)["stackformer"],
+                                                         ddp=ddp, **fast))
                for b in (10, 64))]
     single = [run(False)[key] for _, key, _, run in cases] if rank == 0 else None
     _, world, _, device = utils.setup_distributed()
-    results = dict(world_size=world, compiled=compile, compile_mode=compile_mode if compile else None)
+    results = dict(world_size=world, one_gpu_modes=modes(False), ddp_modes=modes(True))
     for i, (name, key, unit, run) in enumerate(cases):
         total = run(True)[key] * world   # every rank runs the same step in lockstep
         if rank == 0:
             scaling = total / single[i]
             results[name] = dict(one_gpu=single[i], all_gpus=total, scaling=scaling, efficiency=scaling / world)
-            print(f"6 {name}{f', compiled ({compile_mode})' if compile else ''}: 1 GPU {single[i]:.1f} {unit}, {world} GPUs "
+            print(f"6 {name}: 1 GPU {single[i]:.1f} {unit}, {world} GPUs "
                   f"{total:.1f} {unit}: {scaling:.2f}x ({scaling / world:.0%} efficiency)", flush=True)
             with open(json_path, "w") as fh:
                 json.dump(results, fh, indent=2)
@@ -422,7 +429,7 @@ class Results(dict):
         print(f"{self['device']}, torch {self['torch']}", flush=True)
 
     def row(self, name: str, value: str, note: str = ""):
-        print(f"{name:<72}  {value:>26}  {note}", flush=True)
+        print(f"{name:<86}  {value:>24}  {note}", flush=True)
         with open(self.json_path, "w") as fh:
             json.dump(self, fh, indent=2)
         gc.collect()
@@ -430,124 +437,103 @@ class Results(dict):
             torch.cuda.empty_cache()
 
 
-def case_1(b: SimpleNamespace, compiled: bool):
-    """MQ-VAE training step (LPIPS + GAN) at several batch sizes; compiled: default and reduce-overhead modes."""
-    results, f8, device = b.results, b.f8, b.device
-    if not compiled:
-        variants = [(8, False), (32, False), (64, False), (8, True)]
-        for batch, channels_last in ([(2, True)] if b.smoke else variants):
-            r = mqvae_step_bench(f8, batch, device, check_sync=batch in (2, 8), channels_last=channels_last, **b.fast)
-            results[f"mqvae_step_b{batch}" + ("_channels_last" if channels_last else "")] = r
-            results.row(f"1 MQ-VAE train step, LPIPS+GAN, batch {batch}" + (", channels_last" if channels_last else ""),
-                        f"{r['images_per_s']:.1f} img/s",
-                        f"{r['peak_memory_gb']:.1f} GB peak; host sync: {r.get('host_sync_in_forward_backward', '-')}")
-        shares = component_shares(f8, 2 if b.smoke else 8, device, **({"warmup": 1, "iters": 1} if b.smoke else {}))
-        results["mqvae_component_shares_b8"] = shares
-        results.row("1 share of fwd+bwd time (parts run alone)", "",
+def case_1(b: SimpleNamespace):
+    """MQ-VAE training step (LPIPS + GAN): the default command's (compiled) against --no-compile; where the
+    step's time goes."""
+    results, f8, device, mode = b.results, b.f8, b.device, b.modes["mqvae"]
+    runs = [(2, None)] if b.smoke else [*([(8, mode)] if mode else []), (8, None), (32, None)]
+    for batch, m in runs:
+        r = mqvae_step_bench(f8, batch, device, compile_mode=m, check_sync=m is None and batch <= 8, **b.fast)
+        results[f"mqvae_step_b{batch}_{suffix(m)}"] = r
+        results.row(f"1 MQ-VAE train step, LPIPS+GAN, batch {batch}, {label(m)}", f"{r['images_per_s']:.1f} img/s",
+                    f"{r['peak_memory_gb']:.1f} GB peak" + (f"; host sync: {r['host_sync_in_forward_backward']}"
+                                                           if "host_sync_in_forward_backward" in r else ""))
+    for m in ([mode] if mode else []) + [None]:
+        shares = component_shares(f8, 2 if b.smoke else 8, device, compile_mode=m,
+                                  **({"warmup": 1, "iters": 1} if b.smoke else {}))
+        results[f"mqvae_component_shares_b8_{suffix(m)}"] = shares
+        results.row(f"1 share of fwd+bwd time (parts run alone), {label(m)}", "",
                     ", ".join(f"{k} {v['share']:.0%}" for k, v in shares.items()))
-        return
-    for channels_last in (False, True):
-        torch._dynamo.reset()
-        r = mqvae_step_bench(f8, 8, device, channels_last=channels_last, compile=True)
-        results[f"mqvae_step_b8{'_channels_last' if channels_last else ''}_compiled"] = r
-        results.row(f"1 MQ-VAE train step, LPIPS+GAN, batch 8{', channels_last' if channels_last else ''}, compiled",
-                    f"{r['images_per_s']:.1f} img/s", f"{r['peak_memory_gb']:.1f} GB peak")
-    # at batch 8 the step is bound by kernel launches; CUDA graphs remove that bound
-    torch._dynamo.reset()
-    r = mqvae_step_bench(f8, 8, device, compile=True, compile_mode="reduce-overhead")
-    results["mqvae_step_b8_compiled_reduce_overhead"] = r
-    results.row("1 MQ-VAE train step, LPIPS+GAN, batch 8, compiled (reduce-overhead)",
-                f"{r['images_per_s']:.1f} img/s", f"{r['peak_memory_gb']:.1f} GB peak")
 
 
-def case_2(b: SimpleNamespace, compiled: bool):
-    """What masking costs: the autoencoder step (no LPIPS, no GAN) of MQ-VAE against a plain VQ autoencoder."""
-    results, f8, device = b.results, b.f8, b.device
-    if not compiled:
-        for batch in ([2] if b.smoke else [8, 32]):
-            full = mqvae_step_bench(f8, batch, device, gan=False, use_lpips=False, **b.fast)
-            no_mask = mqvae_step_bench(mqvae.MQVAEConfig(**{**vars(f8), "keep_ratio": 1.0}), batch, device,
-                                       gan=False, use_lpips=False, **b.fast)
-            plain = mqvae_step_bench(f8, batch, device, plain=True, gan=False, use_lpips=False, **b.fast)
-            results[f"masking_cost_b{batch}"] = dict(masked=full, keep_100=no_mask, plain=plain,
-                                                     overhead=plain["images_per_s"] / full["images_per_s"])
-            results.row(f"2 autoencoder step, batch {batch}: MQ-VAE keep 25% / keep 100% / plain",
-                        f"{full['images_per_s']:.1f} / {no_mask['images_per_s']:.1f} / {plain['images_per_s']:.1f} img/s",
-                        f"masking overhead {plain['images_per_s'] / full['images_per_s']:.2f}x")
-        return
-    for mode in ("default", "reduce-overhead"):
-        torch._dynamo.reset()
-        full = mqvae_step_bench(f8, 8, device, gan=False, use_lpips=False, compile=True, compile_mode=mode)
-        torch._dynamo.reset()
-        plain = mqvae_step_bench(f8, 8, device, plain=True, gan=False, use_lpips=False, compile=True, compile_mode=mode)
-        key = "masking_cost_b8_compiled" + ("" if mode == "default" else "_reduce_overhead")
-        results[key] = dict(masked=full, plain=plain, overhead=plain["images_per_s"] / full["images_per_s"])
-        results.row(f"2 autoencoder step, batch 8, compiled ({mode}): MQ-VAE keep 25% / plain",
-                    f"{full['images_per_s']:.1f} / {plain['images_per_s']:.1f} img/s",
-                    f"masking overhead {plain['images_per_s'] / full['images_per_s']:.2f}x")
+def case_2(b: SimpleNamespace):
+    """What masking costs: the autoencoder step (no LPIPS, no GAN) of MQ-VAE against the same network with
+    masker "none" (VQGAN: no mask, no de-mask, every token quantized), default (compiled) and eager."""
+    results, f8, device, mode = b.results, b.f8, b.device, b.modes["mqvae"]
+    vqgan = mqvae.MQVAEConfig(**{**vars(f8), "masker": "none", "keep_ratio": 1.0})
+    batch = 2 if b.smoke else 8
+    for m in ([mode] if mode else []) + [None]:
+        masked = mqvae_step_bench(f8, batch, device, gan=False, use_lpips=False, compile_mode=m, **b.fast)
+        plain = mqvae_step_bench(vqgan, batch, device, gan=False, use_lpips=False, compile_mode=m, **b.fast)
+        overhead = plain["images_per_s"] / masked["images_per_s"]
+        results[f"masking_cost_b{batch}_{suffix(m)}"] = dict(masked=masked, masker_none=plain, overhead=overhead)
+        results.row(f"2 autoencoder step, batch {batch}, {label(m)}: MQ-VAE keep 25% / --masker none",
+                    f"{masked['images_per_s']:.1f} / {plain['images_per_s']:.1f} img/s", f"masking overhead {overhead:.2f}x")
 
 
-def case_3(b: SimpleNamespace, compiled: bool):
-    """Stackformer training throughput and MFU."""
-    results = b.results
-    runs = ([(seq_len, num_positions, batch, None) for seq_len, num_positions in b.lengths
-             for batch in ([2] if b.smoke else [10, 64, 128])] if not compiled else
-            [(*b.lengths[0], batch, mode) for batch, mode in ((10, "reduce-overhead"), (10, "default"), (128, "default"))])
-    for seq_len, num_positions, batch, mode in runs:
-        options = b.fast if mode is None else dict(compile=True, compile_mode=mode)
-        r = stackformer_train_bench(b.sf_preset, seq_len, num_positions, batch, b.device, **options)
-        suffix = "" if mode is None else f", compiled ({mode})"
-        results[f"stackformer_train_L{seq_len}_b{batch}" + ("" if mode is None else f"_compiled_{mode}")] = r
-        results.row(f"3 Stackformer {b.sf_preset} ({r['params_m']:.0f}M) train, N={seq_len}, batch {batch}{suffix}",
+def case_3(b: SimpleNamespace):
+    """Stackformer training throughput and MFU, default (compiled) against --no-compile."""
+    results, mode = b.results, b.modes["stackformer"]
+    seq_len, num_positions = b.lengths[0]
+    runs = [(2, None)] if b.smoke else [(batch, m) for batch in (10, 128) for m in ([mode] if mode else []) + [None]]
+    for batch, m in runs:
+        r = stackformer_train_bench(b.sf_preset, seq_len, num_positions, batch, b.device, compile_mode=m, **b.fast)
+        results[f"stackformer_train_L{seq_len}_b{batch}_{suffix(m)}"] = r
+        results.row(f"3 Stackformer {b.sf_preset} ({r['params_m']:.0f}M) train, N={seq_len}, batch {batch}, {label(m)}",
                     f"{r['tokens_per_s'] / 1e3:.1f}k tok/s", f"MFU {r['mfu']:.1%}, {r['peak_memory_gb']:.1f} GB")
 
 
-def case_4(b: SimpleNamespace, compiled: bool):
-    """Sampling speed: the fast sampler (graph, and compiled), the reference KV-cache loop, no cache; the cost of
+def case_4(b: SimpleNamespace):
+    """Sampling speed: the fast sampler (the default: CUDA graph), with its step compiled (--compile-step),
+    the reference KV-cache loop, no cache; with MQ-VAE decoding (eager, compiled); the cost of
     classifier-free guidance (a class-conditional model at scale 1 and 2)."""
     results, device = b.results, b.device
     seq_len, num_positions = b.lengths[0]
-    if compiled:
-        for batch, scale in ((64, None), (256, None), (64, 1.0), (64, 2.0)):
-            torch._dynamo.reset()   # each batch size compiles afresh, as in a sample.py run
-            r = sampling_bench(b.sf_preset, seq_len, num_positions, batch, device, "graph+compile", cfg_scale=scale)
-            name = "" if scale is None else f"_class_cfg{scale:g}"
-            results[f"sampling_b{batch}_graph_compiled{name}"] = r
-            results.row(f"4 sampling {b.sf_preset}, N={seq_len}, batch {batch}, graph, compiled step"
-                        + ("" if scale is None else f", class, cfg scale {scale:g}") + ", tokens only",
-                        f"{r['images_per_s']:.1f} img/s", f"{r['seconds_per_batch']:.2f} s/batch")
-        return
-    decoder = mqvae.MQVAE(b.f8).to(device).eval()
-    check_compiled = b.compile and not b.smoke
-    results["sampling_paths_agree"] = sampling_paths_agree(device, compile=check_compiled, preset=b.sf_preset if b.smoke else "demo")
-    results.row("4 fp32 tokens equal: fast / KV / no-cache" + (" / compiled" if check_compiled else ""),
+    compiled = b.modes["mqvae"] is not None     # CUDA and not --no-compile
+
+    def row(name, mode, batch, decoder=None, scale=None, iters=2):
+        r = sampling_bench(b.sf_preset, seq_len, num_positions, batch, device, mode, decoder=decoder, cfg_scale=scale,
+                           iters=1 if b.smoke else iters)
+        results[name] = r
+        return r
+
+    check_compiled = compiled
+    results["sampling_paths_agree"] = sampling_paths_agree(device, compile=check_compiled,
+                                                           preset=b.sf_preset if b.smoke else "demo")
+    results.row("4 fp32 tokens equal: fast / KV / no-cache" + (" / compiled step" if check_compiled else ""),
                 str(results["sampling_paths_agree"]), "greedy and seeded; unconditional and guided")
-    for batch in ([2] if b.smoke else [64, 256]):
-        for mode in (["kv", "no-cache"] if b.smoke else ["graph", "kv", "no-cache"]):
-            r = sampling_bench(b.sf_preset, seq_len, num_positions, batch, device, mode,
-                               iters=1 if b.smoke or mode == "no-cache" else 2)
-            results[f"sampling_b{batch}_{mode}"] = r
-            results.row(f"4 sampling {b.sf_preset}, N={seq_len}, batch {batch}, {mode}, tokens only",
+    batches = [2] if b.smoke else [64, 256]
+    for batch in batches:
+        modes = (["kv", "no-cache"] if b.smoke else ["graph", "kv"] + (["graph+compile"] if compiled else [])
+                 + (["no-cache"] if batch == 64 else []))
+        for mode in modes:
+            torch._dynamo.reset()   # each batch size compiles afresh, as in a sample.py run
+            r = row(f"sampling_b{batch}_{mode}", mode, batch, iters=1 if mode == "no-cache" else 2)
+            name = {"graph": "fast sampler (default: CUDA graph)", "graph+compile": "--compile-step",
+                    "kv": "reference KV-cache loop", "no-cache": "no KV cache"}[mode]
+            results.row(f"4 sampling {b.sf_preset}, N={seq_len}, batch {batch}, {name}, tokens only",
                         f"{r['images_per_s']:.1f} img/s", f"{r['seconds_per_batch']:.2f} s/batch")
-        mode = "kv" if b.smoke else "graph"
-        r = sampling_bench(b.sf_preset, seq_len, num_positions, batch, device, mode, decoder=decoder,
-                           iters=1 if b.smoke else 2)
-        results[f"sampling_b{batch}_{mode}_with_decoding"] = r
-        results.row(f"4 sampling batch {batch}, {mode}, with MQ-VAE decoding", f"{r['images_per_s']:.1f} img/s")
-    guided_batches, mode = ([2], "kv") if b.smoke else ([64, 256], "graph")
-    for batch in guided_batches:      # the cost of classifier-free guidance: a second stream of B rows
+    mode = "kv" if b.smoke else "graph"
+    for decode_compiled in ([True] if compiled else []) + [False]:
+        decoder = mqvae.MQVAE(b.f8).to(device).eval()
+        if decode_compiled:     # as sample.py compiles its decoding
+            torch._dynamo.reset()
+            import sample
+            sample.compile_decoding(decoder, lambda message: None)
+        for batch in batches:
+            r = row(f"sampling_b{batch}_{mode}_decoded_{'compiled' if decode_compiled else 'eager'}", mode, batch,
+                    decoder=decoder)
+            results.row(f"4 sampling batch {batch}, {mode}, with MQ-VAE decoding (fp32, "
+                        f"{'compiled' if decode_compiled else 'eager'})", f"{r['images_per_s']:.1f} img/s")
+    for batch in batches:      # the cost of classifier-free guidance: a second stream of B rows
         for scale in (1.0, 2.0):
-            r = sampling_bench(b.sf_preset, seq_len, num_positions, batch, device, mode, cfg_scale=scale,
-                               iters=1 if b.smoke else 2)
-            results[f"sampling_b{batch}_{mode}_class_cfg{scale:g}"] = r
+            r = row(f"sampling_b{batch}_{mode}_class_cfg{scale:g}", mode, batch, scale=scale)
             results.row(f"4 sampling {b.sf_preset}, N={seq_len}, batch {batch}, {mode}, class, cfg scale {scale:g}, tokens only",
                         f"{r['images_per_s']:.1f} img/s", f"{r['seconds_per_batch']:.2f} s/batch")
 
 
-def case_5(b: SimpleNamespace, compiled: bool):
+def case_5(b: SimpleNamespace):
     """FID Inception features against pytorch-fid's network (when installed)."""
-    if compiled:
-        return
     fid_batch = 2 if b.smoke else 200
     r = fid_bench(fid_batch, b.device, **(dict(rounds=1, iters=1) if b.smoke else {}))
     b.results["fid_features_b200"] = r
@@ -564,28 +550,24 @@ def main(argv=None):
     parser = utils.FlagParser(description=__doc__.split("\n\n")[0].strip())
     parser.add_argument("--cases", default="1,2,3,4,5", help="comma-separated case numbers")
     parser.add_argument("--cpu-smoke", action="store_true", help="each case once, tiny models, CPU")
-    parser.add_argument("--compile", action="store_true", help="cases 1-4 also with torch.compile")
-    parser.add_argument("--compile-mode", default="default", choices=utils.COMPILE_MODES,
-                        help="with --ddp --compile: torch.compile mode of both cases")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="eager rows only (the default commands compile on CUDA: both are measured without this)")
     parser.add_argument("--ddp", action="store_true",
                         help="case 6 only, under torchrun: cases 1 and 3 with DDP on every GPU against one GPU")
     parser.add_argument("--json", default="bench.json", help="where to write the results")
     args = parser.parse_args(argv)
     if args.ddp:
-        return ddp_scaling(args.compile, args.cpu_smoke, args.json, args.compile_mode)
+        return ddp_scaling(args.no_compile, args.cpu_smoke, args.json)
     cases = sorted({int(c) for c in args.cases.split(",")})
     utils.check(all(c in CASES for c in cases), f"--cases takes numbers from {sorted(CASES)}, got {args.cases}")
     smoke = args.cpu_smoke
     device = torch.device("cpu" if smoke or not torch.cuda.is_available() else "cuda")
     fast, f8 = settings(device, smoke)
-    sf_preset, lengths = ("tiny", [(16, 64)]) if smoke else ("base", [(256, 1024), (128, 256)])
+    sf_preset, lengths = ("tiny", [(16, 64)]) if smoke else ("base", [(256, 1024)])
     b = SimpleNamespace(results=Results(args.json, device), device=device, fast=fast, f8=f8, sf_preset=sf_preset,
-                        lengths=lengths, smoke=smoke, compile=args.compile)
+                        lengths=lengths, smoke=smoke, modes=default_modes(device, args.no_compile))
     for c in cases:
-        CASES[c](b, compiled=False)
-    if args.compile and not smoke:  # last, since compiling takes a while
-        for c in cases:
-            CASES[c](b, compiled=True)
+        CASES[c](b)
     return b.results
 
 

@@ -59,8 +59,9 @@ from PIL import Image
 import fast_sampling
 from data import to_uint8
 from stackformer import SamplingConfig
-from utils import (UserError, add_config_flags, atomic_path, check, cleanup_distributed, config_to_parser,
-                   load_stackformer, run_checkpoint, run_main, setup_distributed, write_json)
+from utils import (CompileFallback, UserError, add_config_flags, atomic_path, check, cleanup_distributed, compile_module,
+                   compiles_on, config_to_parser, load_stackformer, run_checkpoint, run_main, setup_distributed, uncompile,
+                   write_json)
 
 
 # -----------------------------------------------------------------------------
@@ -89,7 +90,8 @@ class SampleConfig:
     # run
     device: Optional[str] = None            # default cuda if available; under torchrun every rank uses cuda:LOCAL_RANK
     dtype: str = "bf16"                     # bf16 | fp32: Stackformer weights on CUDA (CPU runs fp32; decoding always fp32)
-    compile: bool = False                   # torch.compile the sampling step and the MQ-VAE decoder: compiles first (base's step: 22 s on an H200), then faster; the images differ from an uncompiled run's and between two compiled runs (docs/speed.md, Reproducibility)
+    compile: bool = True                    # torch.compile the MQ-VAE decoding (de-mask and decoder) on CUDA (CPU runs stay eager); pixels may differ by a uint8 level from an eager run's (docs/speed.md, Reproducibility); --no-compile: eager
+    compile_step: bool = False              # also torch.compile the sampling step: compiles first (base's step: 22 s on an H200), then faster; the tokens differ from an uncompiled run's and between two compiled runs
 
 
 GRID_MAX = 256              # images in a grid at most; also the largest n that gets a grid by default
@@ -266,7 +268,7 @@ def _sync(device: torch.device):
 @torch.no_grad()
 def sample_chunk(model, mqvae, start: int, stop: int, batch_size: int, cond: Optional[torch.Tensor],
                  seed: int, settings: Optional[SamplingConfig] = None, use_kv_cache: bool = True,
-                 compile: bool = False, reuse: Optional[dict] = None) -> Chunk:
+                 compile_step: bool = False, decode=None, reuse: Optional[dict] = None) -> Chunk:
     """Samples start..stop-1 (stop - start ≤ batch_size) from one generate() call of batch_size rows.
 
     The rows past stop are padding: they repeat the last condition and are thrown away. Rows never
@@ -274,7 +276,8 @@ def sample_chunk(model, mqvae, start: int, stop: int, batch_size: int, cond: Opt
     it only keeps every call at the same shapes, which makes the generator's draws per row, and
     the kernels chosen on CUDA, the same for a chunk wherever it is cut. With the KV cache the chunk
     is drawn by fast_sampling.generate (CUDA graphs on a GPU), without it by the reference
-    Stackformer.generate(use_kv_cache=False).
+    Stackformer.generate(use_kv_cache=False). decode: (codes, positions) -> images, by default mqvae.decode
+    (compile_decoding's, compiled).
     """
     device = model.code_emb.weight.device
     count = stop - start
@@ -287,14 +290,14 @@ def sample_chunk(model, mqvae, start: int, stop: int, batch_size: int, cond: Opt
     t0 = time.perf_counter()
     if use_kv_cache:
         codes, positions = fast_sampling.generate(model, batch_size, cond, settings, generator,
-                                                  compile=compile, reuse=reuse)       # (B, N) each
+                                                  compile=compile_step, reuse=reuse)  # (B, N) each
     else:
         codes, positions = model.generate(batch_size, cond, settings, generator, use_kv_cache=False)
     _sync(device)
     t1 = time.perf_counter()
     # The decoder runs in fp32: it costs one forward pass against the Stackformer's N sequential
     # steps, and a bf16 output has 8 mantissa bits, enough to move pixels by one uint8 level.
-    images = to_uint8(mqvae.decode(codes, positions))[:count].cpu()                   # (count, H, W, 3)
+    images = to_uint8((decode or mqvae.decode)(codes, positions))[:count].cpu()       # (count, H, W, 3)
     t2 = time.perf_counter()
     return Chunk(images, positions[:count].cpu(), t1 - t0, t2 - t1)
 
@@ -303,7 +306,7 @@ def sample_images(model, mqvae, n: int, cond: Optional[torch.Tensor] = None, bat
                   return_positions: bool = False, **options):
     """n images as a uint8 (n, H, W, 3) numpy array; image i equals the i-th image sample.py writes
     with the same seed, batch size and flags. cond: None, labels (n,) or caption ids (n, L).
-    options: sample_chunk's (settings, use_kv_cache, compile). With return_positions, also the
+    options: sample_chunk's (settings, use_kv_cache, compile_step, decode). With return_positions, also the
     (n, N) latent positions each image got its codes at."""
     images, positions = [], []
     kept = {}       # buffers and CUDA graphs of the first chunk, reused by the others
@@ -455,18 +458,16 @@ def sample(cfg: SampleConfig, settings: SamplingConfig, rank: int, world: int, d
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    if cfg.compile:
-        mqvae.demask = torch.compile(mqvae.demask)
-        mqvae.decoder = torch.compile(mqvae.decoder)
+    decode = compile_decoding(mqvae, log) if cfg.compile and compiles_on(device) else None
     mc = mqvae.config
-    options = dict(settings=settings, use_kv_cache=cfg.kv_cache, compile=cfg.compile)
+    options = dict(settings=settings, use_kv_cache=cfg.kv_cache, compile_step=cfg.compile_step, decode=decode)
     log(f"checkpoint {cfg.ckpt} (step {ckpt.get('step')}): {model.num_params() / 1e6:.1f}M Stackformer parameters, "
         f"{mc.resolution}px images, {mc.grid_size}x{mc.grid_size} latent grid, N = {model.config.seq_len} of "
         f"T = {mc.num_tokens} positions, V = {mc.codebook_size} codes; {cond.note}")
     log(f"sampling {n} images in {math.ceil(n / cfg.batch_size)} chunks of {cfg.batch_size} over {world} rank(s) on "
         f"{device} ({record['dtype']}), seed {cfg.seed}; "
         + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(settings).items())
-        + f", use_kv_cache={cfg.kv_cache}, compile={cfg.compile}")
+        + f", use_kv_cache={cfg.kv_cache}, compiled decoding={decode is not None}, compile_step={cfg.compile_step}")
     chunks = shard_chunks(n, cfg.batch_size, rank, world)
     grid_count = min(n, GRID_MAX) if grid else 0
     stats, npz_images, npz_indices, grid_images, grid_positions = sample_chunks(
@@ -498,6 +499,16 @@ def sample(cfg: SampleConfig, settings: SamplingConfig, rank: int, world: int, d
     return dict(stats, n=n, grid=grid, positions_grid=positions_grid)
 
 
+def compile_decoding(mqvae, log):
+    """torch.compile the MQ-VAE's de-mask (a VQGAN's decoder input) and decoder in place. -> decode(codes,
+    positions): mqvae.decode through a CompileFallback, so that a failing compile decodes eager instead."""
+    middle = "decoder_input" if mqvae.config.masker == "none" else "demask"
+    setattr(mqvae, middle, compile_module(getattr(mqvae, middle)))
+    mqvae.decoder = compile_module(mqvae.decoder)
+    fallback = CompileFallback(True, lambda failed: uncompile(mqvae), log, next(mqvae.parameters()).device)
+    return lambda codes, positions: fallback(mqvae.decode, codes, positions)
+
+
 def sampling_record(cfg: SampleConfig, settings: SamplingConfig, step, cond: Conditioning, device,
                     n: int) -> dict:
     """What was sampled how: printed, stored in the .npz and next to the PNGs."""
@@ -505,7 +516,8 @@ def sampling_record(cfg: SampleConfig, settings: SamplingConfig, step, cond: Con
     record = dict(ckpt=os.path.abspath(cfg.ckpt), ckpt_step=step, seed=cfg.seed,
                   batch_size=cfg.batch_size, conditions_sha256=conditions,
                   dtype=cfg.dtype if device.type == "cuda" else "fp32", device_type=device.type,
-                  **dataclasses.asdict(settings), compile=cfg.compile)
+                  **dataclasses.asdict(settings), compile=cfg.compile and compiles_on(device),
+                  compile_step=cfg.compile_step)
     record.update(n=n, conditioning=cond.note)    # the keys above fix the images; these two do not
     return record
 

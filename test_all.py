@@ -2583,13 +2583,15 @@ def test_bench_cpu_smoke_runs_every_case(tmp_path):
     path = str(tmp_path / "bench.json")
     results = bench.main(["--cpu-smoke", "--json", path])
     saved = json.load(open(path))
-    for key in ("mqvae_step_b2_channels_last", "mqvae_component_shares_b8", "masking_cost_b2",
-                "stackformer_train_L16_b2", "sampling_b2_kv", "sampling_b2_no-cache", "sampling_b2_kv_class_cfg1",
-                "sampling_b2_kv_class_cfg2", "fid_features_b200"):
+    for key in ("mqvae_step_b2_eager", "mqvae_component_shares_b8_eager", "masking_cost_b2_eager",
+                "stackformer_train_L16_b2_eager", "sampling_b2_kv", "sampling_b2_no-cache", "sampling_b2_kv_class_cfg1",
+                "sampling_b2_kv_class_cfg2", "sampling_b2_kv_decoded_eager", "fid_features_b200"):
         assert key in saved and key in results
     assert saved["sampling_paths_agree"] is True                 # unconditional and guided, fp32
-    assert saved["mqvae_step_b2_channels_last"]["images_per_s"] > 0
-    assert abs(sum(v["share"] for v in saved["mqvae_component_shares_b8"].values()) - 1.0) < 1e-6
+    assert saved["mqvae_step_b2_eager"]["images_per_s"] > 0
+    cost = saved["masking_cost_b2_eager"]
+    assert abs(cost["overhead"] - cost["masker_none"]["images_per_s"] / cost["masked"]["images_per_s"]) < 1e-9
+    assert abs(sum(v["share"] for v in saved["mqvae_component_shares_b8_eager"].values()) - 1.0) < 1e-6
 
 
 def test_bench_ddp_case_runs_under_torchrun_and_reports_scaling(tmp_path):
@@ -2612,6 +2614,91 @@ def test_bench_ddp_needs_torchrun(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(utils.UserError, match="torchrun"):
         bench.main(["--ddp", "--cpu-smoke"])
+
+
+# -----------------------------------------------------------------------------
+# torch.compile: on by default on CUDA; a compile that fails falls back to eager and loses nothing
+
+def failing_backend(graph_module, example_inputs):
+    raise RuntimeError("no working C compiler (a test backend that always fails)")
+
+
+@pytest.fixture
+def compile_fails(monkeypatch):
+    """The scripts compile on the CPU too, through a backend that always fails (as a missing compiler would)."""
+    monkeypatch.setattr(utils, "COMPILE_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(utils, "COMPILE_BACKEND", failing_backend)
+    yield
+    torch.compiler.reset()
+
+
+def test_stage1_compile_failure_says_so_once_and_trains_the_same_weights_as_eager(compile_fails, tmp_path, capsys):
+    # random masker: the repeated step must draw what the failed attempt drew; grad-accum 2: every micro-batch
+    args = TINY_TRAIN[1:] + ["--max-steps", "3", "--grad-accum", "2", "--masker", "random", "--eval-every", "2"]
+    train_mqvae.main(args + ["--out-dir", str(tmp_path / "compiled")])
+    out = capsys.readouterr().out
+    assert out.count("torch.compile failed (BackendCompilerFailed") == 1 and "continuing eager" in out
+    assert "torch.compile: the first step took" in out and "step 1/3" in out and "step 3/3" in out
+    assert not utils.is_compiled(utils.load_mqvae(str(tmp_path / "compiled" / "ckpt.pt")))
+    train_mqvae.main(args + ["--no-compile", "--out-dir", str(tmp_path / "eager")])
+    assert "torch.compile failed" not in capsys.readouterr().out
+    a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True) for name in ("compiled", "eager"))
+    for key in ("mqvae", "disc"):
+        assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    losses = lambda name: [r["loss"] for r in read_jsonl(tmp_path / name / "log.jsonl") if "loss" in r]
+    assert losses("compiled") == losses("eager") and len(losses("eager")) == 3
+
+
+def test_stage2_compile_failure_says_so_once_and_trains_the_same_weights_as_eager(compile_fails, stage1_ckpt,
+                                                                                  tmp_path, capsys):
+    for name, extra in (("compiled", []), ("eager", ["--no-compile"])):
+        train_stackformer.main(stage2_args(stage1_ckpt, tmp_path / name, "--max-steps", "2", "--grad-accum", "2",
+                                           *extra))
+        out = capsys.readouterr().out
+        assert out.count("torch.compile failed (BackendCompilerFailed") == (name == "compiled")
+    a, b = (torch.load(tmp_path / name / "ckpt.pt", weights_only=True)["model"] for name in ("compiled", "eager"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sampling_decodes_eager_when_compiling_the_decoder_fails(compile_fails, ckpts, tmp_path, capsys):
+    common = ["--ckpt", ckpts["none"], "--n", 3, "--batch-size", 3, "--grid", "none"]
+    run_sample(*common, "--npz", tmp_path / "compiled.npz")
+    assert capsys.readouterr().out.count("torch.compile failed") == 1
+    run_sample(*common, "--no-compile", "--npz", tmp_path / "eager.npz")
+    a, b = (npz_images(tmp_path / f"{name}.npz")["images"] for name in ("compiled", "eager"))
+    assert a.shape == (3, 16, 16, 3) and np.array_equal(a, b)
+
+
+def test_compile_failure_under_torchrun_falls_back_on_both_ranks_and_keeps_them_identical(tmp_path):
+    script = tmp_path / "train_mqvae_failing_compile.py"
+    script.write_text(f"""import runpy, sys
+sys.path.insert(0, {HERE!r})
+import utils
+def fail(graph_module, example_inputs):
+    raise RuntimeError("no working C compiler (a test backend that always fails)")
+utils.COMPILE_DEVICES, utils.COMPILE_BACKEND = ("cuda", "cpu"), fail
+runpy.run_path({os.path.join(HERE, "train_mqvae.py")!r}, run_name="__main__")
+""")
+    r = run_script(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)] + TINY_TRAIN[1:] +
+                   ["--max-steps", "2", "--out-dir", str(tmp_path / "ddp")])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("torch.compile failed (BackendCompilerFailed") == 1 and "identical across 2 ranks" in r.stdout
+
+
+def test_compile_is_on_by_default_on_cuda_only_and_off_with_no_compile():
+    for module in (train_mqvae, train_stackformer, sample):
+        config = module.TrainConfig() if module is not sample else sample.SampleConfig(ckpt="x")
+        assert config.compile is True
+    assert utils.compiles_on("cuda") and utils.compiles_on(torch.device("cuda", 1)) and not utils.compiles_on("cpu")
+    assert train_mqvae.compile_mode_for("auto", 1) == train_mqvae.compile_mode_for("auto", 8) == "reduce-overhead"
+    assert train_stackformer.compile_mode_for("auto", 1) == "reduce-overhead"
+    assert train_stackformer.compile_mode_for("auto", 2) == "default"
+    assert train_stackformer.compile_mode_for("max-autotune", 1) == "max-autotune"
+    model = MQVAE(tiny_config())
+    encoder, decoder = model.encoder, model.decoder
+    model.encoder, model.decoder = torch.compile(model.encoder), torch.compile(model.decoder)
+    assert utils.is_compiled(model) and utils.uncompile(model) is model
+    assert model.encoder is encoder and model.decoder is decoder and not utils.is_compiled(model)
 
 
 # -----------------------------------------------------------------------------

@@ -49,9 +49,9 @@ from torch.utils.data import DataLoader
 
 import data
 from mqvae import MQVAE, MQVAEConfig, PRESETS, PatchDiscriminator
-from utils import (COMPILE_MODES, TrainingRun, UserError, atomic_path, barrier, check, check_identical_across_ranks,
-                   check_positive, default_workers, fill_defaults, ignore_interrupts, launch, load_checkpoint, mqvae_from_checkpoint, resume_from, run_main,
-                   save_grid, seed_or_restore_rng, strip_compile_prefix, warmup_cosine_lr, write_json)
+from utils import (COMPILE_MODES, CompileFallback, TrainingRun, UserError, atomic_path, barrier, check,
+                   check_identical_across_ranks, check_positive, compile_module, compiles_on, default_workers, fill_defaults, ignore_interrupts, launch, load_checkpoint, mqvae_from_checkpoint, resume_from, run_main,
+                   save_grid, uncompile, seed_or_restore_rng, strip_compile_prefix, warmup_cosine_lr, write_json)
 
 
 # -----------------------------------------------------------------------------
@@ -97,8 +97,8 @@ class TrainConfig:
     out_dir: Optional[str] = None         # default out/mqvae-<data>
     seed: int = 2021                      # model init and data order
     dtype: str = "bf16"                   # bf16 | fp32 (autocast dtype on CUDA; CPU runs fp32)
-    compile: bool = False                 # torch.compile encoder, de-mask, decoder and discriminator
-    compile_mode: str = "default"         # with --compile: default | reduce-overhead (encoder, de-mask, decoder as CUDA graphs) | max-autotune
+    compile: bool = True                  # torch.compile encoder, de-mask, decoder and discriminator on CUDA (the first step compiles; CPU runs stay eager); --no-compile: eager
+    compile_mode: str = "auto"            # auto (= reduce-overhead: encoder, de-mask, decoder as CUDA graphs) | default | reduce-overhead | max-autotune
     channels_last: bool = False           # NHWC memory layout for the convolutional networks (CUDA)
     log_every: int = 50                   # steps between log lines (also one after the first step and at least every 30 s)
     eval_every: Optional[int] = None      # steps between evaluations (default 2000; demo 250)
@@ -167,14 +167,24 @@ def model_config(cfg: TrainConfig) -> MQVAEConfig:
         raise UserError(str(e)) from None
 
 
-def compile_for_training(model: MQVAE, mode: str = "default"):
-    """torch.compile the convolutional parts in place (mode: torch.compile's). The decoder's last conv
-    stays eager: the adaptive GAN weight takes two gradients at its weight every step, and through a
-    compiled region each of those would run the whole decoder backward instead of one conv's."""
-    model.encoder = torch.compile(model.encoder, mode=mode)
+def compile_mode_for(mode: str, world: int) -> str:
+    """--compile-mode auto: reduce-overhead, on one GPU and under DDP. At batch 8 the de-mask stack's small
+    kernels otherwise leave the GPU waiting for the CPU to launch them (docs/speed.md)."""
+    return "reduce-overhead" if mode == "auto" else mode
+
+
+def compile_for_training(model: MQVAE, disc: Optional[PatchDiscriminator] = None, mode: str = "default"):
+    """torch.compile the convolutional parts in place (mode: torch.compile's), so that utils.uncompile can
+    put the originals back. The decoder's last conv stays eager: the adaptive GAN weight takes two gradients
+    at its weight every step, and through a compiled region each of those would run the whole decoder
+    backward instead of one conv's. D gets the default mode: it is differentiated twice per step (λ, then
+    its own loss)."""
+    model.encoder = compile_module(model.encoder, mode)
     middle = "decoder_input" if model.config.masker == "none" else "demask"     # what feeds the decoder
-    setattr(model, middle, torch.compile(getattr(model, middle), mode=mode))
-    model.decoder.features = torch.compile(model.decoder.features, mode=mode)
+    setattr(model, middle, compile_module(getattr(model, middle), mode))
+    model.decoder.features = compile_module(model.decoder.features, mode)
+    if disc is not None:
+        disc.main = compile_module(disc.main, "default")
 
 
 # -----------------------------------------------------------------------------
@@ -313,6 +323,20 @@ def losses_and_backward(model, disc, raw_model, raw_disc, lpips_fn, x, cfg, gan_
     return dict(loss=loss.detach(), rec=rec.detach(), lpips=perceptual.detach(), commit=commit.detach(),
                 g_loss=g_loss.detach(), d_loss=d_loss.detach(), gan_weight=gan_weight, logits_real=real_mean,
                 logits_fake=fake_mean, aux=aux)
+
+
+def forward_backward(n: SimpleNamespace, xs: list, cfg, gan_on: bool, world: int) -> list:
+    """losses_and_backward over a step's micro-batches xs; DDP all-reduces gradients on the last one only.
+    -> each micro-batch's outputs."""
+    outs = []
+    for micro, x in enumerate(xs):
+        sync = world == 1 or micro == len(xs) - 1
+        if n.graphed:
+            torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are no longer read
+        with (nullcontext() if sync else n.model.no_sync()), (nullcontext() if sync else n.disc.no_sync()):
+            outs.append(losses_and_backward(n.model, n.disc, n.raw_model, n.raw_disc, n.lpips_fn, x, cfg, gan_on,
+                                            n.autocast))
+    return outs
 
 
 def update(n: SimpleNamespace, gan_on: bool):
@@ -529,28 +553,28 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         for group in n.opt_ae.param_groups + n.opt_d.param_groups:
             group["lr"] = lr
         gan_on = cfg.disc_weight > 0 and step >= cfg.disc_start
-        for micro in range(cfg.grad_accum):
-            batch = next(stream)
+        xs = []
+        for batch in (next(stream) for _ in range(cfg.grad_accum)):
             unreadable.note(batch["bad"])       # counted and named; the loader put the next image in its place
-            x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=n.memory_format)
-            sync = world == 1 or micro == cfg.grad_accum - 1   # DDP all-reduces gradients on the last micro-batch only
-            if n.graphed:
-                torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are no longer read
-            with (nullcontext() if sync else n.model.no_sync()), (nullcontext() if sync else n.disc.no_sync()):
-                out = losses_and_backward(n.model, n.disc, n.raw_model, n.raw_disc, n.lpips_fn, x, cfg, gan_on,
-                                          n.autocast)
+            xs.append(batch["image"].to(device, non_blocking=True).contiguous(memory_format=n.memory_format))
+        compiling = n.fallback.compiled and step == start_step
+        for out in n.fallback(forward_backward, n, xs, cfg, gan_on, world):
             run.guard.update(out["loss"] + out["d_loss"], step + 1)
             stats.add(out, step)
         update(n, gan_on)
-        run.step_times.append(time.time() - t0)
         done = step + 1
+        if compiling:
+            run.compiled_step(done, t0)
+        else:
+            run.step_times.append(time.time() - t0)
         if run.log_due(done):
             log_training(run, stats, done, lr, d, cfg)
         if run.due(done, cfg.eval_every):
             run.check_finite(done)
-            metrics, picture = evaluate(n.raw_model, d.val_set, cfg, device, n.autocast, n.lpips_fn, rank, world,
-                                        n.graphed)
+            metrics, picture = n.fallback(evaluate, n.raw_model, d.val_set, cfg, device, n.autocast, n.lpips_fn,
+                                          rank, world, n.graphed)
             report_evaluation(run, done, metrics, picture, mcfg)
+            run.restart_timer(done)     # the speed in the log counts training steps only
         save, stop = run.after_step(done)
         if save:
             run.save(done, checkpoint_state(n, mcfg, cfg, done / d.steps_per_epoch))
@@ -651,20 +675,35 @@ def build_networks(cfg: TrainConfig, mcfg: MQVAEConfig, peak_lr: float, ckpt: Op
         if m is not None:
             m.to(memory_format=memory_format)
     raw_model, raw_disc = model, disc
-    if cfg.compile:
-        # reduce-overhead replays the compiled parts as CUDA graphs: at batch 8 the de-mask stack's
-        # small kernels otherwise leave the GPU waiting for the CPU to launch them.
-        compile_for_training(model, cfg.compile_mode)
-        disc = raw_disc = torch.compile(disc)  # default mode: D is differentiated twice per step (λ, then its loss)
+    compiled = cfg.compile and compiles_on(device)
+    mode = compile_mode_for(cfg.compile_mode, world)
+    if compiled:
+        compile_for_training(model, disc, mode)     # in place: model and disc stay the modules DDP wraps
     if world > 1:
         ddp_args = dict(device_ids=[device.index] if cuda else None,
                         find_unused_parameters=mcfg.masker != "none" and mcfg.keep_ratio >= 1.0)  # the mask token: unused at 100%
         model, disc = DDP(model, **ddp_args), ddp_discriminator(disc, ddp_args["device_ids"])
-    return SimpleNamespace(model=model, disc=disc, raw_model=raw_model, raw_disc=raw_disc, lpips_fn=lpips_fn,
-                           opt_ae=opt_ae, opt_d=opt_d, memory_format=memory_format,
-                           graphed=cfg.compile and cfg.compile_mode == "reduce-overhead",
-                           autocast=torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.dtype == "bf16"
-                           else nullcontext())
+    n = SimpleNamespace(model=model, disc=disc, raw_model=raw_model, raw_disc=raw_disc, lpips_fn=lpips_fn,
+                        opt_ae=opt_ae, opt_d=opt_d, memory_format=memory_format,
+                        compile_mode=mode if compiled else None, graphed=compiled and mode == "reduce-overhead",
+                        autocast=torch.autocast("cuda", dtype=torch.bfloat16) if cuda and cfg.dtype == "bf16"
+                        else nullcontext())
+
+    def to_eager(failed: bool):
+        """The compiled parts back to the originals; after a failed attempt, what it left cleared."""
+        uncompile(raw_model)
+        uncompile(raw_disc)
+        vars(raw_model.decoder).pop("features", None)     # the compiled method: the class's is found again
+        n.graphed, n.compile_mode = False, None
+        if failed:
+            for p in list(raw_model.parameters()) + list(raw_disc.parameters()):
+                p.grad = None
+            raw_model.quantizer._pending = None     # the failed attempt's codebook statistics
+
+    log = print if rank == 0 else (lambda *a, **k: None)
+    n.fallback = CompileFallback(compiled, to_eager, log, device,
+                                 dist.new_group(backend="gloo") if world > 1 and compiled else None)
+    return n
 
 
 def describe_run(cfg: TrainConfig, mcfg: MQVAEConfig, d: SimpleNamespace, n: SimpleNamespace, world: int):
@@ -686,6 +725,9 @@ def describe_run(cfg: TrainConfig, mcfg: MQVAEConfig, d: SimpleNamespace, n: Sim
     print(f"data {cfg.data}: {len(d.train_set)} train / {len(d.val_set)} val images; global batch {d.global_batch} "
           f"({cfg.batch_size} x {world} GPU x {cfg.grad_accum} accum); {d.steps_per_epoch} steps/epoch, "
           f"{d.total_steps} steps, peak lr {d.peak_lr:.3g}, warmup {d.warmup_steps} steps")
+    print(f"torch.compile: {n.compile_mode} mode (encoder, {'decoder input' if mcfg.masker == 'none' else 'de-mask'}, "
+          f"decoder; discriminator default mode)" if n.compile_mode else
+          "torch.compile off: " + ("--no-compile" if not cfg.compile else "eager on the CPU (it compiles on CUDA only)"))
     if n.lpips_fn is None:
         print("perceptual loss off (--perceptual-weight 0): LPIPS is neither trained on nor reported")
 
@@ -737,8 +779,8 @@ def log_training(run: TrainingRun, stats: TrainingStats, done: int, lr: float, d
     perplexity = torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item()
     usage = int((used > done - 1 - cfg.usage_window).sum().item())
     values = dict(zip(stats.names, totals[:k].tolist()))
-    elapsed, eta = run.interval(done)
-    images_per_s = d.global_batch * stats.count / cfg.grad_accum / elapsed
+    steps, elapsed, eta = run.interval(done)
+    images_per_s = d.global_batch * steps / elapsed if steps else None     # None: the step compiled
     record = dict(step=done, epoch=round(done / d.steps_per_epoch, 4), lr=lr, **values, codes_used=usage,
                   perplexity=perplexity, images_per_s=images_per_s, eta_s=eta)
     V = stats.code_counts.numel()
@@ -746,7 +788,7 @@ def log_training(run: TrainingRun, stats: TrainingStats, done: int, lr: float, d
             f"lpips {values['lpips']:.4f} commit {values['commit']:.4f} g {values['g_loss']:.3f} "
             f"d {values['d_loss']:.3f} λ {values['gan_weight']:.3f} D(x) {values['logits_real']:.2f} "
             f"D(x̃) {values['logits_fake']:.2f} | codes {usage}/{V} ppl {perplexity:.1f} | lr {lr:.2e} | "
-            f"{images_per_s:.1f} img/s | ETA {eta / 60:.1f} min")
+            + (f"{images_per_s:.1f} img/s | ETA {eta / 60:.1f} min" if steps else "speed and ETA from the next line"))
     run.write_record(record)
     stats.sums.zero_()
     stats.code_counts.zero_()

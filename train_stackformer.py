@@ -48,9 +48,9 @@ from torch.utils.data import DataLoader
 import data
 import fast_sampling
 from stackformer import PRESETS, Stackformer, StackformerConfig, WordTokenizer, reproducible_attention
-from utils import (COMPILE_MODES, LogCadence, TrainingRun, UserError, atomic_path, barrier, check, check_identical_across_ranks,
-                   check_positive, default_workers, fill_defaults, ignore_interrupts, launch, load_checkpoint, mqvae_from_checkpoint, resume_from, run_main,
-                   save_grid, seed_or_restore_rng, strip_compile_prefix, warmup_cosine_lr, write_json)
+from utils import (COMPILE_MODES, CompileFallback, LogCadence, TrainingRun, UserError, atomic_path, barrier, check,
+                   check_identical_across_ranks, check_positive, compile_module, compiles_on, default_workers, fill_defaults, ignore_interrupts, launch, load_checkpoint, mqvae_from_checkpoint, resume_from, run_main,
+                   save_grid, uncompile, seed_or_restore_rng, strip_compile_prefix, warmup_cosine_lr, write_json)
 
 
 @dataclass
@@ -88,8 +88,8 @@ class TrainConfig:
     out_dir: Optional[str] = None         # default out/stackformer-<data>
     seed: int = 0                         # model init and data order
     dtype: str = "bf16"                   # bf16 | fp32 on CUDA; CPU runs fp32
-    compile: bool = False                 # torch.compile the Stackformer
-    compile_mode: str = "default"         # with --compile: default | reduce-overhead (CUDA graphs, best at small batches) | max-autotune
+    compile: bool = True                  # torch.compile the Stackformer on CUDA (the first step compiles; CPU runs stay eager); --no-compile: eager
+    compile_mode: str = "auto"            # auto (reduce-overhead on one GPU, default under DDP) | default | reduce-overhead (CUDA graphs, best at small batches) | max-autotune
     peak_tflops: float = 989.0            # for MFU: dense bf16 TFLOP/s of one GPU (H100/H200 datasheet)
     log_every: int = 50                   # steps between log lines (also one after the first step and at least every 30 s)
     eval_every: Optional[int] = None      # default 2000 (demo 500)
@@ -476,14 +476,18 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
         lr = warmup_cosine_lr(step, cfg.lr, d.warmup_steps, d.total_steps, cfg.min_lr)
         for group in n.optimizer.param_groups:
             group["lr"] = lr
-        terms = train_step(n.model, n.optimizer, next(stream), n.autocast, cfg.grad_clip, n.graphed)
+        compiling = n.fallback.compiled and step == start_step
+        terms = train_step(n, next(stream), cfg.grad_clip)
         sums += terms.sum(0)
         count += len(terms)
         run.guard.update(terms[:, 0].sum(), step + 1)
-        run.step_times.append(time.time() - t0)
         done = step + 1
+        if compiling:
+            run.compiled_step(done, t0)
+        else:
+            run.step_times.append(time.time() - t0)
         if run.log_due(done):
-            log_training(run, sums / max(count, 1), count / cfg.grad_accum, done, lr, tokens_per_step,
+            log_training(run, sums / max(count, 1), done, lr, tokens_per_step,
                          flops_per_token(n.raw_model) * tokens_per_step, d.steps_per_epoch)
             sums.zero_()
             count = 0
@@ -500,26 +504,32 @@ def train(cfg: TrainConfig, explicit: set, rank: int, world: int, device: torch.
     run.finish(step, f"; sample with: python sample.py --ckpt {ckpt_path}")
 
 
-def train_step(model, optimizer, batches, autocast, grad_clip: float, graphed: bool):
-    """One optimizer step over the micro-batches [(codes, positions, cond), ...]: each one's loss
-    (Stackformer.forward with loss=True) backpropagated with weight 1/len(batches), DDP's
-    all-reduce on the last one only, the gradient norm clipped to grad_clip (0: not), the update.
+def train_step(n: SimpleNamespace, batches, grad_clip: float):
+    """One optimizer step over the micro-batches [(codes, positions, cond), ...]: forward_backward (through
+    the compile fallback), the gradient norm clipped to grad_clip (0: not), the update.
     -> (len(batches), 3) tensor: loss, CE_code and CE_pos of each micro-batch, detached."""
+    terms = n.fallback(forward_backward, n, batches)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(n.raw_model.parameters(), grad_clip)
+    n.optimizer.step()
+    n.optimizer.zero_grad(set_to_none=True)
+    return terms
+
+
+def forward_backward(n: SimpleNamespace, batches) -> torch.Tensor:
+    """Each micro-batch's loss (Stackformer.forward with loss=True) backpropagated with weight
+    1/len(batches); DDP all-reduces on the last one only. -> (len(batches), 3) detached terms."""
     terms = []
     for micro, (codes, positions, cond) in enumerate(batches):
         last = micro == len(batches) - 1
-        sync = model.no_sync() if isinstance(model, DDP) and not last else nullcontext()
-        if graphed:
+        sync = n.model.no_sync() if isinstance(n.model, DDP) and not last else nullcontext()
+        if n.graphed:
             torch.compiler.cudagraph_mark_step_begin()  # the last replay's outputs are not read
         with sync:
-            with autocast:
-                loss, code_ce, pos_ce = model(codes, positions, cond, loss=True)
+            with n.autocast:
+                loss, code_ce, pos_ce = n.model(codes, positions, cond, loss=True)
             (loss / len(batches)).backward()
         terms.append(torch.stack([loss.detach(), code_ce.detach(), pos_ce.detach()]))
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     return torch.stack(terms)
 
 
@@ -587,11 +597,24 @@ def build_model(cfg: TrainConfig, d: SimpleNamespace, ckpt: Optional[dict], worl
     if ckpt is not None:
         raw_model.load_state_dict(ckpt["model"], strict=True)
         optimizer.load_state_dict(ckpt["optimizer"])
-    model, graphed = wrap_for_speed(raw_model, cfg, world, device, log)
+    model, mode = wrap_for_speed(raw_model, cfg, world, device, log)
     bf16 = device.type == "cuda" and cfg.dtype == "bf16"
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
-    return SimpleNamespace(config=config, raw_model=raw_model, model=model, optimizer=optimizer,
-                           graphed=graphed, autocast=autocast)
+    n = SimpleNamespace(config=config, raw_model=raw_model, model=model, optimizer=optimizer, compile_mode=mode,
+                        graphed=mode == "reduce-overhead", autocast=autocast)
+
+    def to_eager(failed: bool):
+        """The compiled Stackformer back to the original (in place under DDP); after a failed attempt, its
+        gradients cleared."""
+        n.model = uncompile(n.model)
+        n.graphed, n.compile_mode = False, None
+        if failed:
+            for p in raw_model.parameters():
+                p.grad = None
+
+    n.fallback = CompileFallback(mode is not None, to_eager, log, device,
+                                 dist.new_group(backend="gloo") if world > 1 and mode is not None else None)
+    return n
 
 
 def report_evaluation(run: TrainingRun, n: SimpleNamespace, d: SimpleNamespace, cfg: TrainConfig,
@@ -605,7 +628,7 @@ def report_evaluation(run: TrainingRun, n: SimpleNamespace, d: SimpleNamespace, 
         run.log(f"eval step {step}: val code loss {metrics['val_code_loss']:.4f}, "
                 f"pos loss {metrics['val_pos_loss']:.4f}")
         run.write_record(dict(step=step, **metrics))
-    run.t_log = time.time()     # the evaluation's time is not training throughput
+    run.restart_timer(step)     # the evaluation's time is not training throughput
 
 
 def checkpoint_state(cfg: TrainConfig, n: SimpleNamespace, d: SimpleNamespace, stage1: dict):
@@ -655,20 +678,27 @@ def conditioning(cfg: TrainConfig, ckpt: Optional[dict], mcfg) -> tuple:
     return tokenizer, classes
 
 
+def compile_mode_for(mode: str, world: int) -> str:
+    """--compile-mode auto: reduce-overhead on one GPU, where it replays forward and backward as CUDA graphs
+    (at small batches a step is otherwise bound by the CPU launching ~2000 kernels, not by the GPU); the
+    default mode under DDP, where reduce-overhead measured no faster (docs/speed.md)."""
+    if mode == "auto":
+        return "reduce-overhead" if world == 1 else "default"
+    return mode
+
+
 def wrap_for_speed(model: Stackformer, cfg: TrainConfig, world: int, device, log):
-    """-> (the module the loop calls: compiled and/or DDP-wrapped as the flags say, whether it replays CUDA graphs)."""
-    graphed = cfg.compile and cfg.compile_mode == "reduce-overhead"
-    if cfg.compile:
-        # reduce-overhead replays forward and backward as CUDA graphs: at small batches a step is
-        # otherwise bound by the CPU launching ~2000 kernels, not by the GPU.
-        model = torch.compile(model, mode=cfg.compile_mode)
+    """-> (the module the loop calls: compiled and/or DDP-wrapped as the flags say, the compile mode or None)."""
+    mode = compile_mode_for(cfg.compile_mode, world) if cfg.compile and compiles_on(device) else None
+    if mode is not None:
+        model = compile_module(model, mode)
     if world > 1:
         model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-        if graphed:
+        if mode == "reduce-overhead":
             log("warning: under DDP, --compile-mode reduce-overhead measured no faster per GPU than the default mode "
                 "(2 H200s, base, 10 sequences per GPU: 94k tok/s in all, against 141k on one GPU without DDP); "
                 "a larger --batch-size per GPU scales better (docs/speed.md)")
-    return model, graphed
+    return model, mode
 
 
 def describe_run(cfg: TrainConfig, n: SimpleNamespace, d: SimpleNamespace):
@@ -688,9 +718,11 @@ def describe_run(cfg: TrainConfig, n: SimpleNamespace, d: SimpleNamespace):
           f"{len(d.val_tokens)} val; global batch {global_batch} ({global_batch * scfg.seq_len} "
           f"tokens); {d.steps_per_epoch} steps/epoch, {d.total_steps} steps, peak lr {cfg.lr:g}, "
           f"warmup {d.warmup_steps}")
+    print(f"torch.compile: {n.compile_mode} mode" if n.compile_mode else
+          "torch.compile off: " + ("--no-compile" if not cfg.compile else "eager on the CPU (it compiles on CUDA only)"))
 
 
-def log_training(run: TrainingRun, means: torch.Tensor, steps: float, done: int, lr: float, tokens_per_step: int,
+def log_training(run: TrainingRun, means: torch.Tensor, done: int, lr: float, tokens_per_step: int,
                  flops_per_step: float, steps_per_epoch: int):
     """Mean losses since the last log line (averaged over ranks), tokens/s, MFU and ETA."""
     run.check_finite(done)
@@ -699,14 +731,15 @@ def log_training(run: TrainingRun, means: torch.Tensor, steps: float, done: int,
         means /= run.world
     if run.device.type == "cuda":
         torch.cuda.synchronize()
-    elapsed, eta = run.interval(done)
-    tokens_per_s = tokens_per_step * steps / elapsed
-    mfu = flops_per_step * steps / elapsed / (run.cfg.peak_tflops * 1e12 * run.world)
+    steps, elapsed, eta = run.interval(done)
+    tokens_per_s = tokens_per_step * steps / elapsed if steps else None      # None: the step compiled
+    mfu = flops_per_step * steps / elapsed / (run.cfg.peak_tflops * 1e12 * run.world) if steps else None
     loss, code, pos = means.tolist()
     record = dict(step=done, epoch=round(done / steps_per_epoch, 4), lr=lr, loss=loss, code_loss=code,
                   pos_loss=pos, tokens_per_s=tokens_per_s, mfu=mfu, eta_s=eta)
     run.log(f"step {done}/{run.total_steps} ep {record['epoch']:.2f} | loss {loss:.4f} code {code:.4f} "
-            f"pos {pos:.4f} | lr {lr:.2e} | {tokens_per_s / 1e3:.1f}k tok/s, MFU {mfu:.1%} | ETA {eta / 60:.1f} min")
+            f"pos {pos:.4f} | lr {lr:.2e} | " + (f"{tokens_per_s / 1e3:.1f}k tok/s, MFU {mfu:.1%} | ETA {eta / 60:.1f} min"
+                                                 if steps else "speed and ETA from the next line"))
     run.write_record(record)
 
 

@@ -48,7 +48,99 @@ def check_positive(cfg, *names: str):
 
 
 
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile modes the trainers accept
+# -----------------------------------------------------------------------------
+# torch.compile: on by default on CUDA, and never the end of a run
+
+COMPILE_MODES = ("auto", "default", "reduce-overhead", "max-autotune")  # auto: what each trainer measured fastest
+COMPILE_DEVICES = ("cuda",)     # where the scripts compile unless --no-compile; CPU runs stay eager
+COMPILE_BACKEND = "inductor"    # torch.compile's backend (the tests put in one that fails)
+
+
+def compiles_on(device) -> bool:
+    return torch.device(device).type in COMPILE_DEVICES
+
+
+def compile_module(module, mode: str = "default"):
+    """torch.compile(module) with the project's backend; `mode` is inductor's."""
+    if COMPILE_BACKEND == "inductor":
+        return torch.compile(module, mode=mode)
+    return torch.compile(module, backend=COMPILE_BACKEND)
+
+
+def _optimized_module_class():
+    """torch.compile's wrapper class, or None while nothing was compiled (its module is not imported yet)."""
+    return getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+
+
+def uncompile(module):
+    """The module without torch.compile's wrappers: a compiled module gives back its original, and compiled
+    children are swapped for theirs in place. Parameters are the same tensors, so optimizers keep working."""
+    wrapper = _optimized_module_class()
+    if wrapper is None:
+        return module
+    if isinstance(module, wrapper):
+        module = module._orig_mod
+    for name, child in list(module.named_children()):
+        plain = uncompile(child)
+        if plain is not child:
+            setattr(module, name, plain)
+    return module
+
+
+def is_compiled(module) -> bool:
+    wrapper = _optimized_module_class()
+    return wrapper is not None and any(isinstance(m, wrapper) for m in module.modules())
+
+
+class CompileFallback:
+    """Runs steps through torch.compile'd modules; when compiling or running them raises, it prints one line
+    and runs the same step again eager, so compile never ends a run. `to_eager(failed)` swaps the compiled
+    modules for their originals and, where this rank's attempt failed, clears what it left (gradients, pending
+    statistics); the random
+    state is put back first, so the repeat draws what the failed attempt drew. Errors the user must see
+    (bad input, a stop signal, out of memory) pass through. Under DDP (`group`: a gloo group) the ranks agree
+    after every step, and all fall back when one did: the failed rank repeats its step before the agreement,
+    so its gradients join the all-reduce the others are already in."""
+
+    PASS_THROUGH = (UserError, KeyboardInterrupt, torch.cuda.OutOfMemoryError)
+
+    def __init__(self, compiled: bool, to_eager, log, device, group=None):
+        self.compiled, self.to_eager, self.log, self.device, self.group = compiled, to_eager, log, device, group
+
+    def __call__(self, fn, *args):
+        if not self.compiled:
+            return fn(*args)
+        rng = (torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None)
+        failed = None
+        try:
+            out = fn(*args)
+        except self.PASS_THROUGH:
+            raise
+        except Exception as error:      # anything torch.compile raises: inductor, Triton, dynamo, a missing compiler
+            failed = error
+        if failed is not None:
+            self.fall_back(failed)
+            torch.set_rng_state(rng[0])
+            if rng[1] is not None:
+                torch.cuda.set_rng_state(rng[1], self.device)
+            out = fn(*args)
+        if self.group is not None:
+            flag = torch.tensor([int(failed is not None)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+            if flag.item() and self.compiled:
+                self.fall_back(None)
+        return out
+
+    def fall_back(self, error):
+        if error is not None:
+            first = (str(error).strip().splitlines() or [""])[0][:200]
+            self.log(f"torch.compile failed ({type(error).__name__}: {first}); continuing eager (--no-compile "
+                     f"skips compiling)")
+        else:
+            self.log("torch.compile failed on another rank; continuing eager on every rank")
+        self.compiled = False
+        self.to_eager(error is not None)
+        torch.compiler.reset()
 
 
 # -----------------------------------------------------------------------------
@@ -410,6 +502,7 @@ class TrainingRun:
         self.log_path = os.path.join(cfg.out_dir, "log.jsonl")
         self.step_times = []
         self.t_log = self.t_saved = time.time()
+        self.timed_from = start_step                            # the step the speed in the next log line counts from
         self.cadence = LogCadence(total_steps, cfg.log_every)
         self.log_overdue = False                                # agreed by after_step for the next step
         self.signals = StopSignals()
@@ -488,12 +581,27 @@ class TrainingRun:
                 f"continue with: {launcher} {' '.join(shlex.quote(a) for a in args)}")
 
     def interval(self, done: int):
-        """-> (seconds since the last call, ETA in seconds from the mean of the last log_every step times)."""
+        """-> (steps and seconds since the timer last started, ETA in seconds from the mean of the last
+        log_every step times); restarts the timer."""
         now = time.time()
-        elapsed, self.t_log = now - self.t_log, now
+        elapsed, steps = now - self.t_log, done - self.timed_from
+        self.restart_timer(done)
         self.cadence.printed()
         recent = self.step_times[-self.cfg.log_every:]
-        return max(elapsed, 1e-9), (self.total_steps - done) * sum(recent) / max(len(recent), 1)
+        return max(steps, 0), max(elapsed, 1e-9), (self.total_steps - done) * sum(recent) / max(len(recent), 1)
+
+    def restart_timer(self, done: int):
+        """Speed is measured from here (after a log line, an evaluation, the compiling first step)."""
+        self.t_log, self.timed_from = time.time(), done
+
+    def compiled_step(self, done: int, t0: float):
+        """The first step of a compiled run, begun at time t0: it compiled. Log how long it took, and keep
+        it out of the speed and the ETA (its time is not added to step_times)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.log(f"torch.compile: the first step took {time.time() - t0:.1f} s (compiling; --no-compile skips it); "
+                 f"speed is measured from the next step")
+        self.restart_timer(done)
 
     def finish(self, last_step: int, note: str = ""):
         """The closing line; a run stopped by a signal raises Interrupted (exit status 128 + the signal)."""
