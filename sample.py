@@ -56,7 +56,6 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-import fast_sampling
 from data import to_uint8
 from stackformer import SamplingConfig
 from utils import (UserError, add_config_flags, atomic_path, check, cleanup_distributed, config_to_parser,
@@ -276,6 +275,7 @@ def sample_chunk(model, mqvae, start: int, stop: int, batch_size: int, cond: Opt
     is drawn by fast_sampling.generate (CUDA graphs on a GPU), without it by the reference
     Stackformer.generate(use_kv_cache=False).
     """
+    import fast_sampling    # here: it imports Triton, ~0.3 s at every start of sample.py otherwise
     device = model.code_emb.weight.device
     count = stop - start
     if not 0 < count <= batch_size:
