@@ -29,7 +29,6 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import fast_sampling
 import mqvae
 import stackformer
 import train_mqvae
@@ -234,6 +233,7 @@ def sampling_bench(preset, seq_len, num_positions, batch, device, mode, decoder=
     """mode: "graph" (fast_sampling: steps replayed as a CUDA graph), "graph+compile" (the step compiled
     first), "kv" (the reference sampler: KV cache, eager), "no-cache". cfg_scale: a class-conditional model,
     classes cycled, sampled at that guidance scale (1: conditional, no second stream)."""
+    import fast_sampling    # here, not in the timing: it imports Triton, ~0.3 s at every start of bench.py otherwise
     guided = cfg_scale is not None
     model = sampling_model(preset, seq_len, num_positions, device, guided=guided)
     if device.type == "cuda":
@@ -264,6 +264,7 @@ def sampling_paths_agree(device, compile=False, preset="demo") -> bool:
     sampler and the no-cache path draw the same tokens? fp32, small models, greedy and seeded draws:
     unconditional, and class-conditional with guidance (scale 2, and a linear ramp to 3 on the codes only)."""
     import fid      # for exact_fp32; imported here, not at the top, for the reason fid_bench gives
+    import fast_sampling    # as in sampling_bench
     agree = True
     cases = [(False, {}), (True, dict(cfg_scale=2.0)),
              (True, dict(cfg_scale=3.0, cfg_schedule="linear", cfg_codes_only=True))]

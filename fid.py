@@ -51,23 +51,6 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
-from scipy import linalg
-from torchvision.models.inception import (
-    BasicConv2d,
-    Inception3,
-    InceptionA,
-    InceptionAux,
-    InceptionB,
-    InceptionC,
-    InceptionD,
-    InceptionE,
-)
-from tqdm import tqdm
-
 # Nothing of the project is imported: this file can be copied alone (like pytorch-fid's fid_score).
 
 WEIGHTS_URL = (
@@ -106,6 +89,66 @@ class _Parser(argparse.ArgumentParser):
             if near:
                 raise UserError(f"unknown flag {word} (did you mean {near[0]}?); see --help")
         raise UserError(f"{message}; see --help")
+
+
+def _parser():
+    p = _Parser(
+        description="FID between two image sets, matching pytorch-fid. Each PATH is a folder of\n"
+                    "images (searched recursively), a .npz of uint8 NHWC images (key 'images'),\n"
+                    "or a .npz of statistics (mu, sigma).",
+        epilog="examples:\n"
+               "  python fid.py samples/ real_images/\n"
+               "  python fid.py real_images/ --save-stats ref_stats.npz\n"
+               "  python fid.py samples.npz ref_stats.npz --batch-size 250",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("path", nargs="+", metavar="PATH", help="two inputs to compare, or one with --save-stats")
+    p.add_argument("--save-stats", metavar="OUT.npz", help="save the statistics of the single PATH instead")
+    p.add_argument("--overwrite", action="store_true", help="with --save-stats: replace an existing file")
+    p.add_argument("--dims", type=int, choices=DIMS_CHOICES, default=None,
+                   help="feature layer (default: 2048, or the dims of a given statistics file)")
+    p.add_argument("--weights", metavar="PATH",
+                   help=f"FID Inception weights (default: {WEIGHTS_NAME} in torch hub's checkpoints "
+                        "folder, downloaded from pytorch-fid's release if missing)")
+    p.add_argument("--batch-size", type=int, default=50, metavar="N",
+                   help="images per forward pass (default 50, as pytorch-fid; larger is faster on GPU)")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--num-workers", type=int, default=None, metavar="N",
+                   help="image-decoding worker processes (default: min(8, CPU count))")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def _fail(e):
+    """A UserError as one line on stderr; returns the exit status 2, as argparse and the project's other scripts."""
+    print("error: " + " ".join(str(e).split()), file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    # Run as a script, the flags are checked before the imports below (torch, torchvision, scipy: ~3 s on
+    # 2 CPU cores), so --help and a mistyped flag answer at once. main() parses them again.
+    try:
+        _parser().parse_args()
+    except UserError as e:
+        sys.exit(_fail(e))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+from scipy import linalg  # noqa: E402
+from torchvision.models.inception import (  # noqa: E402
+    BasicConv2d,
+    Inception3,
+    InceptionA,
+    InceptionAux,
+    InceptionB,
+    InceptionC,
+    InceptionD,
+    InceptionE,
+)
+from tqdm import tqdm  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -612,34 +655,6 @@ def _describe(meta, kind):
     return f"{n if n is not None else '?'} images ({kind}{', ' + sizes if sizes else ''})"
 
 
-def _parser():
-    p = _Parser(
-        description="FID between two image sets, matching pytorch-fid. Each PATH is a folder of\n"
-                    "images (searched recursively), a .npz of uint8 NHWC images (key 'images'),\n"
-                    "or a .npz of statistics (mu, sigma).",
-        epilog="examples:\n"
-               "  python fid.py samples/ real_images/\n"
-               "  python fid.py real_images/ --save-stats ref_stats.npz\n"
-               "  python fid.py samples.npz ref_stats.npz --batch-size 250",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("path", nargs="+", metavar="PATH", help="two inputs to compare, or one with --save-stats")
-    p.add_argument("--save-stats", metavar="OUT.npz", help="save the statistics of the single PATH instead")
-    p.add_argument("--overwrite", action="store_true", help="with --save-stats: replace an existing file")
-    p.add_argument("--dims", type=int, choices=DIMS_CHOICES, default=None,
-                   help="feature layer (default: 2048, or the dims of a given statistics file)")
-    p.add_argument("--weights", metavar="PATH",
-                   help=f"FID Inception weights (default: {WEIGHTS_NAME} in torch hub's checkpoints "
-                        "folder, downloaded from pytorch-fid's release if missing)")
-    p.add_argument("--batch-size", type=int, default=50, metavar="N",
-                   help="images per forward pass (default 50, as pytorch-fid; larger is faster on GPU)")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--num-workers", type=int, default=None, metavar="N",
-                   help="image-decoding worker processes (default: min(8, CPU count))")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
-
-
 def _run(args):
     paths = args.path
     if args.save_stats is not None and len(paths) != 1:
@@ -714,8 +729,7 @@ def main(argv=None):
     try:
         return _run(_parser().parse_args(argv))
     except UserError as e:
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)
-        return 2    # as argparse and the project's other scripts
+        return _fail(e)
 
 
 if __name__ == "__main__":

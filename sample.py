@@ -56,7 +56,6 @@ import torch
 import torch.distributed as dist
 from PIL import Image
 
-import fast_sampling
 from data import to_uint8
 from stackformer import SamplingConfig
 from utils import (CompileFallback, UserError, add_config_flags, atomic_path, check, cleanup_distributed, compile_module,
@@ -279,6 +278,7 @@ def sample_chunk(model, mqvae, start: int, stop: int, batch_size: int, cond: Opt
     Stackformer.generate(use_kv_cache=False). decode: (codes, positions) -> images, by default mqvae.decode
     (compile_decoding's, compiled).
     """
+    import fast_sampling    # here: it imports Triton, ~0.3 s at every start of sample.py otherwise
     device = model.code_emb.weight.device
     count = stop - start
     if not 0 < count <= batch_size:

@@ -2549,6 +2549,36 @@ def test_every_script_help_lists_its_flags_with_their_comments(capsys):
                for name, comment in comments.items())
 
 
+def test_every_script_answers_help_and_flag_errors_without_loading_heavy_libraries(capsys, monkeypatch):
+    """--help and a bogus flag for every script, run as __main__ in this process; and fid.py in a fresh
+    interpreter answers both before it imports torch or scipy (seconds on a small CPU)."""
+    scripts = {  # script: the arguments it requires, so that the bogus flag is the only error
+        "train_mqvae.py": [], "train_stackformer.py": [], "sample.py": ["--ckpt", "x"], "fid.py": ["a", "b"],
+        "data.py": ["shapes", "--npz", "x.npz"], "bench.py": [], "experiments/photos.py": ["--source", "x"],
+        "docs/class_consistency.py": ["--ckpt", "x"], "docs/caption_consistency.py": ["--ckpt", "x"],
+        **{f"experiments/{name}.py": [] for name in ("all", "equal_length", "fig1", "fig2", "table1", "table3")},
+    }
+    import runpy
+    for script, required in scripts.items():
+        path = os.path.join(HERE, script)
+        monkeypatch.syspath_prepend(os.path.dirname(path))     # as `python script` does
+        for args, code, expected in ((["--help"], 0, "usage"), (required + ["--no-such-flag"], 2, "--no-such-flag")):
+            monkeypatch.setattr(sys, "argv", [script] + args)
+            with pytest.raises(SystemExit) as stop:
+                runpy.run_path(path, run_name="__main__")
+            out = capsys.readouterr()
+            assert stop.value.code == code and expected in (out.out + out.err).lower(), (script, args, out.err[-500:])
+    probe = ("import runpy, sys\n"
+             "sys.argv = ['fid.py'] + sys.argv[1:]\n"
+             "try:\n"
+             "    runpy.run_path('fid.py', run_name='__main__')\n"
+             "finally:\n"
+             "    print(sorted({'numpy', 'scipy', 'torch', 'torchvision'} & set(sys.modules)))\n")
+    for args, code in ((["--help"], 0), (["a", "b", "--no-such-flag"], 2)):
+        r = run_script(["-c", probe, *args])
+        assert r.returncode == code and r.stdout.splitlines()[-1] == "[]", (args, r.stdout[-300:], r.stderr[-500:])
+
+
 def test_caption_judge_finds_the_colours_an_image_shows():
     sys.path.insert(0, os.path.join(HERE, "docs"))
     import caption_consistency as cc

@@ -46,7 +46,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 import data
-import fast_sampling
 from stackformer import PRESETS, Stackformer, StackformerConfig, WordTokenizer, reproducible_attention
 from utils import (COMPILE_MODES, CompileFallback, LogCadence, TrainingRun, UserError, atomic_path, barrier, check,
                    check_identical_across_ranks, check_positive, compile_module, compiles_on, default_workers, fill_defaults, ignore_interrupts, launch, load_checkpoint, mqvae_from_checkpoint, resume_from, run_main,
@@ -770,6 +769,7 @@ def evaluate(model: Stackformer, val_tokens, cfg: TrainConfig, autocast, rank: i
 def write_samples(model: Stackformer, mqvae, val_tokens, cfg: TrainConfig, autocast, step: int, device):
     """samples_<step>.png: --num-samples images from the fast sampler, seeded with --seed (classes 0, 1, ...;
     captions of the first validation images)."""
+    import fast_sampling    # here: it imports Triton, ~0.3 s at every start of the script otherwise
     n = cfg.num_samples
     cond = None
     if cfg.cond == "class":
